@@ -1,0 +1,25 @@
+"""deliver_email: render and send one recorded email (queue ``emails``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+
+from models.messages import DeliverEmail, parse_message
+from workers.email.delivery import deliver
+from workers.retry_policy import honour_retry_after
+
+
+@dramatiq.actor(actor_name=DeliverEmail.actor_name, queue_name=DeliverEmail.queue_name)
+def deliver_email(payload: dict[str, Any]) -> None:
+    """Send the delivery unless it is already sent; provider 429s wait for the reset."""
+    message = parse_message(DeliverEmail, payload)
+    with honour_retry_after():
+        deliver(message.delivery_id)
+
+
+def enqueue_deliveries(delivery_ids: list[int]) -> None:
+    """One deliver_email message per delivery (call after the commit that created them)."""
+    for delivery_id in delivery_ids:
+        deliver_email.send(DeliverEmail(delivery_id=delivery_id).to_payload())

@@ -1,0 +1,35 @@
+"""send_contract: validate, bind, issue codes, record, then enqueue the invitation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+
+from actors.deliver_email import enqueue_deliveries
+from models.errors import Rejected
+from models.messages import SendContract, contract_id_of, parse_message
+from models.sending import record_contract, record_send_rejection
+from models.types import utc_now
+from workers.database import session_scope
+from workers.settings import get_settings
+
+
+@dramatiq.actor(actor_name=SendContract.actor_name, queue_name=SendContract.queue_name)
+def send_contract(payload: dict[str, Any]) -> None:
+    """Public message; see ``models.messages.SendContract`` for its fields."""
+    message: SendContract | None = None
+    try:
+        message = parse_message(SendContract, payload)
+        with session_scope() as session:
+            delivery_ids = record_contract(
+                session, message, policy=get_settings().access_code_policy(), now=utc_now()
+            )
+    except Rejected as rejection:
+        contract_id = message.contract_id if message else contract_id_of(payload)
+        if contract_id is not None:
+            with session_scope() as session:
+                record_send_rejection(session, contract_id, rejection, message=message, now=utc_now())
+        raise
+    # After commit: a deliver_email never runs before its delivery row exists.
+    enqueue_deliveries(delivery_ids)

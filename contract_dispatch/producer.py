@@ -1,0 +1,138 @@
+"""The Python producer API: the same checks as the actors, before enqueueing.
+
+A manager sees a refusal at once (``Rejected`` with its code); the actors check
+again when they process the message, because two sends can race.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+
+from models.contract import ContractStatus
+from models.errors import BrokerUnavailable
+from models.messages import NotifySignatories, SendContract, WireMessage, parse_message
+from models.sending import check_send_contract, release_reservation, reserve_contract
+from models.signing import check_notify_signatories
+from models.status import ContractReport, contract_report
+from models.types import utc_now
+from models.workspace import set_workspace as _set_workspace
+from workers.database import session_scope
+
+
+class Receipt(BaseModel):
+    """What a producer gets back: the contract and its status after the call."""
+
+    contract_id: str
+    status: str
+
+
+def _enqueue(message: WireMessage) -> None:
+    # Imported here: importing the actors connects to the broker, which the
+    # read-only parts of this API never need.
+    import actors
+
+    actor = actors.broker.get_actor(message.actor_name)
+    try:
+        actor.send(message.to_payload())
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise BrokerUnavailable(
+            f"the message broker cannot be reached ({type(exc).__name__}); nothing was sent"
+        ) from None
+
+
+def submit_send_contract(message: SendContract) -> Receipt:
+    """Check and enqueue a parsed send_contract message."""
+    with session_scope() as session:
+        existing = check_send_contract(session, message)
+        if existing is not None and existing.status not in (ContractStatus.QUEUED, ContractStatus.REJECTED):
+            # The same contract was already accepted: sending it again changes nothing.
+            return Receipt(contract_id=existing.id, status=existing.status)
+        created = reserve_contract(session, message, now=utc_now())
+    try:
+        _enqueue(message)
+    except BrokerUnavailable:
+        if created:
+            with session_scope() as session:
+                release_reservation(session, message.contract_id)
+        raise
+    return Receipt(contract_id=message.contract_id, status=ContractStatus.QUEUED.value)
+
+
+def send_contract(
+    *,
+    contract_id: str,
+    email: str,
+    company_name: str,
+    lead_source: str,
+    workspace_id: str,
+    signatories: Sequence[dict[str, Any]],
+    sections: Sequence[dict[str, Any]],
+    resource_group_id: str | None = None,
+    title: str | None = None,
+    locale: str = "fr",
+) -> Receipt:
+    """Send a contract for signature; raises a ``Rejected`` subclass when it is refused.
+
+    ``signatories`` are ``{"email": ..., "name": ...}`` objects and ``sections``
+    ``{"id": ..., "title": ...}`` objects (name and title optional).
+    """
+    payload: dict[str, Any] = {
+        "contract_id": contract_id,
+        "email": email,
+        "company_name": company_name,
+        "lead_source": lead_source,
+        "workspace_id": workspace_id,
+        "signatories": list(signatories),
+        "sections": list(sections),
+        "locale": locale,
+    }
+    if resource_group_id is not None:
+        payload["resource_group_id"] = resource_group_id
+    if title is not None:
+        payload["title"] = title
+    return submit_send_contract(parse_message(SendContract, payload))
+
+
+def submit_notify_signatories(message: NotifySignatories) -> Receipt:
+    """Check and enqueue a parsed notify_signatories message."""
+    with session_scope() as session:
+        check_notify_signatories(session, message)
+    _enqueue(message)
+    return Receipt(contract_id=message.contract_id, status=ContractStatus.QUEUED.value)
+
+
+def notify_signatories(
+    *,
+    contract_id: str,
+    legal_name: str,
+    accepted_sections: Sequence[str],
+    registration_number: str | None = None,
+    signer_name: str | None = None,
+) -> Receipt:
+    """Tell the signatories the client signed; raises ``Rejected`` when it is refused."""
+    payload: dict[str, Any] = {
+        "contract_id": contract_id,
+        "legal_name": legal_name,
+        "accepted_sections": list(accepted_sections),
+    }
+    if registration_number is not None:
+        payload["registration_number"] = registration_number
+    if signer_name is not None:
+        payload["signer_name"] = signer_name
+    return submit_notify_signatories(parse_message(NotifySignatories, payload))
+
+
+def contract_status(contract_id: str) -> ContractReport | None:
+    """The contract's status and its emails', or None if no contract has this id."""
+    with session_scope() as session:
+        return contract_report(session, contract_id)
+
+
+def set_workspace(workspace_id: str, resource_group_ids: Sequence[str]) -> None:
+    """Create or update a workspace and its resource groups."""
+    with session_scope() as session:
+        _set_workspace(session, workspace_id, list(resource_group_ids))

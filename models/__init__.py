@@ -1,0 +1,1 @@
+"""Tables, wire messages and the domain rules that belong to the data."""

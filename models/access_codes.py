@@ -1,0 +1,106 @@
+"""Temporary access codes (the temporary password of a new account).
+
+A code is never stored: each issue draws a random nonce from ``secrets``, the
+code is HMAC-SHA256(SECRET_KEY, nonce) mapped onto an unambiguous alphabet, and
+only its argon2id hash is kept. The email renderer re-derives the same code from
+the nonce, so a retried email carries the same code without it ever being in
+Redis, SQL or a log line. Issuing again replaces the nonce and the hash, which
+invalidates the previous code.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from argon2 import PasswordHasher, Type
+
+from models.account import Account
+
+#: No 0/O, 1/I/L: a code read from an email and typed by hand must not be ambiguous.
+ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
+
+#: Characters per code: 12 from 31 symbols is about 59 bits.
+CODE_LENGTH = 12
+
+#: Bytes of randomness per issue (the nonce).
+NONCE_BYTES = 16
+
+_DERIVATION_LABEL = b"contract-dispatch/access-code/v1:"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HashParameters:
+    """argon2id cost parameters; memory in KiB."""
+
+    memory_kib: int
+    time_cost: int
+    parallelism: int
+
+
+@functools.cache
+def password_hasher(parameters: HashParameters) -> PasswordHasher:
+    """An argon2id hasher with the given costs (cached: it is thread-safe)."""
+    return PasswordHasher(
+        time_cost=parameters.time_cost,
+        memory_cost=parameters.memory_kib,
+        parallelism=parameters.parallelism,
+        type=Type.ID,
+    )
+
+
+def derive_code(secret_key: bytes, nonce: str) -> str:
+    """The code of one issue: uniform over ``ALPHABET`` by rejection sampling."""
+    code: list[str] = []
+    counter = 0
+    # 31 symbols: keep bytes below 248 (= 8 * 31) so every symbol is equally likely.
+    limit = 256 - 256 % len(ALPHABET)
+    while len(code) < CODE_LENGTH:
+        block = hmac.new(
+            secret_key, _DERIVATION_LABEL + nonce.encode() + counter.to_bytes(4, "big"), hashlib.sha256
+        ).digest()
+        for byte in block:
+            if byte < limit:
+                code.append(ALPHABET[byte % len(ALPHABET)])
+                if len(code) == CODE_LENGTH:
+                    break
+        counter += 1
+    return "".join(code)
+
+
+def needs_access_code(account: Account) -> bool:
+    """A new account, or one that never logged in, gets (fresh) access codes."""
+    return account.first_login_at is None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccessCodePolicy:
+    """What issuing a code needs: the server secret, the hash costs and the lifetime."""
+
+    secret_key: bytes = field(repr=False)
+    hash_parameters: HashParameters
+    ttl: timedelta
+
+
+def issue_access_code(account: Account, *, policy: AccessCodePolicy, now: datetime) -> None:
+    """Give ``account`` a new code (the previous one stops working); store only its hash."""
+    nonce = secrets.token_urlsafe(NONCE_BYTES)
+    account.access_code_nonce = nonce
+    account.access_code_hash = password_hasher(policy.hash_parameters).hash(
+        derive_code(policy.secret_key, nonce)
+    )
+    account.access_code_issued_at = now
+    account.access_code_expires_at = now + policy.ttl
+    account.access_code_used_at = None
+    account.access_code_failed_attempts = 0
+
+
+def current_access_code(account: Account, *, secret_key: bytes) -> str | None:
+    """The plaintext of the account's current code, for the email that carries it."""
+    if account.access_code_nonce is None:
+        return None
+    return derive_code(secret_key, account.access_code_nonce)

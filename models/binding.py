@@ -1,0 +1,80 @@
+"""Rule 4, one email, one company: an address is bound to the legal name of the
+first contract sent to it, compared case-sensitively after trimming and NFC."""
+
+from __future__ import annotations
+
+from email_validator import EmailNotValidError, validate_email
+from sqlmodel import Session, select
+
+from models.account import COMPANY_NAME_MAX_LENGTH, Account
+from models.errors import EmailBoundToOtherCompany
+from models.text import clean_text
+from models.types import utc_now
+from models.upsert import insert_ignoring_conflict
+
+
+def normalize_company_name(value: str) -> str:
+    """Trim surrounding whitespace and apply NFC; letter case is never folded."""
+    return clean_text(value, max_length=COMPANY_NAME_MAX_LENGTH, what="company name")
+
+
+def normalize_email(value: str) -> str:
+    """Validate an address; keep the local part exactly, lower-case the domain.
+
+    Raises ``ValueError`` with the validator's explanation when it is not an address.
+    """
+    value = value.strip()
+    try:
+        result = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(str(exc)) from None
+    # email-validator lower-cases the domain (and converts IDNA) but keeps the
+    # local part as typed, which is what rule 4's comparison needs.
+    return f"{result.local_part}@{result.domain}"
+
+
+def _loosely(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def check_binding(*, bound_company: str, requested_company: str) -> None:
+    """Refuse ``requested_company`` unless it is exactly the bound name.
+
+    The refusal never reveals the bound name; when the two differ only by letter
+    case or spacing it says so, since that is the usual mistake.
+    """
+    if bound_company == requested_company:
+        return
+    if _loosely(bound_company) == _loosely(requested_company):
+        raise EmailBoundToOtherCompany(
+            "This email address is already used for this company name written differently: "
+            "the names differ only by letter case or spacing. Use exactly the same legal "
+            "name as in the first contract sent to this address."
+        )
+    raise EmailBoundToOtherCompany(
+        "This email address is already used for another company. An email address "
+        "belongs to one company only: use a different email address for this company."
+    )
+
+
+def find_account(session: Session, email: str) -> Account | None:
+    """The account of a normalised address, if any."""
+    return session.exec(select(Account).where(Account.email == email)).first()
+
+
+def bind_account(session: Session, *, email: str, company_name: str) -> tuple[Account, bool]:
+    """Get or create the account of ``email`` bound to ``company_name``, locked for update.
+
+    Returns the account and whether this call created it. Two transactions racing
+    for the same new address both insert-or-ignore: the database's unique index
+    lets exactly one win, and the loser then reads and compares the winner's name.
+    """
+    created = insert_ignoring_conflict(
+        session,
+        Account,
+        {"email": email, "company_name": company_name, "created_at": utc_now()},
+        conflict_columns=["email"],
+    )
+    account = session.exec(select(Account).where(Account.email == email).with_for_update()).one()
+    check_binding(bound_company=account.company_name, requested_company=company_name)
+    return account, created

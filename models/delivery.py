@@ -1,0 +1,196 @@
+"""Email deliveries: one row per email, sent at most once once recorded as sent."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import or_, update
+from sqlmodel import Column, Field, Session, SQLModel, UniqueConstraint, select
+
+from models.account import EMAIL_MAX_LENGTH
+from models.types import UTCDateTime, utc_now
+from models.upsert import affected_rows, insert_ignoring_conflict, table_of
+from models.workspace import IDENTIFIER_MAX_LENGTH
+
+
+class EmailKind(StrEnum):
+    """What an email is for; also the template name."""
+
+    INVITATION = "invitation"
+    SIGNED_NOTIFICATION = "signed_notification"
+
+
+class DeliveryStatus(StrEnum):
+    """Where one email is."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class EmailDelivery(SQLModel, table=True):
+    """One email to one recipient, unique by (kind, contract, recipient, step)."""
+
+    __tablename__ = "email_deliveries"
+    __table_args__ = (
+        UniqueConstraint("kind", "contract_id", "recipient", "step", name="uq_email_delivery_key"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32)
+    contract_id: str = Field(max_length=IDENTIFIER_MAX_LENGTH, foreign_key="contracts.id", index=True)
+    recipient: str = Field(max_length=EMAIL_MAX_LENGTH)
+    recipient_name: str | None = Field(default=None, max_length=200)
+    #: 0 for the first email of its kind; resends and reminders count up.
+    step: int = Field(default=0)
+    locale: str = Field(default="fr", max_length=8)
+    #: Whether the email carries the account's current temporary password.
+    includes_access_code: bool = Field(default=False)
+    status: str = Field(default=DeliveryStatus.PENDING, max_length=16, index=True)
+    attempts: int = Field(default=0)
+    provider_message_id: str | None = Field(default=None, max_length=255)
+    last_error: str | None = Field(default=None, max_length=1000)
+    #: Until when the attempt that claimed this delivery may send it.
+    lease_expires_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
+    created_at: datetime = Field(default_factory=utc_now, sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(default_factory=utc_now, sa_column=Column(UTCDateTime(), nullable=False))
+    sent_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
+
+    @property
+    def idempotency_key(self) -> str:
+        """``kind:contract_id:recipient:step``, unique across all deliveries."""
+        return f"{self.kind}:{self.contract_id}:{self.recipient}:{self.step}"
+
+
+class Claim(StrEnum):
+    """What an attempt to take a delivery for sending found."""
+
+    CLAIMED = "claimed"
+    ALREADY_SENT = "already_sent"
+    ALREADY_FAILED = "already_failed"
+    LEASED = "leased"
+    MISSING = "missing"
+
+
+#: Longest error text kept on a delivery.
+LAST_ERROR_MAX_LENGTH = 1000
+
+
+def add_delivery(
+    session: Session,
+    *,
+    kind: EmailKind,
+    contract_id: str,
+    recipient: str,
+    recipient_name: str | None,
+    locale: str,
+    step: int = 0,
+    includes_access_code: bool = False,
+) -> int:
+    """Record one email (idempotent on its key) and return its id."""
+    now = utc_now()
+    insert_ignoring_conflict(
+        session,
+        EmailDelivery,
+        {
+            "kind": kind.value,
+            "contract_id": contract_id,
+            "recipient": recipient,
+            "recipient_name": recipient_name,
+            "step": step,
+            "locale": locale,
+            "includes_access_code": includes_access_code,
+            "status": DeliveryStatus.PENDING.value,
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+        },
+        conflict_columns=["kind", "contract_id", "recipient", "step"],
+    )
+    delivery_id = session.exec(
+        select(EmailDelivery.id).where(
+            EmailDelivery.kind == kind.value,
+            EmailDelivery.contract_id == contract_id,
+            EmailDelivery.recipient == recipient,
+            EmailDelivery.step == step,
+        )
+    ).one()
+    assert delivery_id is not None
+    return delivery_id
+
+
+def pending_delivery_ids(session: Session, contract_id: str, kind: EmailKind) -> list[int]:
+    """Deliveries of a contract still to be sent (re-enqueued when a message is redelivered)."""
+    rows = session.exec(
+        select(EmailDelivery.id).where(
+            EmailDelivery.contract_id == contract_id,
+            EmailDelivery.kind == kind.value,
+            EmailDelivery.status == DeliveryStatus.PENDING.value,
+        )
+    )
+    return [row for row in rows if row is not None]
+
+
+def claim_delivery(session: Session, delivery_id: int, *, now: datetime, lease: timedelta) -> Claim:
+    """Take a pending delivery for one send attempt, in one statement (the caller commits).
+
+    The lease keeps a concurrent duplicate message from sending the same email
+    while this attempt is in flight; it expires on its own if the attempt dies.
+    """
+    table = table_of(EmailDelivery)
+    claimed = session.execute(
+        update(table)
+        .where(
+            table.c.id == delivery_id,
+            table.c.status == DeliveryStatus.PENDING.value,
+            or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at < now),
+        )
+        .values(attempts=table.c.attempts + 1, lease_expires_at=now + lease, updated_at=now)
+    )
+    if affected_rows(claimed):
+        return Claim.CLAIMED
+    delivery = session.get(EmailDelivery, delivery_id)
+    if delivery is None:
+        return Claim.MISSING
+    if delivery.status == DeliveryStatus.SENT:
+        return Claim.ALREADY_SENT
+    if delivery.status == DeliveryStatus.FAILED:
+        return Claim.ALREADY_FAILED
+    return Claim.LEASED
+
+
+def mark_sent(session: Session, delivery_id: int, *, provider_message_id: str, now: datetime) -> None:
+    """Record the provider's acceptance; from now on the email is never sent again."""
+    table = table_of(EmailDelivery)
+    session.execute(
+        update(table)
+        .where(table.c.id == delivery_id)
+        .values(
+            status=DeliveryStatus.SENT.value,
+            provider_message_id=provider_message_id[:255],
+            lease_expires_at=None,
+            sent_at=now,
+            updated_at=now,
+            last_error=None,
+        )
+    )
+
+
+def record_attempt_error(
+    session: Session, delivery_id: int, *, error: str, now: datetime, permanent: bool
+) -> None:
+    """Keep the error and free the lease; a permanent error fails the delivery for good."""
+    table = table_of(EmailDelivery)
+    values: dict[str, object] = {
+        "last_error": error[:LAST_ERROR_MAX_LENGTH],
+        "lease_expires_at": None,
+        "updated_at": now,
+    }
+    if permanent:
+        values["status"] = DeliveryStatus.FAILED.value
+    session.execute(
+        update(table)
+        .where(table.c.id == delivery_id, table.c.status == DeliveryStatus.PENDING.value)
+        .values(**values)
+    )

@@ -1,0 +1,246 @@
+"""The published wire contract: one JSON object per message.
+
+These models are the only definition of the public messages. Producers in any
+language may enqueue them (see the README's wire format); ``contract-dispatch
+schema`` exports them as JSON Schema. Validation normalises as it goes (trimmed,
+NFC names; address domains in lower case), so a parsed message is ready for the
+domain rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+
+from models.account import COMPANY_NAME_MAX_LENGTH, EMAIL_MAX_LENGTH
+from models.binding import normalize_company_name, normalize_email
+from models.contract import LeadSource
+from models.errors import (
+    InvalidCompanyName,
+    InvalidEmail,
+    InvalidLeadSource,
+    InvalidPayload,
+    Rejected,
+)
+from models.text import IDENTIFIER_PATTERN, clean_text, is_identifier
+from models.workspace import IDENTIFIER_MAX_LENGTH
+
+#: Version of the wire contract; bumped on any incompatible change.
+SCHEMA_VERSION: Literal[1] = 1
+
+#: Longest free text (titles, display names), in characters.
+TEXT_MAX_LENGTH = 200
+
+#: Bounds that keep one message small (it travels through Redis).
+MAX_SIGNATORIES = 50
+MAX_SECTIONS = 200
+
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=IDENTIFIER_MAX_LENGTH, pattern=IDENTIFIER_PATTERN),
+]
+
+EmailAddress = Annotated[
+    str,
+    StringConstraints(max_length=EMAIL_MAX_LENGTH + 64),
+    AfterValidator(normalize_email),
+    WithJsonSchema({"type": "string", "format": "email", "maxLength": EMAIL_MAX_LENGTH}),
+]
+
+CompanyName = Annotated[
+    str,
+    StringConstraints(max_length=COMPANY_NAME_MAX_LENGTH * 4),
+    AfterValidator(normalize_company_name),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": COMPANY_NAME_MAX_LENGTH,
+            "description": "Company legal name; compared case-sensitively after trimming and NFC.",
+        }
+    ),
+]
+
+
+def _text(what: str) -> Any:
+    return AfterValidator(lambda value: clean_text(value, max_length=TEXT_MAX_LENGTH, what=what))
+
+
+Text = Annotated[
+    str,
+    StringConstraints(max_length=TEXT_MAX_LENGTH * 4),
+    _text("text"),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": TEXT_MAX_LENGTH}),
+]
+
+Locale = Literal["fr", "en"]
+
+
+class WireMessage(BaseModel):
+    """Base of every message: strict about unknown fields, immutable once parsed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The Dramatiq actor (and queue) a message of this type goes to.
+    actor_name: ClassVar[str]
+    queue_name: ClassVar[str]
+
+    version: Annotated[Literal[1], Field(description="Wire contract version.")] = SCHEMA_VERSION
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON object that is the message's only argument."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class Section(BaseModel):
+    """One section of the contract; the client must accept each one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Identifier
+    title: Text | None = None
+
+
+class Signatory(BaseModel):
+    """A manager who signs for the workspace and is told when the client signs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: EmailAddress
+    name: Text | None = None
+
+
+class SendContract(WireMessage):
+    """Send a contract for signature to a client's email (queue ``contracts``)."""
+
+    actor_name: ClassVar[str] = "send_contract"
+    queue_name: ClassVar[str] = "contracts"
+
+    contract_id: Identifier
+    email: EmailAddress
+    company_name: CompanyName
+    lead_source: LeadSource
+    workspace_id: Identifier
+    resource_group_id: Identifier | None = None
+    signatories: list[Signatory] = Field(min_length=1, max_length=MAX_SIGNATORIES)
+    sections: list[Section] = Field(min_length=1, max_length=MAX_SECTIONS)
+    title: Text | None = None
+    locale: Locale = "fr"
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> SendContract:
+        section_ids = [section.id for section in self.sections]
+        if len(set(section_ids)) != len(section_ids):
+            raise ValueError("section ids must be unique")
+        emails = [signatory.email for signatory in self.signatories]
+        if len(set(emails)) != len(emails):
+            raise ValueError("signatory emails must be unique")
+        return self
+
+    def content_hash(self) -> str:
+        """SHA-256 of the canonical content: the same id with another hash is a conflict."""
+        canonical = json.dumps(self.to_payload(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class NotifySignatories(WireMessage):
+    """The client has signed: check every section was accepted, tell every signatory."""
+
+    actor_name: ClassVar[str] = "notify_signatories"
+    queue_name: ClassVar[str] = "contracts"
+
+    contract_id: Identifier
+    legal_name: CompanyName
+    accepted_sections: list[Identifier] = Field(min_length=1, max_length=MAX_SECTIONS)
+    registration_number: (
+        Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 .\-/]+$")] | None
+    ) = None
+    signer_name: Text | None = None
+    signed_at: AwareDatetime | None = Field(
+        default=None, description="When the client signed; the processing time if absent."
+    )
+
+
+class DeliverEmail(WireMessage):
+    """Render and send one recorded email delivery (queue ``emails``; internal)."""
+
+    actor_name: ClassVar[str] = "deliver_email"
+    queue_name: ClassVar[str] = "emails"
+
+    delivery_id: int = Field(ge=1)
+
+
+PUBLIC_MESSAGES: tuple[type[WireMessage], ...] = (SendContract, NotifySignatories)
+
+M = TypeVar("M", bound=WireMessage)
+
+#: Which rejection a validation error on a field becomes (the rest: invalid_payload).
+_FIELD_CODES: dict[str, type[Rejected]] = {
+    "email": InvalidEmail,
+    "company_name": InvalidCompanyName,
+    "legal_name": InvalidCompanyName,
+    "lead_source": InvalidLeadSource,
+}
+
+
+def rejection_for(error: ValidationError) -> Rejected:
+    """Turn a pydantic validation error into the named rejection of its first problem."""
+    problems = error.errors(include_url=False, include_input=False, include_context=False)
+    first = problems[0]
+    location = [str(part) for part in first["loc"]]
+    field = location[-1] if location and location[0] == "signatories" else (location[0] if location else "")
+    rejection = _FIELD_CODES.get(field, InvalidPayload)
+    where = ".".join(location) or "message"
+    message = first["msg"]
+    if rejection is InvalidLeadSource:
+        message = "lead source must be one of bap, network or other"
+    text = f"{where}: {message}"
+    if len(problems) > 1:
+        text += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+    return rejection(text)
+
+
+def parse_message(model: type[M], payload: Any) -> M:
+    """Validate one message payload, raising the matching ``Rejected`` on bad input."""
+    if not isinstance(payload, dict):
+        raise InvalidPayload(
+            f"a {model.actor_name} message must be one JSON object, not {type(payload).__name__}"
+        )
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        raise rejection_for(error) from None
+
+
+def contract_id_of(payload: Any) -> str | None:
+    """The contract id of a message too broken to parse, if it holds a valid one."""
+    candidate = payload.get("contract_id") if isinstance(payload, dict) else None
+    if isinstance(candidate, str) and len(candidate) <= IDENTIFIER_MAX_LENGTH and is_identifier(candidate):
+        return candidate
+    return None
+
+
+def json_schemas() -> dict[str, Any]:
+    """The JSON Schema of every public message, keyed by actor name."""
+    schemas: dict[str, Any] = {}
+    for model in PUBLIC_MESSAGES:
+        schema = model.model_json_schema()
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"urn:contract-dispatch:{model.actor_name}:v{SCHEMA_VERSION}"
+        schema["x-queue"] = model.queue_name
+        schema["x-actor"] = model.actor_name
+        schemas[model.actor_name] = schema
+    return schemas

@@ -1,0 +1,192 @@
+"""Sending a contract: the send_contract transaction and its producer-side check."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Session
+
+from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
+from models.binding import bind_account, check_binding, find_account
+from models.contract import Contract, ContractStatus
+from models.delivery import EmailKind, add_delivery, pending_delivery_ids
+from models.errors import ContractConflict, Rejected
+from models.messages import SendContract
+from models.upsert import insert_ignoring_conflict
+from models.workspace import resolve_resource_group
+
+#: Statuses in which a send_contract may (re)do its work; later ones are final for it.
+_OPEN_STATUSES = (ContractStatus.QUEUED, ContractStatus.REJECTED)
+
+
+def _contract_fields(message: SendContract) -> dict[str, object]:
+    return {
+        "content_hash": message.content_hash(),
+        "workspace_id": message.workspace_id,
+        "resource_group_id": message.resource_group_id,
+        "email": message.email,
+        "company_name": message.company_name,
+        "lead_source": message.lead_source.value,
+        "title": message.title,
+        "locale": message.locale,
+        "sections": [section.model_dump(mode="json", exclude_none=True) for section in message.sections],
+        "signatories": [
+            signatory.model_dump(mode="json", exclude_none=True) for signatory in message.signatories
+        ],
+    }
+
+
+def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -> Contract:
+    """The contract row, created as queued if absent, locked for this transaction."""
+    insert_ignoring_conflict(
+        session,
+        Contract,
+        {
+            "id": message.contract_id,
+            "status": ContractStatus.QUEUED.value,
+            "created_at": now,
+            "updated_at": now,
+            **_contract_fields(message),
+        },
+        conflict_columns=["id"],
+    )
+    contract = session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True)
+    assert contract is not None
+    return contract
+
+
+def _check_same_content(contract: Contract, message: SendContract) -> None:
+    if contract.content_hash and contract.content_hash != message.content_hash():
+        raise ContractConflict(
+            f"contract {contract.id!r} was already sent with different content; "
+            "use a new contract id for a different contract"
+        )
+
+
+def record_contract(
+    session: Session, message: SendContract, *, policy: AccessCodePolicy, now: datetime
+) -> list[int]:
+    """Validate, bind, issue codes, record the contract and its invitation (one transaction).
+
+    Returns the ids of the deliveries to enqueue once the caller has committed. A
+    repeated identical message returns the still-pending deliveries, so a worker
+    that died between commit and enqueue loses nothing when the message comes back.
+    """
+    contract = _lock_or_create(session, message, now=now)
+    _check_same_content(contract, message)
+    if contract.status not in _OPEN_STATUSES:
+        return pending_delivery_ids(session, contract.id, EmailKind.INVITATION)
+
+    resource_group_id = resolve_resource_group(session, message.workspace_id, message.resource_group_id)
+    account, _ = bind_account(session, email=message.email, company_name=message.company_name)
+    issue_codes = needs_access_code(account)
+    if issue_codes:
+        issue_access_code(account, policy=policy, now=now)
+        session.add(account)
+
+    contract.resource_group_id = resource_group_id
+    contract.account_id = account.id
+    contract.access_code_issued = issue_codes
+    contract.status = ContractStatus.SENT
+    contract.sent_at = now
+    contract.updated_at = now
+    contract.error_code = None
+    contract.error_message = None
+    session.add(contract)
+    session.flush()
+    add_delivery(
+        session,
+        kind=EmailKind.INVITATION,
+        contract_id=contract.id,
+        recipient=message.email,
+        recipient_name=None,
+        locale=message.locale,
+        includes_access_code=issue_codes,
+    )
+    return pending_delivery_ids(session, contract.id, EmailKind.INVITATION)
+
+
+def record_send_rejection(
+    session: Session, contract_id: str, rejection: Rejected, *, message: SendContract | None, now: datetime
+) -> None:
+    """Make a refused send visible as the contract's status (the caller commits).
+
+    Only a contract that is not yet sent changes: a bad or conflicting duplicate
+    of a contract already sent must not mark the good one rejected.
+    """
+    if isinstance(rejection, ContractConflict):
+        return
+    fields = _contract_fields(message) if message is not None else {}
+    insert_ignoring_conflict(
+        session,
+        Contract,
+        {
+            "id": contract_id,
+            "status": ContractStatus.QUEUED.value,
+            "created_at": now,
+            "updated_at": now,
+            **fields,
+        },
+        conflict_columns=["id"],
+    )
+    contract = session.get(Contract, contract_id, with_for_update=True, populate_existing=True)
+    if contract is None or contract.status not in _OPEN_STATUSES:
+        return
+    contract.status = ContractStatus.REJECTED
+    contract.error_code = rejection.code
+    contract.error_message = rejection.message
+    contract.updated_at = now
+    session.add(contract)
+
+
+def check_send_contract(session: Session, message: SendContract) -> Contract | None:
+    """The producer-side check: the same rules, read-only, before enqueueing.
+
+    Returns the existing contract when this exact message was already accepted.
+    """
+    existing = session.get(Contract, message.contract_id)
+    if existing is not None:
+        _check_same_content(existing, message)
+    resolve_resource_group(session, message.workspace_id, message.resource_group_id)
+    account = find_account(session, message.email)
+    if account is not None:
+        check_binding(bound_company=account.company_name, requested_company=message.company_name)
+    return existing
+
+
+def reserve_contract(session: Session, message: SendContract, *, now: datetime) -> bool:
+    """Record a contract as queued before its message is enqueued (producer side).
+
+    A contract refused earlier and sent again unchanged goes back to queued: the
+    rules are evaluated afresh (the workspace may have been fixed since). Returns
+    whether the row was created by this call.
+    """
+    created = insert_ignoring_conflict(
+        session,
+        Contract,
+        {
+            "id": message.contract_id,
+            "status": ContractStatus.QUEUED.value,
+            "created_at": now,
+            "updated_at": now,
+            **_contract_fields(message),
+        },
+        conflict_columns=["id"],
+    )
+    if created:
+        return True
+    contract = session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True)
+    if contract is not None and contract.status == ContractStatus.REJECTED:
+        contract.status = ContractStatus.QUEUED
+        contract.error_code = None
+        contract.error_message = None
+        contract.updated_at = now
+        session.add(contract)
+    return False
+
+
+def release_reservation(session: Session, contract_id: str) -> None:
+    """Forget a queued contract whose message could not be enqueued."""
+    contract = session.get(Contract, contract_id, with_for_update=True)
+    if contract is not None and contract.status == ContractStatus.QUEUED:
+        session.delete(contract)

@@ -1,0 +1,79 @@
+"""What a producer can ask about a contract: its status and each email's."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+from sqlmodel import Session, col, select
+
+from models.contract import Contract
+from models.delivery import EmailDelivery
+
+
+class ErrorReport(BaseModel):
+    """A refusal's stable code and its explanation."""
+
+    code: str
+    message: str
+
+
+class EmailReport(BaseModel):
+    """One email of a contract."""
+
+    kind: str
+    to: str
+    step: int
+    status: str
+    attempts: int
+    provider_message_id: str | None
+    last_error: str | None
+    sent_at: datetime | None
+
+
+class ContractReport(BaseModel):
+    """A contract's status (``contract-status --json`` prints exactly this)."""
+
+    contract_id: str
+    status: str
+    error: ErrorReport | None
+    lead_source: str | None
+    signed_at: datetime | None
+    emails: list[EmailReport]
+
+
+def contract_report(session: Session, contract_id: str) -> ContractReport | None:
+    """The report of one contract, or None if no contract has this id."""
+    contract = session.get(Contract, contract_id)
+    if contract is None:
+        return None
+    deliveries = session.exec(
+        select(EmailDelivery)
+        .where(EmailDelivery.contract_id == contract_id)
+        .order_by(col(EmailDelivery.created_at), col(EmailDelivery.id))
+    ).all()
+    error = (
+        ErrorReport(code=contract.error_code, message=contract.error_message or "")
+        if contract.error_code
+        else None
+    )
+    return ContractReport(
+        contract_id=contract.id,
+        status=contract.status,
+        error=error,
+        lead_source=contract.lead_source or None,
+        signed_at=contract.signed_at,
+        emails=[
+            EmailReport(
+                kind=delivery.kind,
+                to=delivery.recipient,
+                step=delivery.step,
+                status=delivery.status,
+                attempts=delivery.attempts,
+                provider_message_id=delivery.provider_message_id,
+                last_error=delivery.last_error,
+                sent_at=delivery.sent_at,
+            )
+            for delivery in deliveries
+        ],
+    )

@@ -1,0 +1,39 @@
+"""Insert-or-ignore that both SQLite and PostgreSQL run as one statement."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, SQLModel
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The SQLAlchemy table behind a SQLModel table class."""
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
+def affected_rows(result: Any) -> int:
+    """Rows matched by an INSERT, UPDATE or DELETE result."""
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def insert_ignoring_conflict(
+    session: Session,
+    table: type[SQLModel],
+    values: dict[str, Any],
+    *,
+    conflict_columns: list[str],
+) -> bool:
+    """``INSERT ... ON CONFLICT DO NOTHING``; True if a row was inserted.
+
+    On PostgreSQL a concurrent uncommitted insert of the same key makes this wait
+    for that transaction, so the caller's next read sees the winner's row.
+    """
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = (
+        insert(table_of(table)).values(**values).on_conflict_do_nothing(index_elements=conflict_columns)
+    )
+    return affected_rows(session.execute(statement)) > 0

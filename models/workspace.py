@@ -1,0 +1,85 @@
+"""Workspaces and their resource groups (locations)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Column, Field, Session, SQLModel, col, delete, select
+
+from models.errors import ResourceGroupRequired, UnknownResourceGroup, UnknownWorkspace
+from models.text import is_identifier
+from models.types import UTCDateTime, utc_now
+
+#: Longest identifier (contract, workspace, resource group, section), in characters.
+IDENTIFIER_MAX_LENGTH = 128
+
+
+class Workspace(SQLModel, table=True):
+    """A coworking workspace that sends contracts."""
+
+    __tablename__ = "workspaces"
+
+    id: str = Field(primary_key=True, max_length=IDENTIFIER_MAX_LENGTH)
+    created_at: datetime = Field(default_factory=utc_now, sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(default_factory=utc_now, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class ResourceGroup(SQLModel, table=True):
+    """A location of a workspace; a contract names one when there are several."""
+
+    __tablename__ = "resource_groups"
+
+    workspace_id: str = Field(primary_key=True, foreign_key="workspaces.id", max_length=IDENTIFIER_MAX_LENGTH)
+    id: str = Field(primary_key=True, max_length=IDENTIFIER_MAX_LENGTH)
+
+
+def set_workspace(session: Session, workspace_id: str, resource_group_ids: list[str]) -> Workspace:
+    """Create or replace a workspace and its resource groups (the caller commits)."""
+    if not resource_group_ids:
+        raise ValueError("a workspace has at least one resource group")
+    for value in [workspace_id, *resource_group_ids]:
+        if not is_identifier(value) or len(value) > IDENTIFIER_MAX_LENGTH:
+            raise ValueError(f"{value!r} is not a valid identifier (letters, digits, '.', '_', '-')")
+    workspace = session.get(Workspace, workspace_id, with_for_update=True)
+    now = utc_now()
+    if workspace is None:
+        workspace = Workspace(id=workspace_id, created_at=now, updated_at=now)
+        session.add(workspace)
+        session.flush()
+    else:
+        workspace.updated_at = now
+        session.exec(delete(ResourceGroup).where(col(ResourceGroup.workspace_id) == workspace_id))
+    for resource_group_id in dict.fromkeys(resource_group_ids):
+        session.add(ResourceGroup(workspace_id=workspace_id, id=resource_group_id))
+    return workspace
+
+
+def resource_groups_of(session: Session, workspace_id: str) -> list[str] | None:
+    """The resource group ids of a workspace, or None if it is not registered."""
+    if session.get(Workspace, workspace_id) is None:
+        return None
+    rows = session.exec(
+        select(ResourceGroup.id)
+        .where(ResourceGroup.workspace_id == workspace_id)
+        .order_by(col(ResourceGroup.id))
+    )
+    return list(rows)
+
+
+def resolve_resource_group(session: Session, workspace_id: str, resource_group_id: str | None) -> str:
+    """Rule 1: the client's resource group, required when the workspace has several."""
+    groups = resource_groups_of(session, workspace_id)
+    if groups is None:
+        raise UnknownWorkspace(f"workspace {workspace_id!r} is not registered")
+    if resource_group_id is None:
+        if len(groups) > 1:
+            raise ResourceGroupRequired(
+                f"workspace {workspace_id!r} has {len(groups)} resource groups: "
+                "say which one the client joins"
+            )
+        return groups[0]
+    if resource_group_id not in groups:
+        raise UnknownResourceGroup(
+            f"resource group {resource_group_id!r} is not one of workspace {workspace_id!r}'s resource groups"
+        )
+    return resource_group_id

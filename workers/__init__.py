@@ -1,0 +1,1 @@
+"""The runtime: settings, broker and middleware, embedded defaults, email backends, CLI."""

@@ -1,0 +1,69 @@
+"""The broker and its middleware, built from settings once per process."""
+
+from __future__ import annotations
+
+import threading
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import Retries, default_middleware
+
+from workers import embedded_redis
+from workers.middleware import DeliveryOutcomes
+from workers.retry_policy import retry_when
+from workers.settings import Settings, get_settings
+
+#: Connecting to Redis gives up after this long, in seconds: a producer facing an
+#: unreachable broker gets an error instead of hanging.
+REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
+
+#: One Redis command gives up after this long, in seconds.
+REDIS_SOCKET_TIMEOUT_SECONDS = 15.0
+
+_lock = threading.Lock()
+_broker: RedisBroker | None = None
+
+
+def broker_url(settings: Settings) -> str:
+    """REDIS_URL, or the embedded server's (started if needed)."""
+    if settings.redis_url:
+        return settings.redis_url
+    url, _ = embedded_redis.ensure_running(settings.data_dir)
+    return url
+
+
+def build_broker(settings: Settings) -> RedisBroker:
+    """A Redis broker with the service's retry policy and middleware."""
+    client = redis.Redis.from_url(
+        broker_url(settings),
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
+        health_check_interval=30,
+    )
+    middleware = [m() for m in default_middleware if m is not Retries]
+    middleware.append(
+        Retries(
+            max_retries=settings.max_retries,
+            min_backoff=settings.min_backoff_ms,
+            max_backoff=settings.max_backoff_ms,
+            retry_when=retry_when(settings.max_retries),
+        )
+    )
+    middleware.append(DeliveryOutcomes())
+    return RedisBroker(  # type: ignore[no-untyped-call]
+        client=client,
+        namespace=settings.redis_namespace,
+        heartbeat_timeout=settings.heartbeat_timeout_ms,
+        middleware=middleware,
+    )
+
+
+def setup_broker() -> RedisBroker:
+    """The process's broker, set as Dramatiq's global one (actors bind to it)."""
+    global _broker
+    with _lock:
+        if _broker is None:
+            _broker = build_broker(get_settings())
+            dramatiq.set_broker(_broker)
+        return _broker

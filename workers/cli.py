@@ -1,0 +1,286 @@
+"""The ``contract-dispatch`` command line.
+
+Exit codes: 0 success, 1 not found or unhealthy, 2 a refusal (the error code and
+a message on stderr) or a usage error, 3 the broker or configuration is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from models.errors import ConfigurationError, DispatchError, Rejected, TransientError
+from models.status import ContractReport
+from workers.logs import configure_logging
+from workers.settings import get_settings
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_REFUSED = 2
+EXIT_UNAVAILABLE = 3
+
+#: Worker threads per process (Dramatiq's default); the work waits on I/O.
+DEFAULT_WORKER_THREADS = 8
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def _refuse(error: Rejected) -> int:
+    sys.stderr.write(f"{error.code}: {error.message}\n")
+    return EXIT_REFUSED
+
+
+def split_signatory(value: str) -> dict[str, str]:
+    """``EMAIL[:Display name]``; the separator is the first ``:`` after the ``@``."""
+    at = value.find("@")
+    colon = value.find(":", at + 1) if at >= 0 else -1
+    if colon < 0:
+        return {"email": value}
+    name = value[colon + 1 :]
+    return {"email": value[:colon], "name": name} if name.strip() else {"email": value[:colon]}
+
+
+def split_section(value: str) -> dict[str, str]:
+    """``ID[:Title]``."""
+    section_id, sep, title = value.partition(":")
+    return {"id": section_id, "title": title} if sep and title.strip() else {"id": section_id}
+
+
+# -- commands ----------------------------------------------------------------
+
+
+def cmd_workspace_set(args: argparse.Namespace) -> int:
+    from contract_dispatch import set_workspace
+
+    try:
+        set_workspace(args.workspace_id, args.resource_group)
+    except ValueError as exc:
+        sys.stderr.write(f"invalid_payload: {exc}\n")
+        return EXIT_REFUSED
+    _print_json(
+        {"workspace_id": args.workspace_id, "resource_groups": list(dict.fromkeys(args.resource_group))}
+    )
+    return EXIT_OK
+
+
+def cmd_send_contract(args: argparse.Namespace) -> int:
+    from contract_dispatch import send_contract
+
+    receipt = send_contract(
+        contract_id=args.contract_id,
+        email=args.email,
+        company_name=args.company,
+        lead_source=args.lead_source,
+        workspace_id=args.workspace,
+        resource_group_id=args.resource_group,
+        signatories=[split_signatory(value) for value in args.signatory],
+        sections=[split_section(value) for value in args.section],
+        title=args.title,
+        locale=args.locale,
+    )
+    sys.stdout.write(json.dumps(receipt.model_dump(), ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def cmd_notify_signatories(args: argparse.Namespace) -> int:
+    from contract_dispatch import notify_signatories
+
+    receipt = notify_signatories(
+        contract_id=args.contract_id,
+        legal_name=args.legal_name,
+        accepted_sections=args.accepted_section,
+        registration_number=args.registration_number,
+        signer_name=args.signer_name,
+    )
+    sys.stdout.write(json.dumps(receipt.model_dump(), ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def status_json(report: ContractReport) -> dict[str, Any]:
+    """The ``contract-status --json`` object."""
+    return {
+        "contract_id": report.contract_id,
+        "status": report.status,
+        "error": report.error.model_dump() if report.error else None,
+        "lead_source": report.lead_source,
+        "signed_at": report.signed_at.isoformat() if report.signed_at else None,
+        "emails": [
+            {
+                "kind": email.kind,
+                "to": email.to,
+                "step": email.step,
+                "status": email.status,
+                "attempts": email.attempts,
+                "provider_message_id": email.provider_message_id,
+                "last_error": email.last_error,
+                "sent_at": email.sent_at.isoformat() if email.sent_at else None,
+            }
+            for email in report.emails
+        ],
+    }
+
+
+def cmd_contract_status(args: argparse.Namespace) -> int:
+    from contract_dispatch import contract_status
+
+    report = contract_status(args.contract_id)
+    if report is None:
+        message = f"no contract has id {args.contract_id!r}"
+        if args.json:
+            _print_json(
+                {
+                    "contract_id": args.contract_id,
+                    "status": None,
+                    "error": {"code": "unknown_contract", "message": message},
+                    "emails": [],
+                }
+            )
+        sys.stderr.write(f"unknown_contract: {message}\n")
+        return EXIT_NOT_FOUND
+    if args.json:
+        _print_json(status_json(report))
+        return EXIT_OK
+    lines = [f"contract {report.contract_id}: {report.status}"]
+    if report.error:
+        lines.append(f"  error: {report.error.code}: {report.error.message}")
+    if report.signed_at:
+        lines.append(f"  signed at: {report.signed_at.isoformat()}")
+    for email in report.emails:
+        provider = f" id={email.provider_message_id}" if email.provider_message_id else ""
+        lines.append(
+            f"  {email.kind} #{email.step} to {email.to}: {email.status} "
+            f"(attempts {email.attempts}){provider}"
+        )
+        if email.last_error and email.status != "sent":
+            lines.append(f"    last error: {email.last_error}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from models.messages import json_schemas
+
+    _print_json(json_schemas())
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.runner import exec_worker
+
+    return exec_worker(processes=args.processes, threads=args.threads)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(timeout=args.timeout)
+
+
+def cmd_embedded_redis(args: argparse.Namespace) -> int:
+    from workers import embedded_redis
+
+    settings = get_settings()
+    if args.action == "start":
+        url, started = embedded_redis.ensure_running(settings.data_dir)
+        _print_json({"url": url, "started": started})
+    elif args.action == "stop":
+        _print_json({"stopped": embedded_redis.stop(settings.data_dir)})
+    else:
+        _print_json({"url": embedded_redis.url_for(settings.data_dir)})
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="contract-dispatch",
+        description="Send contracts for signature: binding, access codes, emails, on Dramatiq.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    workspace = commands.add_parser("workspace", help="manage workspaces")
+    workspace_commands = workspace.add_subparsers(dest="workspace_command", required=True, metavar="ACTION")
+    workspace_set = workspace_commands.add_parser(
+        "set", help="create or update a workspace and its resource groups"
+    )
+    workspace_set.add_argument("workspace_id")
+    workspace_set.add_argument("--resource-group", action="append", required=True, metavar="ID")
+    workspace_set.set_defaults(handler=cmd_workspace_set)
+
+    send = commands.add_parser("send-contract", help="check and enqueue a contract for signature")
+    send.add_argument("--contract-id", required=True, metavar="ID")
+    send.add_argument("--email", required=True)
+    send.add_argument("--company", required=True, metavar="NAME", help="company legal name (case-sensitive)")
+    send.add_argument("--lead-source", required=True, choices=["bap", "network", "other"])
+    send.add_argument("--workspace", required=True, metavar="ID")
+    send.add_argument("--resource-group", metavar="ID")
+    send.add_argument("--signatory", action="append", required=True, metavar="EMAIL[:Display name]")
+    send.add_argument("--section", action="append", required=True, metavar="ID[:Title]")
+    send.add_argument("--title")
+    send.add_argument("--locale", choices=["fr", "en"], default="fr")
+    send.set_defaults(handler=cmd_send_contract)
+
+    notify = commands.add_parser("notify-signatories", help="record a signature and tell the signatories")
+    notify.add_argument("--contract-id", required=True, metavar="ID")
+    notify.add_argument("--legal-name", required=True, metavar="NAME")
+    notify.add_argument("--accepted-section", action="append", required=True, metavar="ID")
+    notify.add_argument("--registration-number", metavar="TEXT")
+    notify.add_argument("--signer-name", metavar="TEXT")
+    notify.set_defaults(handler=cmd_notify_signatories)
+
+    status = commands.add_parser("contract-status", help="a contract's status and its emails")
+    status.add_argument("contract_id", metavar="ID")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(handler=cmd_contract_status)
+
+    worker = commands.add_parser("worker", help="run the Dramatiq worker for all queues")
+    worker.add_argument("--processes", type=_positive_int, default=os.cpu_count() or 1)
+    worker.add_argument("--threads", type=_positive_int, default=DEFAULT_WORKER_THREADS)
+    worker.set_defaults(handler=cmd_worker)
+
+    demo = commands.add_parser("demo", help="send, deliver and sign a sample contract on embedded defaults")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    demo.set_defaults(handler=cmd_demo)
+
+    schema = commands.add_parser("schema", help="print the JSON Schemas of the public messages")
+    schema.set_defaults(handler=cmd_schema)
+
+    redis_cmd = commands.add_parser("embedded-redis", help="the embedded Redis used when REDIS_URL is unset")
+    redis_cmd.add_argument("action", choices=["start", "stop", "url"])
+    redis_cmd.set_defaults(handler=cmd_embedded_redis)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(os.environ.get("LOG_LEVEL", "WARNING"))
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except Rejected as error:
+        return _refuse(error)
+    except (TransientError, ConfigurationError) as error:
+        sys.stderr.write(f"unavailable: {error}\n")
+        return EXIT_UNAVAILABLE
+    except DispatchError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return EXIT_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The SQL engine: SQLite by default, PostgreSQL in production."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event, text
+from sqlalchemy.engine import make_url
+from sqlmodel import Session, SQLModel, create_engine
+
+# Importing the tables registers them on SQLModel.metadata.
+from models import account, contract, delivery, workspace  # noqa: F401
+from workers.settings import get_settings
+
+#: How long SQLite waits for another writer before giving up, in seconds.
+SQLITE_BUSY_TIMEOUT_SECONDS = 30
+
+#: Serialises table creation between processes on PostgreSQL.
+_SCHEMA_LOCK_KEY = 0x636F6E7472616374  # "contract"
+
+_engines: dict[str, Engine] = {}
+_ready: set[str] = set()
+_lock = threading.Lock()
+
+
+def normalize_database_url(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` use psycopg 3 unless a driver is named."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+def _sqlite_engine(url: str) -> Engine:
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below open transactions, not pysqlite.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that
+        # reads then writes can fail with SQLITE_BUSY when another process
+        # committed in between, and the busy timeout cannot help it.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The engine for ``url`` (DATABASE_URL by default), created once per process."""
+    url = normalize_database_url(url or get_settings().effective_database_url)
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            if url.startswith("sqlite"):
+                engine = _sqlite_engine(url)
+            else:
+                engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+            _engines[url] = engine
+    if url not in _ready:
+        create_tables(engine)
+        _ready.add(url)
+    return engine
+
+
+def create_tables(engine: Engine) -> None:
+    """Create missing tables; safe when several processes start at once."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            SQLModel.metadata.create_all(connection)
+    else:
+        with engine.begin() as connection:
+            SQLModel.metadata.create_all(connection)
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (after a fork, or at the end of tests)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _ready.clear()
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A session that commits when the block succeeds and rolls back otherwise."""
+    with Session(get_engine(url), expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise

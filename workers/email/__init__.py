@@ -1,0 +1,1 @@
+"""Emails: rendering from templates, the backends that send them, one delivery's journey."""

@@ -1,0 +1,39 @@
+"""The email backend interface and the factory that picks one from settings."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from workers.email.message import OutgoingEmail
+from workers.settings import Settings
+
+
+class EmailBackend(Protocol):
+    """Sends one email; returns the provider's message id.
+
+    Raises ``ProviderRejected`` when the email can never be sent, and a
+    ``TransientError`` when trying again later may work.
+    """
+
+    name: str
+
+    def send(self, email: OutgoingEmail) -> str: ...
+
+
+def build_backend(settings: Settings) -> EmailBackend:
+    """The backend named by EMAIL_BACKEND."""
+    if settings.email_backend == "sendgrid":
+        from workers.email.sendgrid_backend import SendGridBackend
+
+        return SendGridBackend.from_settings(settings)
+    if settings.email_backend == "console":
+        from workers.email.console_backend import ConsoleBackend
+
+        return ConsoleBackend(mail_domain=_domain_of(settings.mail_from))
+    from workers.email.file_backend import FileBackend
+
+    return FileBackend(outbox_dir=settings.effective_outbox_dir, mail_domain=_domain_of(settings.mail_from))
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2] or "localhost"

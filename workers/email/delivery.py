@@ -1,0 +1,172 @@
+"""One delivery's journey: claim, render, send, record.
+
+At most once once recorded as sent: the claim is one UPDATE that only a pending
+delivery whose lease is free can pass, and ``sent`` is final. The one window
+left is between the provider's acceptance and the commit of ``sent``: if the
+process dies there, the lease expires and a redelivered message sends the email
+again. That window is kept as small as a commit, and the commit is retried for a
+while before giving up (see the README, "Duplicates").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+from urllib.parse import quote
+
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
+
+from models.access_codes import current_access_code
+from models.account import Account
+from models.contract import Contract
+from models.delivery import (
+    Claim,
+    EmailDelivery,
+    EmailKind,
+    claim_delivery,
+    mark_sent,
+    record_attempt_error,
+)
+from models.errors import DeliveryBusy, PermanentError, RenderError, UnknownDelivery
+from models.types import utc_now
+from workers.database import session_scope
+from workers.email.backend import EmailBackend, build_backend
+from workers.email.message import OutgoingEmail
+from workers.email.render import format_datetime, render_email
+from workers.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+#: How long to keep retrying the commit of "sent" when the database is down, in seconds.
+MARK_SENT_PATIENCE_SECONDS = 60.0
+
+_backend_lock = threading.Lock()
+_backends: dict[int, EmailBackend] = {}
+
+
+def backend_for(settings: Settings) -> EmailBackend:
+    """The process's backend for these settings (built once)."""
+    with _backend_lock:
+        backend = _backends.get(id(settings))
+        if backend is None:
+            backend = _backends[id(settings)] = build_backend(settings)
+        return backend
+
+
+def contract_link(settings: Settings, contract_id: str) -> str:
+    """``{APP_BASE_URL}/contracts/{contract_id}``."""
+    return f"{settings.app_base_url}/contracts/{quote(contract_id, safe='')}"
+
+
+def _contract_label(contract: Contract, locale: str) -> str:
+    if contract.title:
+        return contract.title
+    return f"contract {contract.id}" if locale == "en" else f"contrat {contract.id}"
+
+
+def compose(session: Session, delivery: EmailDelivery, settings: Settings) -> OutgoingEmail:
+    """Render a delivery from what the database holds now."""
+    contract = session.get(Contract, delivery.contract_id)
+    if contract is None:
+        raise RenderError(f"delivery {delivery.id} names a missing contract")
+    locale = delivery.locale
+    context: dict[str, object] = {
+        "locale": locale,
+        "contract_id": contract.id,
+        "contract_label": _contract_label(contract, locale),
+        "company_name": contract.company_name,
+        "link": contract_link(settings, contract.id),
+        "recipient_name": delivery.recipient_name,
+    }
+    if delivery.kind == EmailKind.INVITATION:
+        account = session.get(Account, contract.account_id) if contract.account_id is not None else None
+        access_code = None
+        expires = ""
+        # Codes only while the client has never logged in: after that they are useless.
+        if delivery.includes_access_code and account is not None and account.first_login_at is None:
+            access_code = current_access_code(account, secret_key=settings.secret_key_bytes())
+            if account.access_code_expires_at is not None:
+                expires = format_datetime(
+                    account.access_code_expires_at, locale=locale, timezone=settings.display_timezone
+                )
+        context.update(login=delivery.recipient, access_code=access_code, access_code_expires_at=expires)
+    elif delivery.kind == EmailKind.SIGNED_NOTIFICATION:
+        signed_at = contract.signed_at or utc_now()
+        context.update(
+            legal_name=contract.legal_name or contract.company_name,
+            registration_number=contract.registration_number,
+            signer_name=contract.signer_name,
+            client_email=contract.email,
+            signed_at=format_datetime(signed_at, locale=locale, timezone=settings.display_timezone),
+        )
+    rendered = render_email(delivery.kind, locale, context)
+    return OutgoingEmail(
+        to_email=delivery.recipient,
+        to_name=delivery.recipient_name,
+        from_email=settings.mail_from,
+        from_name=settings.mail_from_name or None,
+        subject=rendered.subject,
+        text=rendered.text,
+        html=rendered.html,
+        reference=delivery.idempotency_key,
+        kind=delivery.kind,
+    )
+
+
+def _mark_sent_patiently(delivery_id: int, provider_message_id: str) -> None:
+    deadline = time.monotonic() + MARK_SENT_PATIENCE_SECONDS
+    pause = 0.2
+    while True:
+        try:
+            with session_scope() as session:
+                mark_sent(session, delivery_id, provider_message_id=provider_message_id, now=utc_now())
+            return
+        except OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning(
+                "Delivery %s was accepted by the provider; recording it failed, retrying.", delivery_id
+            )
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+def deliver(
+    delivery_id: int, *, settings: Settings | None = None, backend: EmailBackend | None = None
+) -> Claim:
+    """Send one delivery unless it is already sent or failed; returns what the claim found."""
+    settings = settings or get_settings()
+    lease = timedelta(seconds=settings.send_lease_seconds)
+    with session_scope() as session:
+        claim = claim_delivery(session, delivery_id, now=utc_now(), lease=lease)
+    if claim is Claim.MISSING:
+        raise UnknownDelivery(f"no email delivery has id {delivery_id}")
+    if claim is Claim.LEASED:
+        raise DeliveryBusy(
+            f"delivery {delivery_id} is being sent by another attempt",
+            retry_after_ms=int(lease.total_seconds() * 1000),
+        )
+    if claim is not Claim.CLAIMED:
+        return claim
+
+    try:
+        with session_scope() as session:
+            delivery = session.get(EmailDelivery, delivery_id)
+            assert delivery is not None
+            email = compose(session, delivery, settings)
+        provider_message_id = (backend or backend_for(settings)).send(email)
+    except Exception as exc:
+        with session_scope() as session:
+            record_attempt_error(
+                session,
+                delivery_id,
+                error=f"{type(exc).__name__}: {exc}",
+                now=utc_now(),
+                permanent=isinstance(exc, PermanentError),
+            )
+        raise
+    _mark_sent_patiently(delivery_id, provider_message_id)
+    return Claim.CLAIMED

@@ -1,0 +1,125 @@
+"""The SendGrid backend, through the official ``sendgrid`` library (v3 mail send).
+
+Three things the library does not do for us: it has no default timeout (we pass
+one on every request), it logs the API key and the whole mail at DEBUG (its
+logger is pinned to INFO, see ``workers.logs``), and its client object is not
+thread-safe (each worker thread gets its own).
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+import time
+import urllib.error
+from typing import Any
+
+import sendgrid
+from python_http_client import exceptions as http_errors
+from sendgrid.helpers.mail import Category, CustomArg, From, Mail, To
+
+from models.errors import ConfigurationError, ProviderRateLimited, ProviderRejected, ProviderUnavailable
+from workers.email.message import OutgoingEmail
+from workers.logs import silence_sendgrid_debug
+from workers.settings import Settings
+
+#: Provider answers that no retry can change.
+PERMANENT_STATUSES = frozenset({400, 401, 403, 413})
+
+#: Wait this long after a 429 that carries no usable reset header, in milliseconds.
+DEFAULT_RATE_LIMIT_WAIT_MS = 60_000
+
+#: Never wait longer than this for a rate-limit reset, in milliseconds.
+MAX_RATE_LIMIT_WAIT_MS = 3_600_000
+
+#: Error bodies are cut to this many characters in error messages.
+ERROR_BODY_LIMIT = 300
+
+
+def rate_limit_wait_ms(headers: Any, *, now: float | None = None) -> int:
+    """Milliseconds until ``X-RateLimit-Reset`` (epoch seconds), with a little jitter."""
+    now = time.time() if now is None else now
+    reset = headers.get("X-RateLimit-Reset") if headers is not None else None
+    try:
+        wait_ms = int((float(reset) - now) * 1000) if reset is not None else DEFAULT_RATE_LIMIT_WAIT_MS
+    except ValueError:
+        wait_ms = DEFAULT_RATE_LIMIT_WAIT_MS
+    # Spread the retries of many workers so they do not all return at the reset.
+    wait_ms = max(wait_ms, 0) + random.randint(100, 1000)  # noqa: S311 - jitter, not security
+    return min(wait_ms, MAX_RATE_LIMIT_WAIT_MS)
+
+
+def build_request_body(email: OutgoingEmail) -> dict[str, Any]:
+    """The v3 mail/send JSON body, built with the library's helpers."""
+    mail = Mail(
+        from_email=From(email.from_email, email.from_name),
+        to_emails=To(email.to_email, email.to_name),
+        subject=email.subject,
+        plain_text_content=email.text,
+        html_content=email.html,
+    )
+    mail.custom_arg = CustomArg("reference", email.reference)
+    mail.category = Category(email.kind)
+    body: dict[str, Any] = mail.get()
+    return body
+
+
+class SendGridBackend:
+    """Sends through SendGrid's v3 API; the message id is the ``X-Message-Id`` header."""
+
+    name = "sendgrid"
+
+    def __init__(self, *, api_key: str, host: str, timeout: float) -> None:
+        self._api_key = api_key
+        self.host = host
+        self.timeout = timeout
+        self._local = threading.local()
+        silence_sendgrid_debug()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SendGridBackend:
+        if settings.sendgrid_api_key is None or not settings.sendgrid_api_key.get_secret_value():
+            raise ConfigurationError("EMAIL_BACKEND=sendgrid needs SENDGRID_API_KEY")
+        return cls(
+            api_key=settings.sendgrid_api_key.get_secret_value(),
+            host=settings.sendgrid_api_host,
+            timeout=settings.sendgrid_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"SendGridBackend(host={self.host!r}, timeout={self.timeout!r})"
+
+    def _client(self) -> sendgrid.SendGridAPIClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = sendgrid.SendGridAPIClient(api_key=self._api_key, host=self.host)
+            # Propagated to every request built from this client.
+            client.client.timeout = self.timeout
+            self._local.client = client
+        return client
+
+    def send(self, email: OutgoingEmail) -> str:
+        body = build_request_body(email)
+        try:
+            response = self._client().client.mail.send.post(request_body=body, timeout=self.timeout)
+        except http_errors.HTTPError as exc:
+            raise self._error_for(exc) from None
+        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            raise ProviderUnavailable(f"SendGrid did not answer: {type(exc).__name__}: {exc}") from None
+        message_id = response.headers.get("X-Message-Id") if response.headers is not None else None
+        return str(message_id or f"sendgrid-{response.status_code}-{int(time.time() * 1000)}")
+
+    @staticmethod
+    def _error_for(exc: http_errors.HTTPError) -> Exception:
+        status = int(getattr(exc, "status_code", 0) or 0)
+        raw = getattr(exc, "body", b"") or b""
+        body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        summary = f"SendGrid answered {status}: {body[:ERROR_BODY_LIMIT]}"
+        if status == 429:
+            return ProviderRateLimited(
+                summary, retry_after_ms=rate_limit_wait_ms(getattr(exc, "headers", None))
+            )
+        if status in PERMANENT_STATUSES:
+            return ProviderRejected(summary)
+        return ProviderUnavailable(summary)

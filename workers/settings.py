@@ -1,0 +1,173 @@
+"""The one settings object, read from the environment (and ``.env``).
+
+Every variable is documented in the README's configuration table; the defaults
+below are what a fresh machine with nothing but Python gets.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.access_codes import AccessCodePolicy, HashParameters
+
+#: Where embedded state lives when nothing else is configured (relative to the
+#: working directory).
+DEFAULT_DATA_DIR = Path(".data")
+
+#: How long a temporary password stays valid, in days.
+DEFAULT_ACCESS_CODE_TTL_DAYS = 7
+
+#: OWASP's argon2id minimum: 19 MiB of memory, 2 iterations, 1 lane.
+DEFAULT_ARGON2_MEMORY_KIB = 19 * 1024
+DEFAULT_ARGON2_TIME_COST = 2
+DEFAULT_ARGON2_PARALLELISM = 1
+
+#: The SendGrid client has no timeout of its own; this one is in seconds.
+DEFAULT_SENDGRID_TIMEOUT_SECONDS = 10.0
+
+#: Retry policy for transient failures (milliseconds and counts).
+DEFAULT_MAX_RETRIES = 12
+DEFAULT_MIN_BACKOFF_MS = 5_000
+DEFAULT_MAX_BACKOFF_MS = 3_600_000
+
+#: How long a worker may hold a delivery it is sending before another
+#: worker may take it over, in seconds. Longer than the provider timeout.
+DEFAULT_SEND_LEASE_SECONDS = 60
+
+#: Broker heartbeat timeout, in milliseconds (Dramatiq's default is 60 s).
+DEFAULT_HEARTBEAT_TIMEOUT_MS = 60_000
+
+SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    data_dir: Path = Field(
+        default=DEFAULT_DATA_DIR, description="Embedded Redis, SQLite, outbox and secret key."
+    )
+    redis_url: str | None = Field(default=None, description="Broker; unset starts an embedded Redis.")
+    redis_namespace: str = Field(default="dramatiq", description="Prefix of every broker key in Redis.")
+    database_url: str | None = Field(default=None, description="SQL database; unset uses SQLite in data_dir.")
+    email_backend: Literal["sendgrid", "file", "console"] = "file"
+    sendgrid_api_key: SecretStr | None = None
+    sendgrid_api_host: str = "https://api.sendgrid.com"
+    sendgrid_timeout: float = Field(default=DEFAULT_SENDGRID_TIMEOUT_SECONDS, gt=0)
+    mail_from: str = "no-reply@localhost"
+    mail_from_name: str = "Contract Dispatch"
+    app_base_url: str = "http://localhost:8000"
+    display_timezone: str = Field(default="Europe/Paris", description="Time zone of dates shown in emails.")
+    outbox_dir: Path | None = Field(
+        default=None, description="File backend output; unset is data_dir/outbox."
+    )
+    secret_key: SecretStr | None = Field(default=None, description="Unset: generated into data_dir once.")
+    access_code_ttl_days: float = Field(default=DEFAULT_ACCESS_CODE_TTL_DAYS, gt=0)
+    argon2_memory_kib: int = Field(default=DEFAULT_ARGON2_MEMORY_KIB, ge=8)
+    argon2_time_cost: int = Field(default=DEFAULT_ARGON2_TIME_COST, ge=1)
+    argon2_parallelism: int = Field(default=DEFAULT_ARGON2_PARALLELISM, ge=1)
+    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0)
+    min_backoff_ms: int = Field(default=DEFAULT_MIN_BACKOFF_MS, ge=1)
+    max_backoff_ms: int = Field(default=DEFAULT_MAX_BACKOFF_MS, ge=1)
+    send_lease_seconds: int = Field(default=DEFAULT_SEND_LEASE_SECONDS, ge=1)
+    heartbeat_timeout_ms: int = Field(default=DEFAULT_HEARTBEAT_TIMEOUT_MS, ge=1000)
+    log_level: str = "INFO"
+
+    @field_validator("app_base_url", "sendgrid_api_host")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("display_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        ZoneInfo(value)
+        return value
+
+    @field_validator("mail_from", "mail_from_name")
+    @classmethod
+    def _single_line(cls, value: str) -> str:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """DATABASE_URL, or the embedded SQLite file under ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'contract-dispatch.db'}"
+
+    @property
+    def effective_outbox_dir(self) -> Path:
+        """OUTBOX_DIR, or ``data_dir/outbox``."""
+        return self.outbox_dir if self.outbox_dir is not None else self.data_dir / "outbox"
+
+    def access_code_policy(self) -> AccessCodePolicy:
+        """What issuing a temporary password needs, from these settings."""
+        return AccessCodePolicy(
+            secret_key=self.secret_key_bytes(),
+            hash_parameters=HashParameters(
+                memory_kib=self.argon2_memory_kib,
+                time_cost=self.argon2_time_cost,
+                parallelism=self.argon2_parallelism,
+            ),
+            ttl=timedelta(days=self.access_code_ttl_days),
+        )
+
+    def secret_key_bytes(self) -> bytes:
+        """SECRET_KEY, or the key generated once into ``data_dir``."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        return _load_or_create_secret_key(self.data_dir.resolve())
+
+
+@functools.cache
+def _load_or_create_secret_key(data_dir: Path) -> bytes:
+    path = data_dir / SECRET_KEY_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: when two processes start at once, exactly one writes the key
+        # and the other reads it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+    for _ in range(100):
+        key = path.read_text().strip()
+        if key:
+            return key.encode()
+        # The other process created the file but has not written it yet.
+        time.sleep(0.01)
+    raise RuntimeError(f"secret key file {path} stays empty")
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    global _settings
+    if _settings is None:
+        _settings = Settings()
+    return _settings
+
+
+def reset_settings(settings: Settings | None = None) -> Settings:
+    """Replace the process-wide settings (re-read from the environment when None)."""
+    global _settings
+    _settings = settings if settings is not None else Settings()
+    return _settings
