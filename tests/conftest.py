@@ -1,0 +1,164 @@
+"""Test fixtures: a real Redis of the tests' own, real SQLite and PostgreSQL, a
+SendGrid stand-in over HTTP, and real Dramatiq workers.
+
+Nothing here touches data it did not create: Redis is a server started for this
+session on a free port, SQLite lives in a temporary directory, and PostgreSQL
+tests work in a schema created for this session and dropped at the end.
+PostgreSQL tests skip on a machine without a server, except when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.sendgrid_standin import API_KEY, SendGridStandIn
+from tests.support import RedisServer
+
+#: Where the PostgreSQL tests connect (trust auth); their own schema is added.
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+#: The secret key of the test session (never a production value).
+TEST_SECRET_KEY = "test-secret-key-" + "x" * 32
+
+_state: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    root = Path(tempfile.mkdtemp(prefix="contract-dispatch-tests-"))
+    redis_server = RedisServer(root / "redis").start()
+    standin = SendGridStandIn().start()
+    _state.update(root=root, redis=redis_server, standin=standin)
+    environment = {
+        "DATA_DIR": str(root / "data"),
+        "REDIS_URL": redis_server.url,
+        "REDIS_NAMESPACE": "dramatiq",
+        "DATABASE_URL": f"sqlite:///{root / 'sqlite' / 'tests.db'}",
+        "EMAIL_BACKEND": "sendgrid",
+        "SENDGRID_API_KEY": API_KEY,
+        "SENDGRID_API_HOST": standin.url,
+        "SENDGRID_TIMEOUT": "2",
+        "SECRET_KEY": TEST_SECRET_KEY,
+        "APP_BASE_URL": "https://app.example.com",
+        "MAIL_FROM": "contracts@example.com",
+        "MIN_BACKOFF_MS": "20",
+        "MAX_BACKOFF_MS": "200",
+        "MAX_RETRIES": "3",
+        "SEND_LEASE_SECONDS": "5",
+    }
+    os.environ.update(environment)
+    _state["environment"] = environment
+    from workers.settings import reset_settings
+
+    reset_settings()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "standin" in _state:
+        _state["standin"].stop()
+    if "redis" in _state:
+        _state["redis"].stop()
+    if "root" in _state:
+        shutil.rmtree(_state["root"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_environment() -> dict[str, str]:
+    """The environment variables the session runs with (for subprocesses)."""
+    return dict(_state["environment"])
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> RedisServer:
+    server: RedisServer = _state["redis"]
+    return server
+
+
+@pytest.fixture(scope="session")
+def standin_server() -> SendGridStandIn:
+    server: SendGridStandIn = _state["standin"]
+    return server
+
+
+@pytest.fixture
+def standin(standin_server: SendGridStandIn) -> Iterator[SendGridStandIn]:
+    """The SendGrid stand-in, with no scripted answers left over from other tests."""
+    standin_server.script()
+    yield standin_server
+    standin_server.reset()
+
+
+def _postgres_schema_url() -> Iterator[str]:
+    schema = f"cd_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:
+        admin.dispose()
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI is set but PostgreSQL at {POSTGRES_URL} is unusable: {exc}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {type(exc).__name__}")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        from workers.database import dispose_engines
+
+        dispose_engines()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test using this runs once on SQLite and once on PostgreSQL."""
+    from workers.settings import reset_settings
+
+    original = os.environ["DATABASE_URL"]
+    if request.param == "sqlite":
+        url = f"sqlite:///{_state['root'] / 'sqlite' / f'{uuid.uuid4().hex[:8]}.db'}"
+        urls: Iterator[str] = iter([url])
+    else:
+        urls = _postgres_schema_url()
+    url = next(urls)
+    os.environ["DATABASE_URL"] = url
+    reset_settings()
+    from contract_dispatch import set_workspace
+
+    set_workspace("ws-main", ["rg-1"])
+    set_workspace("ws-multi", ["paris", "lyon"])
+    try:
+        yield url
+    finally:
+        os.environ["DATABASE_URL"] = original
+        reset_settings()
+        for _ in urls:  # runs the PostgreSQL clean-up
+            pass
+
+
+@pytest.fixture(scope="session")
+def broker() -> dramatiq.Broker:
+    import actors
+
+    return actors.broker
+
+
+@pytest.fixture(scope="session")
+def worker(database: str, broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
+    """A real Dramatiq worker (threads in this process) on the real Redis broker."""
+    broker.flush_all()
+    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=50)
+    worker.start()
+    yield worker
+    worker.stop()
+    broker.flush_all()

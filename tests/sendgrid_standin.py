@@ -1,0 +1,153 @@
+"""A local HTTP server standing in for SendGrid's ``POST /v3/mail/send``.
+
+It records every request (headers and JSON body) and answers 202 with an
+``X-Message-Id``, unless a test scripted other answers: a status code (with
+headers, e.g. a rate-limit reset), or a delay past the client's timeout.
+Binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+API_KEY = "SG.test-key-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass
+class Answer:
+    """One scripted answer: status, extra headers, and a delay before answering (seconds)."""
+
+    status: int = 202
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    body: bytes = b""
+
+
+@dataclass
+class Received:
+    """One request as the stand-in saw it."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    status: int
+    message_id: str | None
+
+    @property
+    def to(self) -> list[str]:
+        return [to["email"] for p in self.body.get("personalizations", []) for to in p.get("to", [])]
+
+    @property
+    def reference(self) -> str | None:
+        return (self.body.get("custom_args") or {}).get("reference")
+
+    def content(self, kind: str) -> str:
+        for part in self.body.get("content", []):
+            if part["type"] == kind:
+                return str(part["value"])
+        raise KeyError(kind)
+
+
+class SendGridStandIn:
+    """Start with ``start()``; ``requests`` lists what arrived, ``accepted`` the 202s."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._script: deque[Answer] = deque()
+        self.requests: list[Received] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- control -------------------------------------------------------------
+
+    def start(self) -> SendGridStandIn:
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                standin._handle(self)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def script(self, *answers: Answer) -> None:
+        """Answer the next requests with these, in order, then 202 again."""
+        with self._lock:
+            self._script.extend(answers)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self.requests.clear()
+
+    @property
+    def accepted(self) -> list[Received]:
+        with self._lock:
+            return [r for r in self.requests if r.status == 202]
+
+    def accepted_for(self, reference_prefix: str) -> list[Received]:
+        return [r for r in self.accepted if (r.reference or "").startswith(reference_prefix)]
+
+    # -- serving ------------------------------------------------------------
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length)
+        with self._lock:
+            answer = self._script.popleft() if self._script else Answer()
+        if handler.path != "/v3/mail/send":
+            answer = Answer(status=404, body=b'{"errors":[{"message":"not found"}]}')
+        elif handler.headers.get("Authorization") != f"Bearer {API_KEY}":
+            answer = Answer(status=401, body=b'{"errors":[{"message":"bad key"}]}')
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = {"_unparsable": raw.decode("utf-8", "replace")}
+            answer = Answer(status=400, body=b'{"errors":[{"message":"bad json"}]}')
+        if answer.delay:
+            time.sleep(answer.delay)
+        message_id = uuid.uuid4().hex if answer.status == 202 else None
+        with self._lock:
+            self.requests.append(
+                Received(
+                    path=handler.path,
+                    headers=dict(handler.headers.items()),
+                    body=body,
+                    status=answer.status,
+                    message_id=message_id,
+                )
+            )
+        try:
+            handler.send_response(answer.status)
+            if message_id:
+                handler.send_header("X-Message-Id", message_id)
+            for name, value in answer.headers.items():
+                handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(answer.body)))
+            handler.end_headers()
+            handler.wfile.write(answer.body)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client gave up (timeout): exactly what a slow answer tests.
+            pass

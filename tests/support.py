@@ -1,0 +1,122 @@
+"""Helpers shared by the tests: real servers, waiting with a deadline, sample messages."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from workers.embedded_redis import redis_server_binary
+
+T = TypeVar("T")
+
+#: Default deadline for anything the tests wait on, in seconds.
+DEFAULT_TIMEOUT = 20.0
+
+
+def wait_until(
+    condition: Callable[[], T], *, timeout: float = DEFAULT_TIMEOUT, what: str = "a condition"
+) -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {value!r}")
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A real redis-server of the tests' own, on 127.0.0.1, with append-only persistence."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(answers, timeout=15, what="the test Redis to start")
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+            self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+def unique(prefix: str = "t") -> str:
+    """A short identifier no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def contract_payload(**overrides: Any) -> dict[str, Any]:
+    """A valid send_contract payload with fresh ids; override any field."""
+    suffix = uuid.uuid4().hex[:10]
+    payload: dict[str, Any] = {
+        "contract_id": f"c-{suffix}",
+        "email": f"client-{suffix}@example.com",
+        "company_name": f"Société {suffix} SARL",
+        "lead_source": "network",
+        "workspace_id": os.environ.get("TEST_WORKSPACE", "ws-main"),
+        "signatories": [{"email": f"manager-{suffix}@example.com", "name": "Claire Manager"}],
+        "sections": [
+            {"id": "conditions", "title": "Conditions générales"},
+            {"id": "tarifs", "title": "Tarifs"},
+        ],
+        "title": "Bureau privatif",
+    }
+    payload.update(overrides)
+    return payload
