@@ -90,7 +90,7 @@ class SendGridStandIn:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def script(self, *answers: Answer) -> None:
         """Answer the next requests with these, in order, then 202 again."""

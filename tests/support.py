@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from models.status import ContractReport
 from workers.embedded_redis import redis_server_binary
 
 T = TypeVar("T")
@@ -120,3 +121,31 @@ def contract_payload(**overrides: Any) -> dict[str, Any]:
     }
     payload.update(overrides)
     return payload
+
+
+def wait_for_contract(
+    contract_id: str,
+    done: Callable[[ContractReport], bool],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    what: str = "",
+) -> ContractReport:
+    """Wait until the contract's report satisfies ``done``; return that report."""
+    from contract_dispatch import contract_status
+
+    found: list[ContractReport] = []
+
+    def check() -> bool:
+        report = contract_status(contract_id)
+        if report is not None and done(report):
+            found.append(report)
+            return True
+        return False
+
+    wait_until(check, timeout=timeout, what=what or f"contract {contract_id}")
+    return found[0]
+
+
+def all_emails_sent(count: int) -> Callable[[ContractReport], bool]:
+    """``done`` for ``wait_for_contract``: exactly ``count`` emails, all sent."""
+    return lambda report: len(report.emails) == count and all(e.status == "sent" for e in report.emails)

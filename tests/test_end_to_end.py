@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from contract_dispatch import contract_status, notify_signatories, send_contract
-from tests.support import contract_payload, wait_until
+from contract_dispatch import notify_signatories, send_contract
+from tests.support import all_emails_sent, contract_payload, wait_for_contract
 
 
 def test_send_deliver_sign_notify(worker, standin):
@@ -16,12 +16,7 @@ def test_send_deliver_sign_notify(worker, standin):
     receipt = send_contract(**payload)
     assert receipt.status == "queued"
 
-    report = wait_until(
-        lambda: (
-            (r := contract_status(payload["contract_id"])) and r.emails and r.emails[0].status == "sent" and r
-        ),
-        what="the invitation to be sent",
-    )
+    report = wait_for_contract(payload["contract_id"], all_emails_sent(1), what="the invitation to be sent")
     assert report.status == "sent"
     (invitation,) = standin.accepted_for(f"invitation:{payload['contract_id']}:")
     assert invitation.to == [payload["email"]]
@@ -33,14 +28,9 @@ def test_send_deliver_sign_notify(worker, standin):
         legal_name=payload["company_name"],
         accepted_sections=["conditions", "tarifs"],
     )
-    final = wait_until(
-        lambda: (
-            (r := contract_status(payload["contract_id"]))
-            and r.status == "signed"
-            and all(e.status == "sent" for e in r.emails)
-            and len(r.emails) == 3
-            and r
-        ),
+    final = wait_for_contract(
+        payload["contract_id"],
+        lambda r: r.status == "signed" and all_emails_sent(3)(r),
         what="both signatories to be told",
     )
     notified = sorted(e.to for e in final.emails if e.kind == "signed_notification")
