@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from models.errors import ConfigurationError, DispatchError, Rejected, TransientError
 from models.status import ContractReport
 from workers.logs import configure_logging
@@ -268,7 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(os.environ.get("LOG_LEVEL", "WARNING"))
+    try:
+        settings = get_settings()
+    except ValidationError as error:
+        # Without the input values: a malformed secret must not be echoed.
+        for problem in error.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in problem["loc"]).upper()
+            sys.stderr.write(f"configuration error: {where}: {problem['msg']}\n")
+        return EXIT_UNAVAILABLE
+    configure_logging(settings.log_level)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

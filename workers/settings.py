@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     max_backoff_ms: int = Field(default=DEFAULT_MAX_BACKOFF_MS, ge=1)
     send_lease_seconds: int = Field(default=DEFAULT_SEND_LEASE_SECONDS, ge=1)
     heartbeat_timeout_ms: int = Field(default=DEFAULT_HEARTBEAT_TIMEOUT_MS, ge=1000)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="WARNING", description="Log level of CLI commands (the worker logs at INFO)."
+    )
 
     @field_validator("app_base_url", "sendgrid_api_host")
     @classmethod
