@@ -6,12 +6,15 @@ from typing import Any
 
 import dramatiq
 
+from models.errors import PermanentError
 from models.messages import DeliverEmail, parse_message
 from workers.email.delivery import deliver
 from workers.retry_policy import honour_retry_after
 
 
-@dramatiq.actor(actor_name=DeliverEmail.actor_name, queue_name=DeliverEmail.queue_name)
+@dramatiq.actor(
+    actor_name=DeliverEmail.actor_name, queue_name=DeliverEmail.queue_name, throws=(PermanentError,)
+)
 def deliver_email(payload: dict[str, Any]) -> None:
     """Send the delivery unless it is already sent; provider 429s wait for the reset."""
     message = parse_message(DeliverEmail, payload)

@@ -7,7 +7,7 @@ from typing import Any
 import dramatiq
 
 from actors.deliver_email import enqueue_deliveries
-from models.errors import Rejected
+from models.errors import PermanentError, Rejected
 from models.messages import SendContract, contract_id_of, parse_message
 from models.sending import record_contract, record_send_rejection
 from models.types import utc_now
@@ -15,7 +15,9 @@ from workers.database import session_scope
 from workers.settings import get_settings
 
 
-@dramatiq.actor(actor_name=SendContract.actor_name, queue_name=SendContract.queue_name)
+@dramatiq.actor(
+    actor_name=SendContract.actor_name, queue_name=SendContract.queue_name, throws=(PermanentError,)
+)
 def send_contract(payload: dict[str, Any]) -> None:
     """Public message; see ``models.messages.SendContract`` for its fields."""
     message: SendContract | None = None
