@@ -202,9 +202,13 @@ def rejection_for(error: ValidationError) -> Rejected:
     first = problems[0]
     location = [str(part) for part in first["loc"]]
     field = location[-1] if location and location[0] == "signatories" else (location[0] if location else "")
-    rejection = _FIELD_CODES.get(field, InvalidPayload)
+    # A missing field or a value of the wrong JSON type is a malformed message,
+    # not a bad email or name: only a well-formed value gets the field's code.
+    malformed = first["type"] == "missing" or first["type"].endswith("_type")
+    rejection = InvalidPayload if malformed else _FIELD_CODES.get(field, InvalidPayload)
     where = ".".join(location) or "message"
-    message = first["msg"]
+    # pydantic prefixes errors raised by our own validators with "Value error, ".
+    message = first["msg"].removeprefix("Value error, ")
     if rejection is InvalidLeadSource:
         message = "lead source must be one of bap, network or other"
     text = f"{where}: {message}"

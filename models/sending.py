@@ -36,6 +36,11 @@ def _contract_fields(message: SendContract) -> dict[str, object]:
     }
 
 
+def _set_content(contract: Contract, message: SendContract) -> None:
+    for name, value in _contract_fields(message).items():
+        setattr(contract, name, value)
+
+
 def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -> Contract:
     """The contract row, created as queued if absent, locked for this transaction."""
     insert_ignoring_conflict(
@@ -76,6 +81,9 @@ def record_contract(
     _check_same_content(contract, message)
     if contract.status not in _OPEN_STATUSES:
         return pending_delivery_ids(session, contract.id, EmailKind.INVITATION)
+    # A contract first recorded from a message too broken to parse has no content
+    # (and no content hash): the first valid message gives it its content.
+    _set_content(contract, message)
 
     resource_group_id = resolve_resource_group(session, message.workspace_id, message.resource_group_id)
     account, _ = bind_account(session, email=message.email, company_name=message.company_name)
@@ -116,7 +124,8 @@ def record_send_rejection(
     """
     if isinstance(rejection, ContractConflict):
         return
-    fields = _contract_fields(message) if message is not None else {}
+    # A message too broken to parse still needs the NOT NULL JSON columns filled.
+    fields = _contract_fields(message) if message is not None else {"sections": [], "signatories": []}
     insert_ignoring_conflict(
         session,
         Contract,
@@ -177,6 +186,7 @@ def reserve_contract(session: Session, message: SendContract, *, now: datetime) 
         return True
     contract = session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True)
     if contract is not None and contract.status == ContractStatus.REJECTED:
+        _set_content(contract, message)
         contract.status = ContractStatus.QUEUED
         contract.error_code = None
         contract.error_message = None

@@ -77,7 +77,12 @@ def record_signature_rejection(
 ) -> None:
     """Keep a refused signature's reason on the contract; its status does not change."""
     contract = session.get(Contract, contract_id, with_for_update=True, populate_existing=True)
-    if contract is None or contract.status == ContractStatus.SIGNED:
+    # A rejected contract's error is the reason its send was refused: keep it.
+    if contract is None or contract.status in (
+        ContractStatus.SIGNED,
+        ContractStatus.REJECTED,
+        ContractStatus.CANCELLED,
+    ):
         return
     contract.error_code = rejection.code
     contract.error_message = rejection.message

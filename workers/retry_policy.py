@@ -25,7 +25,7 @@ def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying; programming errors and refusals are not."""
     if isinstance(exc, PermanentError):
         return False
-    if isinstance(exc, TransientError | dramatiq.Retry | _TRANSIENT_LIBRARY_ERRORS):
+    if isinstance(exc, (TransientError, dramatiq.Retry, *_TRANSIENT_LIBRARY_ERRORS)):
         return True
     # A dropped database connection surfaces as a DBAPIError flagged as such.
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -1,0 +1,572 @@
+"""The ``contract-dispatch`` command line, driven as a subprocess the way scripts
+outside this repository drive it.
+
+Every command runs the console script installed next to this interpreter, with
+the session's environment and the database under test; the in-process
+``worker`` fixture processes what the commands enqueue. Conventions checked:
+success exits 0 (send and notify print exactly one JSON receipt on stdout), a
+refusal exits 2 with ``code: message`` on stderr and nothing on stdout, an
+unknown contract in ``contract-status`` exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract, wait_until
+
+#: The console script of the environment running the tests.
+CLI = str(Path(sys.executable).parent / "contract-dispatch")
+
+#: One command never takes this long; a hung command fails the test instead of the run.
+COMMAND_TIMEOUT_SECONDS = 60
+
+#: How long a test waits for the worker to move a contract on.
+STATUS_TIMEOUT_SECONDS = 30
+
+STATUS_KEYS = {"contract_id", "status", "error", "emails"}
+EMAIL_KEYS = {"kind", "to", "status", "attempts", "provider_message_id"}
+
+
+@dataclass
+class Cli:
+    """Runs ``contract-dispatch`` with one environment."""
+
+    env: dict[str, str]
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CLI, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            check=False,
+        )
+
+    def status(self, contract_id: str) -> dict[str, Any] | None:
+        """``contract-status ID --json``, or None when the contract is unknown."""
+        result = self("contract-status", contract_id, "--json")
+        if result.returncode == 1:
+            return None
+        assert result.returncode == 0, describe(result)
+        report: dict[str, Any] = json.loads(result.stdout)
+        return report
+
+    def wait_status(
+        self, contract_id: str, done: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        """Poll ``contract-status --json`` until ``done`` holds; return that report."""
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            report = self.status(contract_id)
+            if report is not None and done(report):
+                found.append(report)
+                return True
+            return False
+
+        wait_until(check, timeout=STATUS_TIMEOUT_SECONDS, what=what)
+        return found[0]
+
+
+def describe(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
+
+
+def emails_sent(kind: str, count: int) -> Callable[[dict[str, Any]], bool]:
+    """``done`` for ``wait_status``: exactly ``count`` emails of ``kind``, all sent."""
+
+    def check(report: dict[str, Any]) -> bool:
+        emails = [email for email in report["emails"] if email["kind"] == kind]
+        return len(emails) == count and all(email["status"] == "sent" for email in emails)
+
+    return check
+
+
+def assert_receipt(result: subprocess.CompletedProcess[str], contract_id: str) -> None:
+    """Exit 0 and stdout is exactly the one-object receipt."""
+    assert result.returncode == 0, describe(result)
+    assert json.loads(result.stdout) == {"contract_id": contract_id, "status": "queued"}, describe(result)
+    assert len(result.stdout.strip().splitlines()) == 1, describe(result)
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], code: str) -> str:
+    """Exit 2, nothing on stdout, ``code: message`` on stderr; returns the message."""
+    assert result.returncode == 2, describe(result)
+    assert result.stdout == "", describe(result)
+    lines = [line for line in result.stderr.splitlines() if line.startswith(f"{code}: ")]
+    assert lines, f"no '{code}: ...' line on stderr\n{describe(result)}"
+    message = lines[0].removeprefix(f"{code}: ").strip()
+    assert len(message) > 10, describe(result)
+    return message
+
+
+def send_args(payload: dict[str, Any]) -> list[str]:
+    """``send-contract`` flags for a ``contract_payload``."""
+    args = [
+        "send-contract",
+        "--contract-id",
+        payload["contract_id"],
+        "--email",
+        payload["email"],
+        "--company",
+        payload["company_name"],
+        "--lead-source",
+        payload["lead_source"],
+        "--workspace",
+        payload["workspace_id"],
+    ]
+    if payload.get("resource_group_id"):
+        args += ["--resource-group", payload["resource_group_id"]]
+    for signatory in payload["signatories"]:
+        value = signatory["email"] + (f":{signatory['name']}" if signatory.get("name") else "")
+        args += ["--signatory", value]
+    for section in payload["sections"]:
+        args += ["--section", section["id"] + (f":{section['title']}" if section.get("title") else "")]
+    if payload.get("title"):
+        args += ["--title", payload["title"]]
+    if payload.get("locale"):
+        args += ["--locale", payload["locale"]]
+    return args
+
+
+def assert_not_queued(contract_id: str) -> None:
+    """A refused send leaves no queued contract behind."""
+    from contract_dispatch import contract_status
+
+    report = contract_status(contract_id)
+    assert report is None or report.status == "rejected", report
+
+
+def wait_for_invitation(contract_id: str) -> None:
+    """Wait (in process, faster than polling the CLI) until the invitation is sent."""
+    wait_for_contract(contract_id, all_emails_sent(1), what=f"the invitation of {contract_id}")
+
+
+def stored_contract(contract_id: str) -> Any:
+    from models.contract import Contract
+    from workers.database import session_scope
+
+    with session_scope() as session:
+        contract = session.get(Contract, contract_id)
+        assert contract is not None
+        session.expunge(contract)
+        return contract
+
+
+def resource_groups(workspace_id: str) -> list[str] | None:
+    from models.workspace import resource_groups_of
+    from workers.database import session_scope
+
+    with session_scope() as session:
+        return resource_groups_of(session, workspace_id)
+
+
+@pytest.fixture
+def cli(test_environment: dict[str, str], database: str) -> Cli:
+    """The CLI on the database under test (the one the ``worker`` fixture uses)."""
+    return Cli({**os.environ, **test_environment, "DATABASE_URL": database})
+
+
+@pytest.fixture
+def cli_without_database(test_environment: dict[str, str]) -> Cli:
+    """The CLI for commands that never reach the database."""
+    return Cli({**os.environ, **test_environment})
+
+
+# -- workspace set -------------------------------------------------------------
+
+
+def test_workspace_set_creates_then_replaces_resource_groups(cli, worker, standin):
+    workspace = unique("ws")
+    created = cli("workspace", "set", workspace, "--resource-group", "paris", "--resource-group", "lyon")
+    assert created.returncode == 0, describe(created)
+    assert resource_groups(workspace) == ["lyon", "paris"]
+
+    payload = contract_payload(workspace_id=workspace)
+    assert_refused(cli(*send_args(payload)), "resource_group_required")
+
+    replaced = cli("workspace", "set", workspace, "--resource-group", "nantes")
+    assert replaced.returncode == 0, describe(replaced)
+    assert resource_groups(workspace) == ["nantes"]
+
+    stale = contract_payload(workspace_id=workspace, resource_group_id="paris")
+    assert_refused(cli(*send_args(stale)), "unknown_resource_group")
+    assert_not_queued(stale["contract_id"])
+
+    # One group left: it no longer has to be named, and is the one recorded.
+    assert_receipt(cli(*send_args(payload)), payload["contract_id"])
+    wait_for_invitation(payload["contract_id"])
+    assert stored_contract(payload["contract_id"]).resource_group_id == "nantes"
+
+
+def test_workspace_set_requires_a_resource_group(cli):
+    result = cli("workspace", "set", unique("ws"))
+    assert result.returncode == 2, describe(result)
+    assert "--resource-group" in result.stderr
+
+
+# -- send-contract ---------------------------------------------------------------
+
+
+def test_send_contract_prints_one_receipt_and_records_every_flag(cli, worker, standin):
+    contract_id = unique("c")
+    email = f"{unique('client')}@example.com"
+    result = cli(
+        "send-contract",
+        "--contract-id",
+        contract_id,
+        "--email",
+        email,
+        "--company",
+        "Atelier Durand SAS",
+        "--lead-source",
+        "bap",
+        "--workspace",
+        "ws-multi",
+        "--resource-group",
+        "lyon",
+        "--signatory",
+        "boss@example.com:Claire Boss: Direction",
+        "--signatory",
+        "ops@example.com",
+        "--section",
+        "conditions:Conditions générales: version 2",
+        "--section",
+        "tarifs",
+        "--title",
+        "Open space, 6 desks",
+        "--locale",
+        "en",
+    )
+    assert_receipt(result, contract_id)
+
+    wait_for_invitation(contract_id)
+    contract = stored_contract(contract_id)
+    assert contract.status == "sent"
+    assert contract.lead_source == "bap"
+    assert contract.resource_group_id == "lyon"
+    assert contract.locale == "en"
+    assert contract.signatories == [
+        {"email": "boss@example.com", "name": "Claire Boss: Direction"},
+        {"email": "ops@example.com"},
+    ]
+    assert contract.sections == [
+        {"id": "conditions", "title": "Conditions générales: version 2"},
+        {"id": "tarifs"},
+    ]
+
+    (invitation,) = standin.accepted_for(f"invitation:{contract_id}:")
+    assert invitation.to == [email]
+    text = invitation.content("text/plain")
+    assert "Open space, 6 desks" in text
+    assert "Hello" in text  # --locale en
+    assert f"https://app.example.com/contracts/{contract_id}" in text
+
+
+def test_send_contract_refuses_a_binding_mismatch(cli, worker, standin):
+    first = contract_payload(company_name="Dupont Conseil SARL")
+    assert_receipt(cli(*send_args(first)), first["contract_id"])
+    wait_for_invitation(first["contract_id"])
+
+    by_case = contract_payload(email=first["email"], company_name="DUPONT CONSEIL SARL")
+    message = assert_refused(cli(*send_args(by_case)), "email_bound_to_other_company")
+    assert "case" in message
+    assert "Dupont Conseil SARL" not in message
+    assert_not_queued(by_case["contract_id"])
+
+    other = contract_payload(email=first["email"], company_name="Martin Immobilier SA")
+    message = assert_refused(cli(*send_args(other)), "email_bound_to_other_company")
+    assert "Dupont" not in message
+    assert "DUPONT" not in message
+    assert_not_queued(other["contract_id"])
+
+    again = contract_payload(email=first["email"], company_name="  Dupont Conseil SARL ")
+    assert_receipt(cli(*send_args(again)), again["contract_id"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"email": "not-an-email"}, "invalid_email"),
+        ({"email": "client@"}, "invalid_email"),
+        ({"workspace_id": "ws-multi", "resource_group_id": "marseille"}, "unknown_resource_group"),
+        ({"workspace_id": "ws-multi"}, "resource_group_required"),
+        ({"company_name": "Evil\r\nBcc: x@example.com"}, "invalid_company_name"),
+    ],
+    ids=["no-at", "no-domain", "unknown-group", "group-missing", "control-chars"],
+)
+def test_send_contract_refuses_bad_input(cli, overrides, code):
+    payload = contract_payload(**overrides)
+    assert_refused(cli(*send_args(payload)), code)
+    assert_not_queued(payload["contract_id"])
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--contract-id", "--email", "--company", "--lead-source", "--workspace", "--signatory", "--section"],
+)
+def test_send_contract_requires_each_flag(cli_without_database, flag):
+    args = send_args(contract_payload())
+    while flag in args:
+        position = args.index(flag)
+        del args[position : position + 2]
+    result = cli_without_database(*args)
+    assert result.returncode == 2, describe(result)
+    assert result.stdout == ""
+    assert flag in result.stderr
+
+
+def test_send_contract_refuses_an_unknown_lead_source(cli_without_database):
+    result = cli_without_database(*send_args(contract_payload(lead_source="salon")))
+    assert result.returncode == 2, describe(result)
+    assert result.stdout == ""
+    assert "--lead-source" in result.stderr
+    assert "salon" in result.stderr
+
+
+# -- notify-signatories ------------------------------------------------------------
+
+
+def test_notify_signatories_conventions(cli, worker, standin):
+    payload = contract_payload()
+    contract_id = payload["contract_id"]
+    assert_receipt(cli(*send_args(payload)), contract_id)
+    wait_for_invitation(contract_id)
+
+    partial = cli(
+        "notify-signatories",
+        "--contract-id",
+        contract_id,
+        "--legal-name",
+        payload["company_name"],
+        "--accepted-section",
+        "conditions",
+    )
+    message = assert_refused(partial, "sections_not_all_accepted")
+    assert "tarifs" in message
+    assert cli.status(contract_id)["status"] == "sent"
+
+    unknown = unique("c")
+    missing = cli(
+        "notify-signatories",
+        "--contract-id",
+        unknown,
+        "--legal-name",
+        "Nobody SA",
+        "--accepted-section",
+        "conditions",
+    )
+    assert_refused(missing, "unknown_contract")
+    assert cli.status(unknown) is None
+
+    signed = cli(
+        "notify-signatories",
+        "--contract-id",
+        contract_id,
+        "--legal-name",
+        payload["company_name"],
+        "--accepted-section",
+        "conditions",
+        "--accepted-section",
+        "tarifs",
+    )
+    assert_receipt(signed, contract_id)
+    report = wait_for_contract(
+        contract_id,
+        lambda r: r.status == "signed" and all_emails_sent(2)(r),
+        what="the signatory to be told",
+    )
+    assert report.error is None
+    assert [e.kind for e in report.emails] == ["invitation", "signed_notification"]
+
+
+def test_notify_signatories_requires_an_accepted_section(cli_without_database):
+    result = cli_without_database(
+        "notify-signatories", "--contract-id", unique("c"), "--legal-name", "Dupont SARL"
+    )
+    assert result.returncode == 2, describe(result)
+    assert result.stdout == ""
+    assert "--accepted-section" in result.stderr
+
+
+# -- contract-status ---------------------------------------------------------------
+
+
+def test_contract_status_json_and_human_output(cli, worker, standin):
+    payload = contract_payload()
+    contract_id = payload["contract_id"]
+    assert_receipt(cli(*send_args(payload)), contract_id)
+    wait_for_invitation(contract_id)
+    report = cli.status(contract_id)
+    assert report is not None
+
+    assert set(report) >= STATUS_KEYS
+    assert report["contract_id"] == contract_id
+    assert report["status"] == "sent"
+    assert report["error"] is None
+    (email,) = report["emails"]
+    assert set(email) >= EMAIL_KEYS
+    (invitation,) = standin.accepted_for(f"invitation:{contract_id}:")
+    assert email["kind"] == "invitation"
+    assert email["to"] == payload["email"]
+    assert email["status"] == "sent"
+    assert email["attempts"] == 1
+    assert email["provider_message_id"] == invitation.message_id
+
+    human = cli("contract-status", contract_id)
+    assert human.returncode == 0, describe(human)
+    assert contract_id in human.stdout
+    assert "sent" in human.stdout
+    assert "invitation" in human.stdout
+    assert payload["email"] in human.stdout
+    assert invitation.message_id is not None
+    assert invitation.message_id in human.stdout
+
+
+def test_contract_status_reports_a_rejection(cli, worker):
+    import actors
+
+    # Straight onto the queue: the CLI itself would refuse this before enqueueing.
+    payload = contract_payload(email="no-at-sign.example.com")
+    actors.send_contract.send(payload)
+    wait_for_contract(payload["contract_id"], lambda r: r.status == "rejected", what="the rejection")
+    report = cli.status(payload["contract_id"])
+    assert report is not None
+    assert report["status"] == "rejected"
+    assert set(report["error"]) == {"code", "message"}
+    assert report["error"]["code"] == "invalid_email"
+    assert report["error"]["message"]
+    assert report["emails"] == []
+
+    human = cli("contract-status", payload["contract_id"])
+    assert human.returncode == 0, describe(human)
+    assert "rejected" in human.stdout
+    assert "invalid_email" in human.stdout
+
+
+def test_contract_status_of_an_unknown_contract_exits_1(cli):
+    contract_id = unique("c")
+    for args in (["contract-status", contract_id], ["contract-status", contract_id, "--json"]):
+        result = cli(*args)
+        assert result.returncode == 1, describe(result)
+        assert contract_id in result.stderr
+
+
+# -- schema --------------------------------------------------------------------------
+
+
+def test_schema_exports_the_public_messages(cli_without_database):
+    result = cli_without_database("schema")
+    assert result.returncode == 0, describe(result)
+    schemas = json.loads(result.stdout)
+    assert {"send_contract", "notify_signatories"} <= set(schemas)
+    for schema in schemas.values():
+        Draft202012Validator.check_schema(schema)
+
+    send = Draft202012Validator(schemas["send_contract"])
+    valid = contract_payload(resource_group_id="rg-1", locale="en")
+    assert list(send.iter_errors(valid)) == []
+    invalid = [
+        contract_payload(lead_source="salon"),
+        {k: v for k, v in contract_payload().items() if k != "email"},
+        contract_payload(sections=[]),
+        contract_payload(signatories=[]),
+        contract_payload(unexpected="field"),
+        contract_payload(locale="de"),
+    ]
+    for payload in invalid:
+        assert not send.is_valid(payload), payload
+
+    notify = Draft202012Validator(schemas["notify_signatories"])
+    signed = {"contract_id": "c-1", "legal_name": "Dupont SARL", "accepted_sections": ["conditions"]}
+    assert list(notify.iter_errors(signed)) == []
+    assert not notify.is_valid({**signed, "accepted_sections": []})
+    assert not notify.is_valid({k: v for k, v in signed.items() if k != "legal_name"})
+
+
+# -- the whole journey -----------------------------------------------------------------
+
+
+def test_full_journey_through_the_cli_only(cli, worker, standin):
+    workspace = unique("ws")
+    contract_id = unique("c")
+    email = f"{unique('client')}@example.com"
+    result = cli("workspace", "set", workspace, "--resource-group", "bordeaux", "--resource-group", "lille")
+    assert result.returncode == 0, describe(result)
+
+    sent = cli(
+        "send-contract",
+        "--contract-id",
+        contract_id,
+        "--email",
+        email,
+        "--company",
+        "Boulangerie Lefèvre & Fils",
+        "--lead-source",
+        "network",
+        "--workspace",
+        workspace,
+        "--resource-group",
+        "lille",
+        "--signatory",
+        "gerante@example.com:Sophie Gérante",
+        "--signatory",
+        "compta@example.com",
+        "--section",
+        "conditions:Conditions générales",
+        "--section",
+        "tarifs:Tarifs",
+        "--title",
+        "Bureau fermé",
+    )
+    assert_receipt(sent, contract_id)
+    invited = cli.wait_status(contract_id, emails_sent("invitation", 1), "the invitation")
+    assert invited["status"] == "sent"
+    (invitation,) = standin.accepted_for(f"invitation:{contract_id}:")
+    assert invitation.to == [email]
+
+    notified = cli(
+        "notify-signatories",
+        "--contract-id",
+        contract_id,
+        "--legal-name",
+        "Boulangerie Lefèvre & Fils",
+        "--accepted-section",
+        "tarifs",
+        "--accepted-section",
+        "conditions",
+        "--registration-number",
+        "552 100 554",
+        "--signer-name",
+        "Paul Lefèvre",
+    )
+    assert_receipt(notified, contract_id)
+    final = cli.wait_status(
+        contract_id,
+        lambda r: r["status"] == "signed" and emails_sent("signed_notification", 2)(r),
+        "both signatories to be told",
+    )
+    assert final["error"] is None
+    assert sorted(e["to"] for e in final["emails"] if e["kind"] == "signed_notification") == [
+        "compta@example.com",
+        "gerante@example.com",
+    ]
+    received = {r.to[0]: r for r in standin.accepted_for(f"signed_notification:{contract_id}:")}
+    assert sorted(received) == ["compta@example.com", "gerante@example.com"]
+    text = received["gerante@example.com"].content("text/plain")
+    assert "Sophie Gérante" in text
+    assert "Boulangerie Lefèvre & Fils" in text
+    assert "552 100 554" in text
+    assert "Paul Lefèvre" in text
