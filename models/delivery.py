@@ -132,6 +132,14 @@ def pending_delivery_ids(session: Session, contract_id: str, kind: EmailKind) ->
     return [row for row in rows if row is not None]
 
 
+def lease_remaining(session: Session, delivery_id: int, *, now: datetime) -> timedelta:
+    """How long the current holder of a delivery's lease may still keep it."""
+    expires = session.exec(
+        select(EmailDelivery.lease_expires_at).where(EmailDelivery.id == delivery_id)
+    ).first()
+    return max(expires - now, timedelta(0)) if expires is not None else timedelta(0)
+
+
 def claim_delivery(session: Session, delivery_id: int, *, now: datetime, lease: timedelta) -> Claim:
     """Take a pending delivery for one send attempt, in one statement (the caller commits).
 

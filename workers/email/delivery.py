@@ -27,6 +27,7 @@ from models.delivery import (
     EmailDelivery,
     EmailKind,
     claim_delivery,
+    lease_remaining,
     mark_sent,
     record_attempt_error,
 )
@@ -43,17 +44,20 @@ logger = logging.getLogger(__name__)
 #: How long to keep retrying the commit of "sent" when the database is down, in seconds.
 MARK_SENT_PATIENCE_SECONDS = 60.0
 
+#: A lease-held delivery is retried this long after the lease ends, in milliseconds.
+LEASE_MARGIN_MS = 250
+
 _backend_lock = threading.Lock()
-_backends: dict[int, EmailBackend] = {}
+_backend: tuple[Settings, EmailBackend] | None = None
 
 
 def backend_for(settings: Settings) -> EmailBackend:
-    """The process's backend for these settings (built once)."""
+    """The process's backend, built once per settings object."""
+    global _backend
     with _backend_lock:
-        backend = _backends.get(id(settings))
-        if backend is None:
-            backend = _backends[id(settings)] = build_backend(settings)
-        return backend
+        if _backend is None or _backend[0] is not settings:
+            _backend = (settings, build_backend(settings))
+        return _backend[1]
 
 
 def contract_link(settings: Settings, contract_id: str) -> str:
@@ -141,13 +145,17 @@ def deliver(
     settings = settings or get_settings()
     lease = timedelta(seconds=settings.send_lease_seconds)
     with session_scope() as session:
-        claim = claim_delivery(session, delivery_id, now=utc_now(), lease=lease)
+        now = utc_now()
+        claim = claim_delivery(session, delivery_id, now=now, lease=lease)
+        remaining = lease_remaining(session, delivery_id, now=now) if claim is Claim.LEASED else lease
     if claim is Claim.MISSING:
         raise UnknownDelivery(f"no email delivery has id {delivery_id}")
     if claim is Claim.LEASED:
+        # Come back when the holder's lease ends: by then it has recorded the
+        # send, or it died and its lease is free to take over.
         raise DeliveryBusy(
             f"delivery {delivery_id} is being sent by another attempt",
-            retry_after_ms=int(lease.total_seconds() * 1000),
+            retry_after_ms=int(remaining.total_seconds() * 1000) + LEASE_MARGIN_MS,
         )
     if claim is not Claim.CLAIMED:
         return claim
