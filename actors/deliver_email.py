@@ -6,14 +6,15 @@ from typing import Any
 
 import dramatiq
 
-from models.errors import PermanentError
 from models.messages import DeliverEmail, parse_message
 from workers.email.delivery import deliver
-from workers.retry_policy import honour_retry_after
+from workers.retry_policy import actor_options, honour_retry_after
 
 
 @dramatiq.actor(
-    actor_name=DeliverEmail.actor_name, queue_name=DeliverEmail.queue_name, throws=(PermanentError,)
+    actor_name=DeliverEmail.actor_name,
+    queue_name=DeliverEmail.queue_name,
+    **actor_options(DeliverEmail.actor_name),
 )
 def deliver_email(payload: dict[str, Any]) -> None:
     """Send the delivery unless it is already sent; provider 429s wait for the reset."""

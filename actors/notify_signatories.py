@@ -7,16 +7,18 @@ from typing import Any
 import dramatiq
 
 from actors.deliver_email import enqueue_deliveries
-from models.errors import PermanentError, Rejected
+from models.errors import Rejected
 from models.messages import NotifySignatories, contract_id_of, parse_message
 from models.signing import record_signature, record_signature_rejection
 from models.types import utc_now
 from workers.database import session_scope
-from workers.retry_policy import honour_retry_after
+from workers.retry_policy import actor_options, honour_retry_after
 
 
 @dramatiq.actor(
-    actor_name=NotifySignatories.actor_name, queue_name=NotifySignatories.queue_name, throws=(PermanentError,)
+    actor_name=NotifySignatories.actor_name,
+    queue_name=NotifySignatories.queue_name,
+    **actor_options(NotifySignatories.actor_name),
 )
 def notify_signatories(payload: dict[str, Any]) -> None:
     """Public message; see ``models.messages.NotifySignatories`` for its fields."""

@@ -7,16 +7,19 @@ from typing import Any
 import dramatiq
 
 from actors.deliver_email import enqueue_deliveries
-from models.errors import PermanentError, Rejected
+from models.errors import Rejected
 from models.messages import SendContract, contract_id_of, parse_message
 from models.sending import record_contract, record_send_rejection
 from models.types import utc_now
 from workers.database import session_scope
+from workers.retry_policy import actor_options
 from workers.settings import get_settings
 
 
 @dramatiq.actor(
-    actor_name=SendContract.actor_name, queue_name=SendContract.queue_name, throws=(PermanentError,)
+    actor_name=SendContract.actor_name,
+    queue_name=SendContract.queue_name,
+    **actor_options(SendContract.actor_name),
 )
 def send_contract(payload: dict[str, Any]) -> None:
     """Public message; see ``models.messages.SendContract`` for its fields."""

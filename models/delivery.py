@@ -202,3 +202,13 @@ def record_attempt_error(
         .where(table.c.id == delivery_id, table.c.status == DeliveryStatus.PENDING.value)
         .values(**values)
     )
+
+
+def reopen_delivery(session: Session, delivery_id: int) -> None:
+    """A failed delivery becomes pending again (an operator retries it); sent stays sent."""
+    table = table_of(EmailDelivery)
+    session.execute(
+        update(table)
+        .where(table.c.id == delivery_id, table.c.status == DeliveryStatus.FAILED.value)
+        .values(status=DeliveryStatus.PENDING.value, lease_expires_at=None, updated_at=utc_now())
+    )

@@ -10,7 +10,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Retries, default_middleware
 
 from workers import embedded_redis
-from workers.middleware import DeliveryOutcomes
+from workers.middleware import BrokerMaintenance, DeadLetters, DeliveryOutcomes
 from workers.retry_policy import retry_when
 from workers.settings import Settings, get_settings
 
@@ -50,11 +50,21 @@ def build_broker(settings: Settings) -> RedisBroker:
             retry_when=retry_when(settings.max_retries),
         )
     )
+    # After Retries: their "after" hooks run before it (see DeadLetters).
+    middleware.append(DeadLetters())
     middleware.append(DeliveryOutcomes())
+    middleware.append(
+        BrokerMaintenance(
+            interval_ms=settings.maintenance_interval_ms,
+            outage_patience_seconds=settings.redis_outage_patience_seconds,
+        )
+    )
     return RedisBroker(  # type: ignore[no-untyped-call]
         client=client,
         namespace=settings.redis_namespace,
         heartbeat_timeout=settings.heartbeat_timeout_ms,
+        # Maintenance runs on a schedule (BrokerMaintenance), not on a dice roll.
+        maintenance_chance=0,
         middleware=middleware,
     )
 

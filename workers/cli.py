@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the JSON Schemas of the public messages")
     schema.set_defaults(handler=cmd_schema)
 
+    from workers.cli_dead_letters import add_commands as add_dead_letter_commands
+
+    add_dead_letter_commands(commands)
+
     redis_cmd = commands.add_parser("embedded-redis", help="the embedded Redis used when REDIS_URL is unset")
     redis_cmd.add_argument("action", choices=["start", "stop", "url"])
     redis_cmd.set_defaults(handler=cmd_embedded_redis)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel, create_engine
 
 # Importing the tables registers them on SQLModel.metadata.
-from models import account, contract, delivery, workspace  # noqa: F401
+from models import account, contract, dead_letter, delivery, workspace  # noqa: F401
 from workers.settings import get_settings
 
 #: How long SQLite waits for another writer before giving up, in seconds.

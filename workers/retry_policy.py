@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import dramatiq
 import redis
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from models.errors import PermanentError, TransientError
+from workers.settings import get_settings
 
 #: Exceptions from libraries that mean "try again later".
 _TRANSIENT_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
@@ -49,3 +51,15 @@ def honour_retry_after() -> Iterator[None]:
         if exc.retry_after_ms is None:
             raise
         raise dramatiq.Retry(str(exc), delay=exc.retry_after_ms) from exc
+
+
+def actor_options(actor_name: str) -> dict[str, Any]:
+    """Dramatiq actor options: this actor's retry policy from settings; refusals never retried."""
+    policy = get_settings().retry_policy(actor_name)
+    return {
+        "max_retries": policy.max_retries,
+        "min_backoff": policy.min_backoff_ms,
+        "max_backoff": policy.max_backoff_ms,
+        "retry_when": retry_when(policy.max_retries),
+        "throws": (PermanentError,),
+    }

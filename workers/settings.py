@@ -10,12 +10,13 @@ import functools
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.access_codes import AccessCodePolicy, HashParameters
@@ -41,13 +42,32 @@ DEFAULT_MIN_BACKOFF_MS = 5_000
 DEFAULT_MAX_BACKOFF_MS = 3_600_000
 
 #: How long a worker may hold a delivery it is sending before another
-#: worker may take it over, in seconds. Longer than the provider timeout.
-DEFAULT_SEND_LEASE_SECONDS = 60
+#: worker may take it over, in seconds. Must outlast the provider timeout.
+DEFAULT_SEND_LEASE_SECONDS = 30
 
-#: Broker heartbeat timeout, in milliseconds (Dramatiq's default is 60 s).
-DEFAULT_HEARTBEAT_TIMEOUT_MS = 60_000
+#: A worker silent for this long is dead and its messages go back to their
+#: queues, in milliseconds (Dramatiq's default is 60 s).
+DEFAULT_HEARTBEAT_TIMEOUT_MS = 20_000
+
+#: How often each worker process heartbeats and runs broker maintenance, in milliseconds.
+DEFAULT_MAINTENANCE_INTERVAL_MS = 5_000
+
+#: How long a worker keeps retrying Redis through an outage before a command fails, in seconds.
+DEFAULT_REDIS_OUTAGE_PATIENCE_SECONDS = 120.0
+
+#: The actors whose retry policy can be set one by one.
+RETRYING_ACTORS = ("send_contract", "notify_signatories", "deliver_email")
 
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How an actor retries transient failures (times in milliseconds)."""
+
+    max_retries: int
+    min_backoff_ms: int
+    max_backoff_ms: int
 
 
 class Settings(BaseSettings):
@@ -81,10 +101,27 @@ class Settings(BaseSettings):
     min_backoff_ms: int = Field(default=DEFAULT_MIN_BACKOFF_MS, ge=1)
     max_backoff_ms: int = Field(default=DEFAULT_MAX_BACKOFF_MS, ge=1)
     send_lease_seconds: int = Field(default=DEFAULT_SEND_LEASE_SECONDS, ge=1)
+    send_contract_max_retries: int | None = Field(default=None, ge=0)
+    send_contract_min_backoff_ms: int | None = Field(default=None, ge=1)
+    send_contract_max_backoff_ms: int | None = Field(default=None, ge=1)
+    notify_signatories_max_retries: int | None = Field(default=None, ge=0)
+    notify_signatories_min_backoff_ms: int | None = Field(default=None, ge=1)
+    notify_signatories_max_backoff_ms: int | None = Field(default=None, ge=1)
+    deliver_email_max_retries: int | None = Field(default=None, ge=0)
+    deliver_email_min_backoff_ms: int | None = Field(default=None, ge=1)
+    deliver_email_max_backoff_ms: int | None = Field(default=None, ge=1)
     heartbeat_timeout_ms: int = Field(default=DEFAULT_HEARTBEAT_TIMEOUT_MS, ge=1000)
+    maintenance_interval_ms: int = Field(default=DEFAULT_MAINTENANCE_INTERVAL_MS, ge=100)
+    redis_outage_patience_seconds: float = Field(default=DEFAULT_REDIS_OUTAGE_PATIENCE_SECONDS, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="Log level of CLI commands (the worker logs at INFO)."
     )
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_send(self) -> Settings:
+        if self.send_lease_seconds <= self.sendgrid_timeout:
+            raise ValueError("SEND_LEASE_SECONDS must be longer than SENDGRID_TIMEOUT")
+        return self
 
     @field_validator("app_base_url", "sendgrid_api_host")
     @classmethod
@@ -115,6 +152,19 @@ class Settings(BaseSettings):
     def effective_outbox_dir(self) -> Path:
         """OUTBOX_DIR, or ``data_dir/outbox``."""
         return self.outbox_dir if self.outbox_dir is not None else self.data_dir / "outbox"
+
+    def retry_policy(self, actor_name: str) -> RetryPolicy:
+        """The retry policy of one actor: its own settings, else the global ones."""
+
+        def pick(name: str, default: int) -> int:
+            value = getattr(self, f"{actor_name}_{name}", None) if actor_name in RETRYING_ACTORS else None
+            return default if value is None else int(value)
+
+        return RetryPolicy(
+            max_retries=pick("max_retries", self.max_retries),
+            min_backoff_ms=pick("min_backoff_ms", self.min_backoff_ms),
+            max_backoff_ms=pick("max_backoff_ms", self.max_backoff_ms),
+        )
 
     def access_code_policy(self) -> AccessCodePolicy:
         """What issuing a temporary password needs, from these settings."""

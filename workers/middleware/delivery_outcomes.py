@@ -1,4 +1,4 @@
-"""Service behaviour added through Dramatiq's middleware hooks."""
+"""Keep each email's status true when its message dies."""
 
 from __future__ import annotations
 

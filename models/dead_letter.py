@@ -1,0 +1,115 @@
+"""Dead letters: messages that failed for good, with the reason.
+
+Dramatiq's own Redis dead-letter queue keeps the message but not why it failed,
+and drops it after a week. This table keeps the reason until an operator retries
+or purges the record; nothing expires from it on its own.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlmodel import JSON, Column, Field, Session, SQLModel, col, select
+
+from models.types import UTCDateTime, utc_now
+from models.upsert import insert_ignoring_conflict
+
+#: Longest exception message kept, in characters.
+ERROR_MESSAGE_MAX_LENGTH = 2000
+
+#: Longest traceback kept, in characters.
+TRACEBACK_MAX_LENGTH = 8000
+
+
+class DeadLetterStatus(StrEnum):
+    """Whether a dead letter still waits for an operator."""
+
+    DEAD = "dead"
+    RETRIED = "retried"
+
+
+class DeadLetter(SQLModel, table=True):
+    """One message that failed for good (one row per Dramatiq message id)."""
+
+    __tablename__ = "dead_letters"
+
+    id: int | None = Field(default=None, primary_key=True)
+    #: Dramatiq's message id: the same across retries of one message.
+    message_id: str = Field(max_length=64, unique=True, index=True)
+    #: The key of the copy in Redis's dead-letter queue (``{queue}.XQ``).
+    redis_message_id: str | None = Field(default=None, max_length=64)
+    queue_name: str = Field(max_length=128, index=True)
+    actor_name: str = Field(max_length=128, index=True)
+    contract_id: str | None = Field(default=None, max_length=128, index=True)
+    #: The message's arguments as sent (payloads carry ids, never secrets).
+    message_args: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    message_kwargs: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    exception_type: str = Field(max_length=128)
+    exception_message: str = Field(default="", max_length=ERROR_MESSAGE_MAX_LENGTH)
+    traceback: str | None = Field(default=None, max_length=TRACEBACK_MAX_LENGTH)
+    #: How many times the message was processed before it was given up.
+    attempts: int = Field(default=1)
+    first_failed_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    last_failed_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+    status: str = Field(default=DeadLetterStatus.DEAD, max_length=16, index=True)
+    #: How many times an operator sent it back to its queue.
+    retry_count: int = Field(default=0)
+    retried_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
+
+
+def record_dead_letter(session: Session, **fields: Any) -> DeadLetter:
+    """Insert or refresh the record of a message id (a retried message may die again)."""
+    fields["exception_message"] = str(fields.get("exception_message", ""))[:ERROR_MESSAGE_MAX_LENGTH]
+    if fields.get("traceback"):
+        fields["traceback"] = str(fields["traceback"])[-TRACEBACK_MAX_LENGTH:]
+    inserted = insert_ignoring_conflict(
+        session,
+        DeadLetter,
+        {**fields, "status": DeadLetterStatus.DEAD.value},
+        conflict_columns=["message_id"],
+    )
+    record = session.exec(
+        select(DeadLetter).where(DeadLetter.message_id == fields["message_id"]).with_for_update()
+    ).one()
+    if not inserted:
+        # The first failure stays the first; everything else is the latest death.
+        for name, value in fields.items():
+            if name != "first_failed_at":
+                setattr(record, name, value)
+        record.status = DeadLetterStatus.DEAD
+        session.add(record)
+    return record
+
+
+def find_dead_letters(
+    session: Session,
+    *,
+    queue_name: str | None = None,
+    actor_name: str | None = None,
+    include_retried: bool = False,
+    failed_before: datetime | None = None,
+) -> list[DeadLetter]:
+    """Dead letters, newest first, filtered as asked."""
+    query = select(DeadLetter)
+    if not include_retried:
+        query = query.where(DeadLetter.status == DeadLetterStatus.DEAD.value)
+    if queue_name:
+        query = query.where(DeadLetter.queue_name == queue_name)
+    if actor_name:
+        query = query.where(DeadLetter.actor_name == actor_name)
+    if failed_before is not None:
+        query = query.where(col(DeadLetter.last_failed_at) < failed_before)
+    return list(
+        session.exec(query.order_by(col(DeadLetter.last_failed_at).desc(), col(DeadLetter.id).desc()))
+    )
+
+
+def mark_retried(session: Session, record: DeadLetter) -> None:
+    """The operator sent the message back to its queue."""
+    record.status = DeadLetterStatus.RETRIED
+    record.retry_count += 1
+    record.retried_at = utc_now()
+    record.redis_message_id = None
+    session.add(record)

@@ -1,0 +1,180 @@
+"""Real processes and network faults for the recovery and chaos tests.
+
+``WorkerProcess`` runs ``contract-dispatch worker`` in its own process group, so
+one call can SIGKILL the supervisor and its worker processes together (a crashed
+host) or SIGTERM them (a deploy). ``TcpProxy`` stands between the service and a
+server (PostgreSQL, Redis) and can cut every connection and refuse new ones for
+a while: an outage without touching a server other tests share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.support import free_port, wait_until
+
+#: The console script installed next to the interpreter running the tests.
+CLI = str(Path(sys.executable).with_name("contract-dispatch"))
+
+
+class WorkerProcess:
+    """``contract-dispatch worker`` as a process group, with its output in a log file."""
+
+    def __init__(self, env: dict[str, str], *, log_path: Path, processes: int = 1, threads: int = 4) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.processes = processes
+        self.threads = threads
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [CLI, "worker", "--processes", str(self.processes), "--threads", str(self.threads)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def children(self) -> list[int]:
+        """The worker processes under the supervisor (from /proc)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.pid:
+                found.append(int(entry.name))
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: nothing gets to clean up."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self, *, timeout: float = 60.0) -> int:
+        """SIGTERM (a graceful stop); returns the exit code."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:``port`` to a target; ``cut()`` and ``restore()`` make an outage."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._connections: list[socket.socket] = []
+        self._stopped = threading.Event()
+
+    def start(self) -> TcpProxy:
+        self._listen()
+        return self
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._connections += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        sockets = [a, b]
+        try:
+            while True:
+                readable, _, _ = select.select(sockets, [], [], 1.0)
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (b if sock is a else a).sendall(data)
+        except OSError:
+            return
+        finally:
+            for sock in sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def cut(self) -> None:
+        """Close every connection and refuse new ones (connection refused)."""
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            for sock in self._connections:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._connections.clear()
+
+    def restore(self) -> None:
+        """Accept connections again."""
+        with self._lock:
+            if self._listener is None:
+                self._listen()
+
+    def stop(self) -> None:
+        self.cut()
+
+
+def wait_for_exit(process: subprocess.Popen[bytes], *, timeout: float) -> int:
+    """The exit code, or an assertion error after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    wait_until(lambda: process.poll() is not None, timeout=max(deadline - time.monotonic(), 0.1), what="exit")
+    code = process.poll()
+    assert code is not None
+    return code

@@ -1,0 +1,220 @@
+"""``contract-dispatch dead-letters``: see, retry and purge messages that failed for good."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import timedelta
+from typing import Any
+
+from models.dead_letter import DeadLetter, find_dead_letters
+from models.types import utc_now
+from workers.database import session_scope
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_REFUSED = 2
+
+_DURATION_PART = re.compile(r"(\d+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: str) -> timedelta:
+    """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` or combinations such as ``1d12h``."""
+    text = value.strip().lower()
+    if not text or _DURATION_PART.sub("", text):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration (e.g. 30m, 12h, 7d, 1d12h)")
+    return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text)))
+
+
+def _broker() -> Any:
+    import actors
+
+    return actors.broker
+
+
+def _sync_quietly() -> None:
+    """File dead letters that only Redis knows about; say so if Redis is unreachable."""
+    from workers import dead_letters
+
+    try:
+        broker = _broker()
+        dead_letters.sync(broker, broker.get_declared_queues())
+    except Exception as exc:
+        sys.stderr.write(f"warning: Redis not reachable, showing SQL records only ({type(exc).__name__})\n")
+
+
+def as_json(record: DeadLetter, *, full: bool = False) -> dict[str, Any]:
+    """One dead letter as printed by ``--json``."""
+    data: dict[str, Any] = {
+        "id": record.id,
+        "message_id": record.message_id,
+        "queue": record.queue_name,
+        "actor": record.actor_name,
+        "contract_id": record.contract_id,
+        "exception_type": record.exception_type,
+        "exception_message": record.exception_message,
+        "attempts": record.attempts,
+        "first_failed_at": record.first_failed_at.isoformat(),
+        "last_failed_at": record.last_failed_at.isoformat(),
+        "status": record.status,
+        "retry_count": record.retry_count,
+        "retried_at": record.retried_at.isoformat() if record.retried_at else None,
+    }
+    if full:
+        data["args"] = record.message_args
+        data["kwargs"] = record.message_kwargs
+        data["traceback"] = record.traceback
+        data["redis_message_id"] = record.redis_message_id
+    return data
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    _sync_quietly()
+    with session_scope() as session:
+        records = find_dead_letters(
+            session, queue_name=args.queue, actor_name=args.actor, include_retried=args.include_retried
+        )
+    if args.json:
+        _print_json([as_json(record) for record in records])
+        return EXIT_OK
+    if not records:
+        sys.stdout.write("no dead letters\n")
+        return EXIT_OK
+    header = f"{'ID':>5}  {'ACTOR':<19} {'CONTRACT':<20} {'ATTEMPTS':>8}  {'LAST FAILED (UTC)':<19}  REASON"
+    lines = [header]
+    for record in records:
+        reason = f"{record.exception_type}: {record.exception_message}".replace("\n", " ")
+        if record.status != "dead":
+            reason = f"[{record.status}] {reason}"
+        lines.append(
+            f"{record.id:>5}  {record.actor_name[:19]:<19} {(record.contract_id or '-')[:20]:<20} "
+            f"{record.attempts:>8}  {record.last_failed_at:%Y-%m-%d %H:%M:%S}  {reason[:90]}"
+        )
+    lines.append(f"{len(records)} dead letter{'s' if len(records) != 1 else ''}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    _sync_quietly()
+    with session_scope() as session:
+        record = session.get(DeadLetter, args.id)
+    if record is None:
+        sys.stderr.write(f"unknown_dead_letter: no dead letter has id {args.id}\n")
+        return EXIT_NOT_FOUND
+    data = as_json(record, full=True)
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    for key, value in data.items():
+        if key in ("args", "kwargs"):
+            value = json.dumps(value, ensure_ascii=False)
+        if key == "traceback":
+            continue
+        sys.stdout.write(f"{key:>18}: {value}\n")
+    if record.traceback:
+        sys.stdout.write("\n" + record.traceback.rstrip() + "\n")
+    return EXIT_OK
+
+
+def _selected(args: argparse.Namespace) -> list[DeadLetter] | None:
+    with session_scope() as session:
+        if args.id is not None:
+            record = session.get(DeadLetter, args.id)
+            return [record] if record is not None else None
+        failed_before = utc_now() - args.older_than if getattr(args, "older_than", None) else None
+        include_retried = failed_before is not None
+        return find_dead_letters(
+            session,
+            queue_name=args.queue,
+            actor_name=args.actor,
+            include_retried=include_retried,
+            failed_before=failed_before,
+        )
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from workers import dead_letters
+
+    if (args.id is None) == (not args.all):
+        sys.stderr.write("usage: give one dead letter ID or --all\n")
+        return EXIT_REFUSED
+    _sync_quietly()
+    records = _selected(args)
+    if records is None:
+        sys.stderr.write(f"unknown_dead_letter: no dead letter has id {args.id}\n")
+        return EXIT_NOT_FOUND
+    retried = dead_letters.retry(_broker(), [r.id for r in records if r.id is not None])
+    result = {"retried": [r.id for r in retried], "count": len(retried)}
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(f"retried {len(retried)} dead letter(s)\n")
+    return EXIT_OK
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from workers import dead_letters
+
+    if (args.id is None) == (args.older_than is None):
+        sys.stderr.write("usage: give one dead letter ID or --older-than DURATION\n")
+        return EXIT_REFUSED
+    _sync_quietly()
+    records = _selected(args)
+    if records is None:
+        sys.stderr.write(f"unknown_dead_letter: no dead letter has id {args.id}\n")
+        return EXIT_NOT_FOUND
+    if not records:
+        sys.stdout.write("nothing to purge\n")
+        return EXIT_OK
+    if not args.yes:
+        sys.stderr.write(f"Purge {len(records)} dead letter(s) from SQL and Redis for good? [y/N] ")
+        sys.stderr.flush()
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            sys.stderr.write("not purged\n")
+            return EXIT_REFUSED
+    count = dead_letters.purge(_broker(), [r.id for r in records if r.id is not None])
+    sys.stdout.write(f"purged {count} dead letter(s)\n")
+    return EXIT_OK
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``dead-letters list|show|retry|purge``."""
+    parser = commands.add_parser("dead-letters", help="messages that failed for good, with their reason")
+    actions = parser.add_subparsers(dest="dead_letters_command", required=True, metavar="ACTION")
+
+    listing = actions.add_parser("list", help="dead letters, newest first")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+    listing.add_argument("--queue", metavar="Q")
+    listing.add_argument("--actor", metavar="A")
+    listing.add_argument("--include-retried", action="store_true", help="also those already retried")
+    listing.set_defaults(handler=cmd_list)
+
+    show = actions.add_parser("show", help="one dead letter with its payload and traceback")
+    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_show)
+
+    retry = actions.add_parser("retry", help="re-enqueue with a fresh retry count")
+    retry.add_argument("id", type=int, nargs="?", metavar="ID")
+    retry.add_argument("--all", action="store_true", help="every dead letter (filtered by --actor/--queue)")
+    retry.add_argument("--actor", metavar="A")
+    retry.add_argument("--queue", metavar="Q")
+    retry.add_argument("--json", action="store_true")
+    retry.set_defaults(handler=cmd_retry)
+
+    purge = actions.add_parser("purge", help="delete from SQL and Redis (asks unless --yes)")
+    purge.add_argument("id", type=int, nargs="?", metavar="ID")
+    purge.add_argument("--older-than", type=parse_duration, metavar="DURATION", help="e.g. 30d, 12h, 1d12h")
+    purge.add_argument("--actor", metavar="A")
+    purge.add_argument("--queue", metavar="Q")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.set_defaults(handler=cmd_purge)

@@ -1,0 +1,7 @@
+"""Service behaviour added through Dramatiq's middleware hooks."""
+
+from workers.middleware.dead_letters import DeadLetters
+from workers.middleware.delivery_outcomes import DeliveryOutcomes
+from workers.middleware.maintenance import BrokerMaintenance
+
+__all__ = ["BrokerMaintenance", "DeadLetters", "DeliveryOutcomes"]

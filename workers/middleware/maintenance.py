@@ -1,0 +1,158 @@
+"""Fast crash recovery and riding out Redis outages.
+
+Dramatiq's Redis broker returns a dead worker's messages only when some later
+broker call rolls its 0.1 % maintenance dice and the worker's heartbeat is older
+than the heartbeat timeout: on a quiet system that can take many minutes. Here
+every worker process runs maintenance on every queue on a schedule (which also
+refreshes its own heartbeat, even while all its threads are busy), so a
+SIGKILLed worker's messages are back within the heartbeat timeout plus one
+interval.
+
+Through a Redis outage, a worker's Redis commands retry with backoff instead of
+failing, so nothing held in memory (prefetched messages, delayed retries) is
+dropped. If an outage outlasts that patience, Dramatiq's consumers drop what
+they held; the worker then takes a new broker id, so the maintenance of the
+living returns everything the old id held.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from workers import dead_letters
+
+logger = logging.getLogger(__name__)
+
+#: Longest pause between two tries of a Redis command during an outage, in seconds.
+REDIS_RETRY_CAP_SECONDS = 2.0
+
+#: Dead letters parked in Redis are filed in SQL this often, in milliseconds.
+DEAD_LETTER_SYNC_INTERVAL_MS = 60_000
+
+
+class _OutageRetry(Retry):
+    """redis-py's retry, telling us when an outage outlasted it."""
+
+    def __init__(self, *, patience_seconds: float, on_give_up: Callable[[], None]) -> None:
+        super().__init__(
+            ExponentialBackoff(cap=REDIS_RETRY_CAP_SECONDS, base=0.05),
+            retries=max(1, int(patience_seconds / REDIS_RETRY_CAP_SECONDS) + 5),
+        )
+        self._patience_seconds = patience_seconds
+        self._on_give_up = on_give_up
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _OutageRetry:
+        # redis-py gives each connection its own copy; the callback is shared.
+        return _OutageRetry(patience_seconds=self._patience_seconds, on_give_up=self._on_give_up)
+
+    def call_with_retry(
+        self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
+    ) -> Any:
+        try:
+            return super().call_with_retry(do, fail, is_retryable, with_failure_count)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._on_give_up()
+            raise
+
+
+class BrokerMaintenance(dramatiq.Middleware):
+    """Scheduled heartbeat and queue maintenance, and Redis retries through outages."""
+
+    def __init__(self, *, interval_ms: int, outage_patience_seconds: float) -> None:
+        self.interval_ms = interval_ms
+        self.outage_patience_seconds = outage_patience_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._gave_up = threading.Event()
+        self._max_unpack: int | None = None
+        self._last_sync_ms = 0
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if isinstance(broker, RedisBroker):
+            broker.client.set_retry(
+                _OutageRetry(patience_seconds=self.outage_patience_seconds, on_give_up=self._gave_up.set)
+            )
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if not isinstance(broker, RedisBroker):
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, args=(broker,), name="broker-maintenance", daemon=True
+        )
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # -- the schedule --------------------------------------------------------
+
+    def _run(self, broker: RedisBroker) -> None:
+        while not self._stop.wait(self.interval_ms / 1000):
+            try:
+                self.tick(broker)
+            except Exception:
+                logger.warning("Broker maintenance failed; trying again next interval.", exc_info=True)
+
+    def tick(self, broker: RedisBroker) -> None:
+        """One pass: heartbeat and maintenance on every queue, then housekeeping."""
+        if self._gave_up.is_set():
+            self._gave_up.clear()
+            old = broker.broker_id
+            broker.broker_id = str(uuid.uuid4())
+            logger.warning(
+                "A Redis outage outlasted the retries: broker id %s is abandoned for %s; "
+                "its messages return to their queues after the heartbeat timeout.",
+                old,
+                broker.broker_id,
+            )
+        queues = broker.get_declared_queues() | broker.get_declared_delay_queues()
+        for queue_name in sorted(queues):
+            run_maintenance(broker, queue_name, max_unpack=self._unpack_size(broker))
+        now = current_millis()
+        if now - self._last_sync_ms >= DEAD_LETTER_SYNC_INTERVAL_MS:
+            self._last_sync_ms = now
+            dead_letters.sync(broker, broker.get_declared_queues())
+
+    def _unpack_size(self, broker: RedisBroker) -> int:
+        if self._max_unpack is None:
+            # Half of Lua's stack, as Dramatiq itself uses.
+            self._max_unpack = int(broker.scripts["maxstack"]()) // 2
+        return self._max_unpack
+
+
+def run_maintenance(broker: RedisBroker, queue_name: str, *, max_unpack: int) -> None:
+    """Run Dramatiq's own maintenance for one queue now.
+
+    The dispatch script with its maintenance flag set moves the unacked
+    messages of workers whose heartbeat is older than the timeout back to the
+    queue, and drops expired dead letters. "qsize" is the command because it
+    only reads; the call also records this worker's heartbeat.
+    """
+    broker.scripts["dispatch"](
+        keys=[broker.namespace],
+        args=[
+            "qsize",
+            current_millis(),
+            queue_name,
+            broker.broker_id,
+            broker.heartbeat_timeout,
+            broker.dead_message_ttl,
+            1,
+            max_unpack,
+        ],
+    )
