@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck pytest worker clean
+.PHONY: install demo test lint typecheck pytest chaos worker clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
@@ -31,6 +31,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# N contracts through real workers while SendGrid fails, workers are SIGKILLed and Redis restarts.
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --contracts 1000
 
 worker: $(STAMP)
 	$(BIN)/contract-dispatch worker

@@ -59,8 +59,12 @@ class DeadLetter(SQLModel, table=True):
     retried_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
 
 
-def record_dead_letter(session: Session, **fields: Any) -> DeadLetter:
-    """Insert or refresh the record of a message id (a retried message may die again)."""
+def record_dead_letter(session: Session, *, overwrite: bool = True, **fields: Any) -> DeadLetter:
+    """Insert or refresh the record of a message id (a retried message may die again).
+
+    With ``overwrite=False`` an existing record is left as it is: what a sweep
+    that only guesses the reason must do when the worker that knows it got there first.
+    """
     fields["exception_message"] = str(fields.get("exception_message", ""))[:ERROR_MESSAGE_MAX_LENGTH]
     if fields.get("traceback"):
         fields["traceback"] = str(fields["traceback"])[-TRACEBACK_MAX_LENGTH:]
@@ -73,7 +77,7 @@ def record_dead_letter(session: Session, **fields: Any) -> DeadLetter:
     record = session.exec(
         select(DeadLetter).where(DeadLetter.message_id == fields["message_id"]).with_for_update()
     ).one()
-    if not inserted:
+    if not inserted and overwrite:
         # The first failure stays the first; everything else is the latest death.
         for name, value in fields.items():
             if name != "first_failed_at":

@@ -142,7 +142,8 @@ class TcpProxy:
                     if not data:
                         return
                     (b if sock is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):
+            # ValueError: cut() closed a socket while select() was about to use it.
             return
         finally:
             for sock in sockets:

@@ -2,17 +2,23 @@
 
 It records every request (headers and JSON body) and answers 202 with an
 ``X-Message-Id``, unless a test scripted other answers: a status code (with
-headers, e.g. a rate-limit reset), or a delay past the client's timeout.
-Binds to 127.0.0.1 only.
+headers, e.g. a rate-limit reset), or a delay past the client's timeout. A
+``chooser`` may decide the answers that nothing scripted (the chaos test draws
+them at random), and ``on_answer`` hears about each one once it is written.
+Each ``Received`` keeps the answer it got and when, so a test can tell why an
+email arrived twice. Binds to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,6 +34,25 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     body: bytes = b""
+    #: A label for reports ("ok", "slow", "503"...); empty for the default answer.
+    kind: str = ""
+    #: Whatever the chooser wants kept with the request (e.g. which process sent it).
+    note: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Incoming:
+    """What a ``chooser`` sees of a request before it is answered."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    client_address: tuple[str, int]
+    received_at: float
+
+    @property
+    def reference(self) -> str | None:
+        return (self.body.get("custom_args") or {}).get("reference")
 
 
 @dataclass
@@ -39,6 +64,15 @@ class Received:
     body: dict[str, Any]
     status: int
     message_id: str | None
+    #: The answer it got (scripted, chosen or the default 202).
+    answer: Answer | None = None
+    #: The client's (host, port).
+    client_address: tuple[str, int] | None = None
+    #: When the request arrived and when its answer was decided (after any delay), epoch seconds.
+    received_at: float = 0.0
+    answered_at: float = 0.0
+    #: Whether the client had already hung up when the answer was ready (it timed out or died).
+    client_closed: bool = False
 
     @property
     def to(self) -> list[str]:
@@ -58,11 +92,19 @@ class Received:
 class SendGridStandIn:
     """Start with ``start()``; ``requests`` lists what arrived, ``accepted`` the 202s."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        chooser: Callable[[Incoming], Answer] | None = None,
+        on_answer: Callable[[Received], None] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._script: deque[Answer] = deque()
         self.requests: list[Received] = []
         self._server: ThreadingHTTPServer | None = None
+        self.chooser = chooser
+        self.on_answer = on_answer
+        self._in_flight = 0
 
     # -- control -------------------------------------------------------------
 
@@ -110,35 +152,63 @@ class SendGridStandIn:
     def accepted_for(self, reference_prefix: str) -> list[Received]:
         return [r for r in self.accepted if (r.reference or "").startswith(reference_prefix)]
 
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not answered yet (e.g. slow answers still waiting)."""
+        with self._lock:
+            return self._in_flight
+
     # -- serving ------------------------------------------------------------
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        received_at = time.time()
+        with self._lock:
+            self._in_flight += 1
+        try:
+            self._answer(handler, received_at)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer(self, handler: BaseHTTPRequestHandler, received_at: float) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length)
         with self._lock:
-            answer = self._script.popleft() if self._script else Answer()
-        if handler.path != "/v3/mail/send":
-            answer = Answer(status=404, body=b'{"errors":[{"message":"not found"}]}')
-        elif handler.headers.get("Authorization") != f"Bearer {API_KEY}":
-            answer = Answer(status=401, body=b'{"errors":[{"message":"bad key"}]}')
+            answer = self._script.popleft() if self._script else None
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
             body = {"_unparsable": raw.decode("utf-8", "replace")}
-            answer = Answer(status=400, body=b'{"errors":[{"message":"bad json"}]}')
+        headers = dict(handler.headers.items())
+        client_address = (str(handler.client_address[0]), int(handler.client_address[1]))
+        if answer is None and self.chooser is not None:
+            answer = self.chooser(Incoming(handler.path, headers, body, client_address, received_at))
+        if answer is None:
+            answer = Answer()
+        if handler.path != "/v3/mail/send":
+            answer = Answer(status=404, body=b'{"errors":[{"message":"not found"}]}', kind="404")
+        elif handler.headers.get("Authorization") != f"Bearer {API_KEY}":
+            answer = Answer(status=401, body=b'{"errors":[{"message":"bad key"}]}', kind="401")
+        if "_unparsable" in body:
+            answer = Answer(status=400, body=b'{"errors":[{"message":"bad json"}]}', kind="400")
         if answer.delay:
             time.sleep(answer.delay)
         message_id = uuid.uuid4().hex if answer.status == 202 else None
+        client_closed = _peer_closed(handler.connection)
+        received = Received(
+            path=handler.path,
+            headers=headers,
+            body=body,
+            status=answer.status,
+            message_id=message_id,
+            answer=answer,
+            client_address=client_address,
+            received_at=received_at,
+            answered_at=time.time(),
+            client_closed=client_closed,
+        )
         with self._lock:
-            self.requests.append(
-                Received(
-                    path=handler.path,
-                    headers=dict(handler.headers.items()),
-                    body=body,
-                    status=answer.status,
-                    message_id=message_id,
-                )
-            )
+            self.requests.append(received)
         try:
             handler.send_response(answer.status)
             if message_id:
@@ -148,6 +218,18 @@ class SendGridStandIn:
             handler.send_header("Content-Length", str(len(answer.body)))
             handler.end_headers()
             handler.wfile.write(answer.body)
+            handler.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             # The client gave up (timeout): exactly what a slow answer tests.
             pass
+        if self.on_answer is not None:
+            self.on_answer(received)
+
+
+def _peer_closed(connection: socket.socket) -> bool:
+    """Whether the client closed its end (nothing more to read, and end of stream)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True

@@ -10,7 +10,8 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Retries, default_middleware
 
 from workers import embedded_redis
-from workers.middleware import BrokerMaintenance, DeadLetters, DeliveryOutcomes
+from workers.consumer import TolerantRedisConsumer
+from workers.middleware import BrokerMaintenance, DeadLetters, DeliveryOutcomes, SingleStopSignal
 from workers.retry_policy import retry_when
 from workers.settings import Settings, get_settings
 
@@ -23,6 +24,14 @@ REDIS_SOCKET_TIMEOUT_SECONDS = 15.0
 
 _lock = threading.Lock()
 _broker: RedisBroker | None = None
+
+
+class ServiceRedisBroker(RedisBroker):
+    """Dramatiq's Redis broker, whose consumers dead-letter malformed messages (see workers.consumer)."""
+
+    @property
+    def consumer_class(self) -> type[TolerantRedisConsumer]:
+        return TolerantRedisConsumer
 
 
 def broker_url(settings: Settings) -> str:
@@ -59,7 +68,8 @@ def build_broker(settings: Settings) -> RedisBroker:
             outage_patience_seconds=settings.redis_outage_patience_seconds,
         )
     )
-    return RedisBroker(  # type: ignore[no-untyped-call]
+    middleware.append(SingleStopSignal())
+    return ServiceRedisBroker(  # type: ignore[no-untyped-call]
         client=client,
         namespace=settings.redis_namespace,
         heartbeat_timeout=settings.heartbeat_timeout_ms,

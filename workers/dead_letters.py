@@ -21,6 +21,7 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.errors import DecodeError
 from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
@@ -38,6 +39,10 @@ RECORD_PATIENCE_SECONDS = 10.0
 #: Options a message carries from one attempt to the next (see DeadLetters middleware).
 ATTEMPTS_OPTION = "attempts"
 FIRST_FAILED_OPTION = "first_failed_at"
+
+#: The actor recorded for a message that is not a well-formed Dramatiq message (it
+#: cannot be retried: there is nothing to send again).
+MALFORMED_ACTOR = "(malformed)"
 
 
 def canonical_queue(queue_name: str) -> str:
@@ -92,6 +97,88 @@ def describe(
     }
 
 
+def envelope_problem(message: dramatiq.Message[Any], queue_names: Iterable[str]) -> str | None:
+    """What makes a decoded message unprocessable whatever its payload, or None.
+
+    Dramatiq trusts these fields: a foreign ``queue_name`` kills the worker thread
+    that finishes the message, and a message without its Redis id can never be
+    acknowledged nor dead-lettered.
+    """
+    # Decoded from JSON written by anyone: the fields' declared types are not checked.
+    fields: Any = message
+    if not isinstance(fields.message_id, str):
+        return "message_id is not a string"
+    if not isinstance(fields.actor_name, str):
+        return "actor_name is not a string"
+    if not isinstance(fields.options, dict):
+        return "options is not an object"
+    if not isinstance(fields.options.get("redis_message_id"), str):
+        return "options.redis_message_id is missing"
+    if not isinstance(fields.kwargs, dict):
+        return "kwargs is not an object"
+    if fields.queue_name not in tuple(queue_names):
+        return f"its queue_name {str(fields.queue_name)[:64]!r} is not the queue it was on"
+    return None
+
+
+def describe_malformed(
+    redis_message_id: str, queue_name: str, *, exception_type: str, reason: str, now: datetime
+) -> dict[str, Any]:
+    """The dead-letter fields of a message that is not a well-formed Dramatiq message.
+
+    Its id is the Redis one (its own cannot be trusted), and its body stays only
+    in Redis's dead-letter queue: it may hold anything.
+    """
+    return {
+        "message_id": redis_message_id,
+        "redis_message_id": redis_message_id,
+        "queue_name": canonical_queue(queue_name),
+        "actor_name": MALFORMED_ACTOR,
+        "contract_id": None,
+        "message_args": [],
+        "message_kwargs": {},
+        "exception_type": exception_type,
+        "exception_message": reason,
+        "traceback": None,
+        "attempts": 1,
+        "first_failed_at": now,
+        "last_failed_at": now,
+    }
+
+
+def decode_problem(raw: bytes, cause: BaseException | None) -> str:
+    """Why a body is not a Dramatiq message, without quoting the body."""
+    # Dramatiq's decode errors quote the body: name the innermost cause instead.
+    while isinstance(cause, DecodeError):
+        cause = cause.error
+    reason = f"{type(cause).__name__}: {cause}" if cause is not None else "unknown"
+    return f"the body ({len(raw)} bytes) is not a Dramatiq message: {reason}"
+
+
+def dead_letter_malformed(
+    broker: RedisBroker, queue_name: str, raw: bytes, *, exception_type: str, reason: str
+) -> None:
+    """Move a malformed message this worker fetched to the dead-letter queue, and record it.
+
+    Dramatiq's consumer only gets the bodies it fetched, so the message is found
+    by its body among this worker's unacknowledged messages of the queue.
+    """
+    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.{queue_name}"
+    messages = f"{broker.namespace}:{queue_name}.msgs"
+    for member in broker.client.smembers(acks):
+        if broker.client.hget(messages, member) != raw:
+            continue
+        redis_id = member.decode() if isinstance(member, bytes) else str(member)
+        broker.do_nack(queue_name, redis_id)
+        logger.error("Message %s on %s is malformed (%s): dead-lettered.", redis_id, queue_name, reason)
+        fields = describe_malformed(
+            redis_id, queue_name, exception_type=exception_type, reason=reason, now=utc_now()
+        )
+        record(broker, fields)
+        return
+    logger.error("A malformed message on %s could not be found among the fetched ones.", queue_name)
+
+
 def record(broker: RedisBroker, fields: dict[str, Any]) -> None:
     """File a dead letter in SQL; if the database stays down, park the reason in Redis."""
     deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
@@ -121,10 +208,15 @@ def sync(broker: RedisBroker, queues: Iterable[str]) -> int:
     for queue in {canonical_queue(q) for q in queues}:
         xq, xq_msgs = _xq_keys(broker, queue)
         for redis_id, raw in broker.client.hgetall(xq_msgs).items():
+            body = raw if isinstance(raw, bytes) else str(raw).encode()
             try:
-                message = dramatiq.Message.decode(raw if isinstance(raw, bytes) else str(raw).encode())
-            except Exception:
-                logger.warning("Undecodable dead letter %r in %s.", redis_id, xq_msgs)
+                message = dramatiq.Message.decode(body)
+            except Exception as exc:
+                filed += _sync_malformed(broker, queue, redis_id, "DecodeError", decode_problem(body, exc))
+                continue
+            problem = envelope_problem(message, (queue, f"{queue}.DQ"))
+            if problem is not None:
+                filed += _sync_malformed(broker, queue, redis_id, "MalformedMessage", problem)
                 continue
             with session_scope() as session:
                 known = session.exec(
@@ -145,10 +237,28 @@ def sync(broker: RedisBroker, queues: Iterable[str]) -> int:
                         "the traceback is that of its last retried failure, if any"
                     )
                 fields["redis_message_id"] = redis_id.decode() if isinstance(redis_id, bytes) else redis_id
-                record_dead_letter(session, **fields)
+                # Without a parked reason, the worker that nacked the message may
+                # be recording the real one right now: never overwrite it.
+                record_dead_letter(session, overwrite=parked is not None or known is not None, **fields)
             broker.client.hdel(reasons_key, message.message_id)
             filed += 1
     return filed
+
+
+def _sync_malformed(broker: RedisBroker, queue: str, redis_id: Any, exception_type: str, reason: str) -> int:
+    redis_id = redis_id.decode() if isinstance(redis_id, bytes) else str(redis_id)
+    with session_scope() as session:
+        known = session.exec(select(DeadLetter).where(DeadLetter.message_id == redis_id)).first()
+        if known is not None and known.status == DeadLetterStatus.DEAD:
+            return 0
+        xq, _ = _xq_keys(broker, queue)
+        dead_at = _from_millis(broker.client.zscore(xq, redis_id)) or utc_now()
+        fields = describe_malformed(
+            redis_id, queue, exception_type=exception_type, reason=reason, now=dead_at
+        )
+        record_dead_letter(session, overwrite=known is not None, **fields)
+    broker.client.hdel(_reasons_key(broker), redis_id)
+    return 1
 
 
 def _remove_redis_copy(broker: RedisBroker, record: DeadLetter) -> None:
@@ -168,6 +278,10 @@ def retry(broker: RedisBroker, record_ids: Iterable[int]) -> list[DeadLetter]:
         with session_scope() as session:
             dead = session.get(DeadLetter, record_id)
             if dead is None or dead.status != DeadLetterStatus.DEAD:
+                continue
+            if dead.actor_name == MALFORMED_ACTOR:
+                # Nothing to send again; its body stays in Redis for whoever wrote it.
+                logger.warning("Dead letter %s is not a Dramatiq message and cannot be retried.", record_id)
                 continue
             if (
                 dead.actor_name == "deliver_email"
@@ -192,10 +306,18 @@ def retry(broker: RedisBroker, record_ids: Iterable[int]) -> list[DeadLetter]:
         )
         _remove_redis_copy(broker, dead)
         with session_scope() as session:
-            current = session.get(DeadLetter, record_id)
-            if current is not None:
+            current = session.get(DeadLetter, record_id, with_for_update=True)
+            if current is None:
+                continue
+            if current.last_failed_at != dead.last_failed_at:
+                # A worker took the message at once and it died again: that new
+                # death (and its new Redis copy) is what the record must show.
+                current.retry_count += 1
+                current.retried_at = utc_now()
+                session.add(current)
+            else:
                 mark_retried(session, current)
-                retried.append(current)
+            retried.append(current)
     return retried
 
 

@@ -3,5 +3,6 @@
 from workers.middleware.dead_letters import DeadLetters
 from workers.middleware.delivery_outcomes import DeliveryOutcomes
 from workers.middleware.maintenance import BrokerMaintenance
+from workers.middleware.shutdown import SingleStopSignal
 
-__all__ = ["BrokerMaintenance", "DeadLetters", "DeliveryOutcomes"]
+__all__ = ["BrokerMaintenance", "DeadLetters", "DeliveryOutcomes", "SingleStopSignal"]

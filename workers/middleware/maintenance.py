@@ -30,7 +30,7 @@ from dramatiq.common import current_millis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from workers import dead_letters
+from workers import consumer, dead_letters
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,13 @@ class _OutageRetry(Retry):
     def call_with_retry(
         self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
     ) -> Any:
+        def failed(*args: Any) -> Any:
+            # The command may have run with its reply lost: consumers check what they fetched.
+            consumer.note_connection_error()
+            return fail(*args)
+
         try:
-            return super().call_with_retry(do, fail, is_retryable, with_failure_count)
+            return super().call_with_retry(do, failed, is_retryable, with_failure_count)
         except (redis.ConnectionError, redis.TimeoutError):
             self._on_give_up()
             raise

@@ -1,0 +1,165 @@
+"""Dramatiq's Redis consumer, made to survive malformed messages and lost fetch replies.
+
+Anyone may write a message to Redis (the wire format is public), and Dramatiq
+trusts what it reads there. A body that is not JSON makes its consumer raise
+out of its loop: the consumer restarts, and the bad message and everything
+prefetched with it stay fetched by a living worker, so they are never processed
+until that worker dies (and the next worker to fetch the bad message stalls the
+same way). A message whose ``queue_name`` names a queue this worker does not
+consume kills the worker thread that finishes it; one without its Redis id can
+be neither acknowledged nor dead-lettered.
+
+This consumer sends such messages to the dead-letter queue with their reason
+instead. Its loop is Dramatiq's own (2.x), with those checks added.
+
+It also recovers messages fetched but never received. A fetch moves message
+ids to this worker's "unacknowledged" set in Redis and returns their bodies; if
+the connection drops after Redis ran it (a Redis restart, a failover), the
+retried fetch returns other messages and the first ones stay reserved by a
+worker that is alive and never heard of them, until it stops. So after any
+Redis connection error, and when a consumer (re)starts, each consumer compares
+its queue's unacknowledged set with what this process holds, before its next
+fetch, and puts the difference back on the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import _RedisConsumer
+from dramatiq.common import compute_backoff
+from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.message import Message
+
+from workers import dead_letters
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+#: Redis ids of the messages this process fetched and has not acked, nacked or requeued, per queue.
+_held: defaultdict[str, set[str]] = defaultdict(set)
+#: Redis connection errors seen by this process so far.
+_connection_errors = 0
+
+
+def note_connection_error() -> None:
+    """A Redis command failed and may be retried: a fetch's reply may have been lost."""
+    global _connection_errors
+    with _lock:
+        _connection_errors += 1
+
+
+def _hold(queue_name: str, redis_ids: Iterable[Any]) -> None:
+    with _lock:
+        _held[queue_name].update(str(i) for i in redis_ids if i is not None)
+
+
+def _release(queue_name: str, redis_ids: Iterable[Any]) -> None:
+    with _lock:
+        _held[queue_name].difference_update(str(i) for i in redis_ids if i is not None)
+
+
+class TolerantRedisConsumer(_RedisConsumer):
+    """A Redis consumer that dead-letters malformed messages and recovers lost fetches."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # -1: reconcile before the first fetch (a restarted consumer lost its predecessor's cache).
+        self._reconciled_at = -1
+
+    def __next__(self) -> MessageProxy | None:
+        try:
+            while True:
+                try:
+                    data = self.message_cache.pop(0)
+                except IndexError:
+                    # Prefetch up to the limit; when there is nothing, back off
+                    # progressively up to the idle timeout.
+                    messages: list[Any] = []
+                    if self.outstanding_message_count < self.prefetch:
+                        self._reconcile()
+                        self.message_cache = messages = self.broker.do_fetch(
+                            self.queue_name, self.prefetch - self.outstanding_message_count
+                        )
+                    if not messages:
+                        self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                        time.sleep(backoff_ms / 1000)
+                        return None
+                    continue
+                if data is None:
+                    # Its id was queued without a body: nothing to process.
+                    logger.warning("A message id on %s has no body; skipped.", self.queue_name)
+                    continue
+                self.misses = 0
+                message = self._checked(data)
+                if message is None:
+                    continue
+                _hold(self.queue_name, [message.options["redis_message_id"]])
+                self.queued_message_ids.add(message.message_id)
+                return MessageProxy(message)
+        except redis.ConnectionError as e:
+            raise ConnectionClosed(e) from None  # type: ignore[no-untyped-call]
+
+    def _checked(self, data: bytes) -> Message[Any] | None:
+        """The decoded message, or None once a malformed one is dead-lettered."""
+        try:
+            message: Message[Any] = Message.decode(data)
+        except DecodeError as error:
+            reason = dead_letters.decode_problem(data, error)
+            dead_letters.dead_letter_malformed(
+                self.broker, self.queue_name, data, exception_type="DecodeError", reason=reason
+            )
+            return None
+        problem = dead_letters.envelope_problem(message, (self.queue_name,))
+        if problem is not None:
+            dead_letters.dead_letter_malformed(
+                self.broker, self.queue_name, data, exception_type="MalformedMessage", reason=problem
+            )
+            return None
+        return message
+
+    def ack(self, message: Any) -> None:
+        super().ack(message)  # type: ignore[no-untyped-call]
+        # Only once Redis took it: an ack retried through an outage is still held.
+        _release(self.queue_name, [message.options.get("redis_message_id")])
+
+    def nack(self, message: Any) -> None:
+        super().nack(message)  # type: ignore[no-untyped-call]
+        _release(self.queue_name, [message.options.get("redis_message_id")])
+
+    def requeue(self, messages: Iterable[Any]) -> None:
+        messages = list(messages)
+        super().requeue(messages)  # type: ignore[no-untyped-call]
+        _release(self.queue_name, [m.options.get("redis_message_id") for m in messages])
+
+    def _reconcile(self) -> None:
+        """Requeue what this worker reserved in Redis but does not hold (called with an empty cache).
+
+        Race-free because only this thread fetches this queue in this process: the
+        snapshot of what is held is taken before reading Redis, so a message acked
+        in between is not mistaken for a lost one (and requeue skips ids no longer
+        reserved).
+        """
+        with _lock:
+            errors = _connection_errors
+            if errors == self._reconciled_at:
+                return
+            held = set(_held[self.queue_name])
+        acks = f"{self.broker.namespace}:__acks__.{self.broker.broker_id}.{self.queue_name}"
+        reserved = {m.decode() if isinstance(m, bytes) else str(m) for m in self.broker.client.smembers(acks)}
+        lost = sorted(reserved - held)
+        if lost:
+            logger.warning(
+                "%d message(s) on %s were fetched but never received (a Redis reply was lost); requeued.",
+                len(lost),
+                self.queue_name,
+            )
+            self.broker.do_requeue(self.queue_name, *lost)
+        self._reconciled_at = errors
