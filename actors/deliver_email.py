@@ -8,6 +8,7 @@ import dramatiq
 
 from models.messages import DeliverEmail, parse_message
 from workers.email.delivery import deliver
+from workers.redis_dispatch import enqueue_many
 from workers.retry_policy import actor_options, honour_retry_after
 
 
@@ -24,6 +25,14 @@ def deliver_email(payload: dict[str, Any]) -> None:
 
 
 def enqueue_deliveries(delivery_ids: list[int]) -> None:
-    """One deliver_email message per delivery (call after the commit that created them)."""
-    for delivery_id in delivery_ids:
-        deliver_email.send(DeliverEmail(delivery_id=delivery_id).to_payload())
+    """One deliver_email message per delivery, in one round trip (call after the commit)."""
+    if len(delivery_ids) == 1:
+        deliver_email.send(DeliverEmail(delivery_id=delivery_ids[0]).to_payload())
+        return
+    enqueue_many(
+        deliver_email.broker,
+        [
+            deliver_email.message(DeliverEmail(delivery_id=delivery_id).to_payload())
+            for delivery_id in delivery_ids
+        ],
+    )

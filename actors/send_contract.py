@@ -27,8 +27,13 @@ def send_contract(payload: dict[str, Any]) -> None:
     try:
         message = parse_message(SendContract, payload)
         with session_scope() as session:
+            settings = get_settings()
             delivery_ids = record_contract(
-                session, message, policy=get_settings().access_code_policy(), now=utc_now()
+                session,
+                message,
+                policy=settings.access_code_policy(),
+                reminders=settings.reminder_policy(),
+                now=utc_now(),
             )
     except Rejected as rejection:
         contract_id = message.contract_id if message else contract_id_of(payload)

@@ -7,20 +7,26 @@ again when they process the message, because two sends can race.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import redis
 from pydantic import BaseModel
 
+from models.cancelling import check_cancel_contract
 from models.contract import ContractStatus
+from models.delivery import EmailDelivery
 from models.errors import BrokerUnavailable
-from models.messages import NotifySignatories, SendContract, WireMessage, parse_message
+from models.messages import CancelContract, NotifySignatories, SendContract, WireMessage, parse_message
 from models.sending import check_send_contract, release_reservation, reserve_contract
+from models.sending import resend_invitation as _resend_invitation
 from models.signing import check_notify_signatories
 from models.status import ContractReport, contract_report
 from models.types import utc_now
 from models.workspace import set_workspace as _set_workspace
 from workers.database import session_scope
+from workers.reminders import SweepReport, run_sweep
+from workers.settings import get_settings
 
 
 class Receipt(BaseModel):
@@ -28,6 +34,12 @@ class Receipt(BaseModel):
 
     contract_id: str
     status: str
+
+
+class ResendReceipt(Receipt):
+    """A resent invitation: its step (0 was the first invitation)."""
+
+    step: int
 
 
 def _enqueue(message: WireMessage) -> None:
@@ -136,3 +148,47 @@ def set_workspace(workspace_id: str, resource_group_ids: Sequence[str]) -> None:
     """Create or update a workspace and its resource groups."""
     with session_scope() as session:
         _set_workspace(session, workspace_id, list(resource_group_ids))
+
+
+def cancel_contract(*, contract_id: str, reason: str | None = None) -> Receipt:
+    """Cancel a contract not signed yet; raises ``Rejected`` when it cannot be."""
+    payload: dict[str, Any] = {"contract_id": contract_id}
+    if reason is not None:
+        payload["reason"] = reason
+    message = parse_message(CancelContract, payload)
+    with session_scope() as session:
+        check_cancel_contract(session, message)
+    _enqueue(message)
+    return Receipt(contract_id=contract_id, status=ContractStatus.QUEUED.value)
+
+
+def resend_invitation(contract_id: str) -> ResendReceipt:
+    """Send the invitation again (a new step) and restart the reminder cycle, now."""
+    from actors.deliver_email import enqueue_deliveries
+
+    settings = get_settings()
+    with session_scope() as session:
+        delivery_id = _resend_invitation(
+            session,
+            contract_id,
+            policy=settings.access_code_policy(),
+            reminders=settings.reminder_policy(),
+            now=utc_now(),
+        )
+        step = session.get(EmailDelivery, delivery_id)
+        assert step is not None
+        receipt = ResendReceipt(contract_id=contract_id, status=ContractStatus.SENT.value, step=step.step)
+    try:
+        enqueue_deliveries([delivery_id])
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        # Recorded but not enqueued: the stale-email sweep sends it later.
+        raise BrokerUnavailable(
+            f"the invitation is recorded but the broker cannot be reached ({type(exc).__name__}); "
+            "it will be sent once the broker is back"
+        ) from None
+    return receipt
+
+
+def run_reminders(*, as_of: datetime | None = None) -> SweepReport:
+    """Run one reminder sweep now (as if it were ``as_of``); the workers send what it claims."""
+    return run_sweep(as_of=as_of)

@@ -64,6 +64,13 @@ class Contract(SQLModel, table=True):
     legal_name: str | None = Field(default=None, max_length=COMPANY_NAME_MAX_LENGTH)
     registration_number: str | None = Field(default=None, max_length=64)
     signer_name: str | None = Field(default=None, max_length=200)
+    #: Reminders: when the cycle started (invitation or resend), how many were
+    #: sent, and when the next is due (None when none is, which keeps the index small).
+    reminder_cycle_started_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
+    reminder_count: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    next_reminder_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), index=True))
+    cancelled_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
+    cancel_reason: str | None = Field(default=None, max_length=500)
 
     def section_ids(self) -> list[str]:
         """The ids of the sections sent, in order."""

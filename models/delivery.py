@@ -19,6 +19,7 @@ class EmailKind(StrEnum):
 
     INVITATION = "invitation"
     SIGNED_NOTIFICATION = "signed_notification"
+    REMINDER = "reminder"
 
 
 class DeliveryStatus(StrEnum):
@@ -27,6 +28,8 @@ class DeliveryStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
+    #: Not sent because the contract no longer wants it (cancelled, or signed before a reminder).
+    CANCELLED = "cancelled"
 
 
 class EmailDelivery(SQLModel, table=True):
@@ -69,6 +72,7 @@ class Claim(StrEnum):
     CLAIMED = "claimed"
     ALREADY_SENT = "already_sent"
     ALREADY_FAILED = "already_failed"
+    CANCELLED = "cancelled"
     LEASED = "leased"
     MISSING = "missing"
 
@@ -165,6 +169,8 @@ def claim_delivery(session: Session, delivery_id: int, *, now: datetime, lease: 
         return Claim.ALREADY_SENT
     if delivery.status == DeliveryStatus.FAILED:
         return Claim.ALREADY_FAILED
+    if delivery.status == DeliveryStatus.CANCELLED:
+        return Claim.CANCELLED
     return Claim.LEASED
 
 
@@ -211,4 +217,28 @@ def reopen_delivery(session: Session, delivery_id: int) -> None:
         update(table)
         .where(table.c.id == delivery_id, table.c.status == DeliveryStatus.FAILED.value)
         .values(status=DeliveryStatus.PENDING.value, lease_expires_at=None, updated_at=utc_now())
+    )
+
+
+def cancel_delivery(session: Session, delivery_id: int, *, reason: str, now: datetime) -> None:
+    """A pending email that must not go out any more (the contract was cancelled or signed)."""
+    table = table_of(EmailDelivery)
+    session.execute(
+        update(table)
+        .where(table.c.id == delivery_id, table.c.status == DeliveryStatus.PENDING.value)
+        .values(
+            status=DeliveryStatus.CANCELLED.value, last_error=reason, lease_expires_at=None, updated_at=now
+        )
+    )
+
+
+def touch_deliveries(session: Session, delivery_ids: list[int], *, now: datetime) -> None:
+    """Mark pending emails as just enqueued again (so a sweep does not re-drive them twice)."""
+    if not delivery_ids:
+        return
+    table = table_of(EmailDelivery)
+    session.execute(
+        update(table)
+        .where(table.c.id.in_(delivery_ids), table.c.status == DeliveryStatus.PENDING.value)
+        .values(updated_at=now)
     )

@@ -106,6 +106,12 @@ class ContractNotSignable(Rejected):
     code = "contract_not_signable"
 
 
+class ContractClosed(Rejected):
+    """The contract is signed, cancelled or rejected: it cannot be cancelled or resent."""
+
+    code = "contract_closed"
+
+
 class SectionsNotAllAccepted(Rejected):
     """The client did not accept every section of the contract."""
 

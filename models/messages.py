@@ -174,6 +174,25 @@ class NotifySignatories(WireMessage):
     )
 
 
+class CancelContract(WireMessage):
+    """Cancel a contract not signed yet: no more reminders, no pending email goes out."""
+
+    actor_name: ClassVar[str] = "cancel_contract"
+    queue_name: ClassVar[str] = "contracts"
+
+    contract_id: Identifier
+    reason: Annotated[str, StringConstraints(max_length=2000), _text("reason")] | None = None
+
+
+class SweepReminders(WireMessage):
+    """Run one reminder sweep (queue ``maintenance``; internal, sent by the scheduler)."""
+
+    actor_name: ClassVar[str] = "sweep_reminders"
+    queue_name: ClassVar[str] = "maintenance"
+
+    as_of: AwareDatetime | None = Field(default=None, description="Act as if it were this time.")
+
+
 class DeliverEmail(WireMessage):
     """Render and send one recorded email delivery (queue ``emails``; internal)."""
 
@@ -183,7 +202,7 @@ class DeliverEmail(WireMessage):
     delivery_id: int = Field(ge=1)
 
 
-PUBLIC_MESSAGES: tuple[type[WireMessage], ...] = (SendContract, NotifySignatories)
+PUBLIC_MESSAGES: tuple[type[WireMessage], ...] = (SendContract, NotifySignatories, CancelContract)
 
 M = TypeVar("M", bound=WireMessage)
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlmodel import Session
+from sqlalchemy import func
+from sqlmodel import Session, select
 
 from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
+from models.account import Account
 from models.binding import bind_account, check_binding, find_account
 from models.contract import Contract, ContractStatus
-from models.delivery import EmailKind, add_delivery, pending_delivery_ids
-from models.errors import ContractConflict, Rejected
+from models.delivery import EmailDelivery, EmailKind, add_delivery, pending_delivery_ids
+from models.errors import ContractClosed, ContractConflict, Rejected, UnknownContract
 from models.messages import SendContract
+from models.reminders import ReminderPolicy, start_cycle
 from models.upsert import insert_ignoring_conflict
 from models.workspace import resolve_resource_group
 
@@ -69,7 +72,12 @@ def _check_same_content(contract: Contract, message: SendContract) -> None:
 
 
 def record_contract(
-    session: Session, message: SendContract, *, policy: AccessCodePolicy, now: datetime
+    session: Session,
+    message: SendContract,
+    *,
+    policy: AccessCodePolicy,
+    reminders: ReminderPolicy,
+    now: datetime,
 ) -> list[int]:
     """Validate, bind, issue codes, record the contract and its invitation (one transaction).
 
@@ -97,6 +105,7 @@ def record_contract(
     contract.access_code_issued = issue_codes
     contract.status = ContractStatus.SENT
     contract.sent_at = now
+    start_cycle(contract, now=now, policy=reminders)
     contract.updated_at = now
     contract.error_code = None
     contract.error_message = None
@@ -200,3 +209,60 @@ def release_reservation(session: Session, contract_id: str) -> None:
     contract = session.get(Contract, contract_id, with_for_update=True)
     if contract is not None and contract.status == ContractStatus.QUEUED:
         session.delete(contract)
+
+
+def resend_invitation(
+    session: Session,
+    contract_id: str,
+    *,
+    policy: AccessCodePolicy,
+    reminders: ReminderPolicy,
+    now: datetime,
+) -> int:
+    """Send the invitation again (a new step) and restart the reminders; returns the delivery id.
+
+    A client who never logged in gets a new temporary password (the previous
+    one stops working): a resend usually means the first email was lost or
+    its code expired.
+    """
+    contract = check_resend_invitation(
+        session.get(Contract, contract_id, with_for_update=True, populate_existing=True), contract_id
+    )
+    account = (
+        session.get(Account, contract.account_id, with_for_update=True)
+        if contract.account_id is not None
+        else None
+    )
+    issue_codes = account is not None and needs_access_code(account)
+    if account is not None and issue_codes:
+        issue_access_code(account, policy=policy, now=now)
+        session.add(account)
+    last_step = session.exec(
+        select(func.max(EmailDelivery.step)).where(
+            EmailDelivery.contract_id == contract.id, EmailDelivery.kind == EmailKind.INVITATION.value
+        )
+    ).one()
+    start_cycle(contract, now=now, policy=reminders)
+    contract.updated_at = now
+    session.add(contract)
+    return add_delivery(
+        session,
+        kind=EmailKind.INVITATION,
+        contract_id=contract.id,
+        recipient=contract.email,
+        recipient_name=None,
+        locale=contract.locale,
+        step=(last_step or 0) + 1,
+        includes_access_code=issue_codes,
+    )
+
+
+def check_resend_invitation(contract: Contract | None, contract_id: str) -> Contract:
+    """Only a contract sent and not signed, cancelled or rejected can be sent again."""
+    if contract is None:
+        raise UnknownContract(f"no contract has id {contract_id!r}")
+    if contract.status != ContractStatus.SENT:
+        raise ContractClosed(
+            f"contract {contract_id!r} is {contract.status}: its invitation cannot be sent again"
+        )
+    return contract

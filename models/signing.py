@@ -17,6 +17,7 @@ from models.errors import (
     UnknownSection,
 )
 from models.messages import NotifySignatories
+from models.reminders import stop_reminders
 
 
 def _check_signable(contract: Contract | None, message: NotifySignatories) -> Contract:
@@ -52,6 +53,7 @@ def record_signature(session: Session, message: NotifySignatories, *, now: datet
         return pending_delivery_ids(session, contract.id, EmailKind.SIGNED_NOTIFICATION)
     contract.status = ContractStatus.SIGNED
     contract.signed_at = message.signed_at or now
+    stop_reminders(contract)
     contract.legal_name = message.legal_name
     contract.registration_number = message.registration_number
     contract.signer_name = message.signer_name

@@ -39,6 +39,9 @@ class ContractReport(BaseModel):
     error: ErrorReport | None
     lead_source: str | None
     signed_at: datetime | None
+    cancelled_at: datetime | None
+    reminder_count: int
+    next_reminder_at: datetime | None
     emails: list[EmailReport]
 
 
@@ -63,6 +66,9 @@ def contract_report(session: Session, contract_id: str) -> ContractReport | None
         error=error,
         lead_source=contract.lead_source or None,
         signed_at=contract.signed_at,
+        cancelled_at=contract.cancelled_at,
+        reminder_count=contract.reminder_count,
+        next_reminder_at=contract.next_reminder_at,
         emails=[
             EmailReport(
                 kind=delivery.kind,

@@ -43,6 +43,7 @@ from workers import dead_letters
 from workers.cli_dead_letters import as_json
 from workers.database import session_scope
 from workers.middleware import maintenance
+from workers.redis_dispatch import run_maintenance
 from workers.settings import get_settings
 
 #: One command never takes this long; a hung command fails the test instead of the run.
@@ -667,10 +668,9 @@ def test_redis_dropping_its_copy_leaves_the_sql_record_and_retry_works(
         expiring.namespace = namespace
         expiring.broker_id = str(uuid.uuid4())
         expiring.dead_message_ttl = 1
-        max_unpack = int(broker.scripts["maxstack"]()) // 2
 
         def expired() -> bool:
-            maintenance.run_maintenance(expiring, "contracts", max_unpack=max_unpack)
+            run_maintenance(expiring, "contracts")
             return redis_copy(client, namespace, "contracts", record.redis_message_id) is None
 
         wait_until(expired, what="Dramatiq to drop its dead-letter copy")

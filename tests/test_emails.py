@@ -463,7 +463,11 @@ def test_whole_delivery_with_the_file_backend(database, tmp_path):
     message = parse_message(SendContract, payload)
     with session_scope() as session:
         (delivery_id,) = record_contract(
-            session, message, policy=file_settings.access_code_policy(), now=utc_now()
+            session,
+            message,
+            policy=file_settings.access_code_policy(),
+            reminders=file_settings.reminder_policy(),
+            now=utc_now(),
         )
     deliver(delivery_id, settings=file_settings, backend=backend)
 

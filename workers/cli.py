@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -104,6 +105,46 @@ def cmd_notify_signatories(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cancel_contract(args: argparse.Namespace) -> int:
+    from contract_dispatch import cancel_contract
+
+    receipt = cancel_contract(contract_id=args.contract_id, reason=args.reason)
+    sys.stdout.write(json.dumps(receipt.model_dump(), ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def cmd_resend_invitation(args: argparse.Namespace) -> int:
+    from contract_dispatch import resend_invitation
+
+    receipt = resend_invitation(args.contract_id)
+    sys.stdout.write(json.dumps(receipt.model_dump(), ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+def _aware_datetime(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 date and time") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{value!r} has no time zone (add Z or +01:00)")
+    return moment
+
+
+def cmd_reminders_run(args: argparse.Namespace) -> int:
+    from contract_dispatch import run_reminders
+
+    _print_json(run_reminders(as_of=args.now).as_dict())
+    return EXIT_OK
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from workers.scheduler import run_scheduler
+
+    configure_logging("INFO")
+    return run_scheduler()
+
+
 def status_json(report: ContractReport) -> dict[str, Any]:
     """The ``contract-status --json`` object."""
     return {
@@ -112,6 +153,9 @@ def status_json(report: ContractReport) -> dict[str, Any]:
         "error": report.error.model_dump() if report.error else None,
         "lead_source": report.lead_source,
         "signed_at": report.signed_at.isoformat() if report.signed_at else None,
+        "cancelled_at": report.cancelled_at.isoformat() if report.cancelled_at else None,
+        "reminder_count": report.reminder_count,
+        "next_reminder_at": report.next_reminder_at.isoformat() if report.next_reminder_at else None,
         "emails": [
             {
                 "kind": email.kind,
@@ -153,6 +197,12 @@ def cmd_contract_status(args: argparse.Namespace) -> int:
         lines.append(f"  error: {report.error.code}: {report.error.message}")
     if report.signed_at:
         lines.append(f"  signed at: {report.signed_at.isoformat()}")
+    if report.cancelled_at:
+        lines.append(f"  cancelled at: {report.cancelled_at.isoformat()}")
+    if report.next_reminder_at:
+        lines.append(
+            f"  reminders sent: {report.reminder_count}, next due: {report.next_reminder_at.isoformat()}"
+        )
     for email in report.emails:
         provider = f" id={email.provider_message_id}" if email.provider_message_id else ""
         lines.append(
@@ -249,6 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("contract_id", metavar="ID")
     status.add_argument("--json", action="store_true", help="one JSON object")
     status.set_defaults(handler=cmd_contract_status)
+
+    cancel = commands.add_parser("cancel-contract", help="cancel a contract not signed yet")
+    cancel.add_argument("--contract-id", required=True, metavar="ID")
+    cancel.add_argument("--reason", metavar="TEXT")
+    cancel.set_defaults(handler=cmd_cancel_contract)
+
+    resend = commands.add_parser("resend-invitation", help="send the invitation again and restart reminders")
+    resend.add_argument("--contract-id", required=True, metavar="ID")
+    resend.set_defaults(handler=cmd_resend_invitation)
+
+    reminders = commands.add_parser("reminders", help="reminders of contracts not signed yet")
+    reminder_commands = reminders.add_subparsers(dest="reminders_command", required=True, metavar="ACTION")
+    reminders_run = reminder_commands.add_parser(
+        "run", help="run one reminder sweep now (prints what it did)"
+    )
+    reminders_run.add_argument(
+        "--now",
+        type=_aware_datetime,
+        metavar="ISO-8601",
+        help="act as if it were this time, e.g. 2026-12-01T10:00:00+01:00",
+    )
+    reminders_run.set_defaults(handler=cmd_reminders_run)
+
+    scheduler = commands.add_parser("scheduler", help="enqueue reminder sweeps and housekeeping on schedule")
+    scheduler.set_defaults(handler=cmd_scheduler)
 
     worker = commands.add_parser("worker", help="run the Dramatiq worker for all queues")
     worker.add_argument("--processes", type=_positive_int, default=os.cpu_count() or 1)

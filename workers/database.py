@@ -8,12 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel, create_engine
 
 # Importing the tables registers them on SQLModel.metadata.
-from models import account, contract, dead_letter, delivery, workspace  # noqa: F401
+from models import account, contract, dead_letter, delivery, reminders, workspace  # noqa: F401
 from workers.settings import get_settings
 
 #: How long SQLite waits for another writer before giving up, in seconds.
@@ -82,14 +82,39 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def create_tables(engine: Engine) -> None:
-    """Create missing tables; safe when several processes start at once."""
-    if engine.dialect.name == "postgresql":
-        with engine.begin() as connection:
+    """Create missing tables, columns and indexes; safe when several processes start at once."""
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-            SQLModel.metadata.create_all(connection)
-    else:
-        with engine.begin() as connection:
-            SQLModel.metadata.create_all(connection)
+        SQLModel.metadata.create_all(connection)
+        _add_missing_columns(connection)
+
+
+def _add_missing_columns(connection: Connection) -> None:
+    """Additive schema changes for databases created by an earlier version.
+
+    New columns are always nullable or carry a server default, so adding them to
+    a populated table is safe; nothing is ever dropped or altered here.
+    """
+    inspector = inspect(connection)
+    preparer = connection.dialect.identifier_preparer
+    for table in SQLModel.metadata.sorted_tables:
+        existing = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            ddl = (
+                f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN {preparer.quote(column.name)} "
+                f"{column.type.compile(dialect=connection.dialect)}"
+            )
+            default = column.server_default
+            if default is not None:
+                ddl += f" DEFAULT {getattr(default, 'arg', default)}"
+                if not column.nullable:
+                    ddl += " NOT NULL"
+            connection.execute(text(ddl))
+        for index in table.indexes:
+            index.create(connection, checkfirst=True)
 
 
 def dispose_engines() -> None:

@@ -9,17 +9,18 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-import time
+import time as clock
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.access_codes import AccessCodePolicy, HashParameters
+from models.reminders import DAY_NAMES, ReminderPolicy
 
 #: Where embedded state lives when nothing else is configured (relative to the
 #: working directory).
@@ -54,6 +55,16 @@ DEFAULT_MAINTENANCE_INTERVAL_MS = 5_000
 
 #: How long a worker keeps retrying Redis through an outage before a command fails, in seconds.
 DEFAULT_REDIS_OUTAGE_PATIENCE_SECONDS = 120.0
+
+#: Reminders: sweep interval (minutes), delays after the invitation (days), sending window.
+DEFAULT_REMINDER_SWEEP_MINUTES = 15
+DEFAULT_REMINDER_DELAYS_DAYS = (3.0, 7.0, 14.0)
+DEFAULT_REMINDER_WINDOW_DAYS = "mon-fri"
+DEFAULT_REMINDER_WINDOW_START = "09:00"
+DEFAULT_REMINDER_WINDOW_END = "18:00"
+
+#: Due reminders claimed per transaction by a sweep.
+DEFAULT_REMINDER_BATCH_SIZE = 1000
 
 #: The actors whose retry policy can be set one by one.
 RETRYING_ACTORS = ("send_contract", "notify_signatories", "deliver_email")
@@ -110,6 +121,13 @@ class Settings(BaseSettings):
     deliver_email_max_retries: int | None = Field(default=None, ge=0)
     deliver_email_min_backoff_ms: int | None = Field(default=None, ge=1)
     deliver_email_max_backoff_ms: int | None = Field(default=None, ge=1)
+    reminder_sweep_minutes: float = Field(default=DEFAULT_REMINDER_SWEEP_MINUTES, gt=0)
+    reminder_delays_days: Annotated[tuple[float, ...], NoDecode] = DEFAULT_REMINDER_DELAYS_DAYS
+    reminder_window_days: str = DEFAULT_REMINDER_WINDOW_DAYS
+    reminder_window_start: time = time.fromisoformat(DEFAULT_REMINDER_WINDOW_START)
+    reminder_window_end: time = time.fromisoformat(DEFAULT_REMINDER_WINDOW_END)
+    reminder_timezone: str = "Europe/Paris"
+    reminder_batch_size: int = Field(default=DEFAULT_REMINDER_BATCH_SIZE, ge=1)
     heartbeat_timeout_ms: int = Field(default=DEFAULT_HEARTBEAT_TIMEOUT_MS, ge=1000)
     maintenance_interval_ms: int = Field(default=DEFAULT_MAINTENANCE_INTERVAL_MS, ge=100)
     redis_outage_patience_seconds: float = Field(default=DEFAULT_REDIS_OUTAGE_PATIENCE_SECONDS, ge=0)
@@ -128,7 +146,27 @@ class Settings(BaseSettings):
     def _strip_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
-    @field_validator("display_timezone")
+    @field_validator("reminder_delays_days", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.replace(" ", "").split(",") if part)
+        return value
+
+    @field_validator("reminder_delays_days")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay <= 0 for delay in value) or list(value) != sorted(set(value)):
+            raise ValueError("reminder delays must be positive and increasing, e.g. 3,7,14")
+        return value
+
+    @field_validator("reminder_window_days")
+    @classmethod
+    def _known_days(cls, value: str) -> str:
+        parse_days(value)
+        return value
+
+    @field_validator("display_timezone", "reminder_timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
         ZoneInfo(value)
@@ -166,6 +204,16 @@ class Settings(BaseSettings):
             max_backoff_ms=pick("max_backoff_ms", self.max_backoff_ms),
         )
 
+    def reminder_policy(self) -> ReminderPolicy:
+        """When reminders go out, from these settings."""
+        return ReminderPolicy(
+            delays=tuple(timedelta(days=days) for days in self.reminder_delays_days),
+            days=parse_days(self.reminder_window_days),
+            opens=self.reminder_window_start,
+            closes=self.reminder_window_end,
+            timezone=ZoneInfo(self.reminder_timezone),
+        )
+
     def access_code_policy(self) -> AccessCodePolicy:
         """What issuing a temporary password needs, from these settings."""
         return AccessCodePolicy(
@@ -183,6 +231,18 @@ class Settings(BaseSettings):
         if self.secret_key is not None:
             return self.secret_key.get_secret_value().encode()
         return _load_or_create_secret_key(self.data_dir.resolve())
+
+
+def parse_days(value: str) -> frozenset[int]:
+    """``mon-fri``, ``mon,wed,fri`` or ``sat-sun`` as weekday numbers (0 = Monday)."""
+    days: set[int] = set()
+    for part in value.lower().replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if first not in DAY_NAMES or (last and last not in DAY_NAMES):
+            raise ValueError(f"{part!r} is not a day or a range of days (mon, tue, ... sun)")
+        start, end = DAY_NAMES.index(first), DAY_NAMES.index(last or first)
+        days.update(range(start, end + 1) if start <= end else [*range(start, 7), *range(0, end + 1)])
+    return frozenset(days)
 
 
 @functools.cache
@@ -203,7 +263,7 @@ def _load_or_create_secret_key(data_dir: Path) -> bytes:
         if key:
             return key.encode()
         # The other process created the file but has not written it yet.
-        time.sleep(0.01)
+        clock.sleep(0.01)
     raise RuntimeError(f"secret key file {path} stays empty")
 
 

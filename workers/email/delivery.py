@@ -21,11 +21,13 @@ from sqlmodel import Session
 
 from models.access_codes import current_access_code
 from models.account import Account
+from models.cancelling import unwanted_reason
 from models.contract import Contract
 from models.delivery import (
     Claim,
     EmailDelivery,
     EmailKind,
+    cancel_delivery,
     claim_delivery,
     lease_remaining,
     mark_sent,
@@ -84,8 +86,9 @@ def compose(session: Session, delivery: EmailDelivery, settings: Settings) -> Ou
         "company_name": contract.company_name,
         "link": contract_link(settings, contract.id),
         "recipient_name": delivery.recipient_name,
+        "step": delivery.step,
     }
-    if delivery.kind == EmailKind.INVITATION:
+    if delivery.kind in (EmailKind.INVITATION, EmailKind.REMINDER):
         account = session.get(Account, contract.account_id) if contract.account_id is not None else None
         access_code = None
         expires = ""
@@ -164,6 +167,12 @@ def deliver(
         with session_scope() as session:
             delivery = session.get(EmailDelivery, delivery_id)
             assert delivery is not None
+            contract = session.get(Contract, delivery.contract_id)
+            unwanted = unwanted_reason(contract, delivery.kind) if contract is not None else None
+            if unwanted is not None:
+                # Cancelled, or signed before its reminder went out: drop it, quietly.
+                cancel_delivery(session, delivery_id, reason=unwanted, now=utc_now())
+                return Claim.CANCELLED
             email = compose(session, delivery, settings)
         provider_message_id = (backend or backend_for(settings)).send(email)
     except Exception as exc:

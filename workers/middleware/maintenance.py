@@ -31,6 +31,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from workers import consumer, dead_letters
+from workers.redis_dispatch import run_maintenance
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ class BrokerMaintenance(dramatiq.Middleware):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._gave_up = threading.Event()
-        self._max_unpack: int | None = None
         self._last_sync_ms = 0
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
@@ -127,37 +127,8 @@ class BrokerMaintenance(dramatiq.Middleware):
             )
         queues = broker.get_declared_queues() | broker.get_declared_delay_queues()
         for queue_name in sorted(queues):
-            run_maintenance(broker, queue_name, max_unpack=self._unpack_size(broker))
+            run_maintenance(broker, queue_name)
         now = current_millis()
         if now - self._last_sync_ms >= DEAD_LETTER_SYNC_INTERVAL_MS:
             self._last_sync_ms = now
             dead_letters.sync(broker, broker.get_declared_queues())
-
-    def _unpack_size(self, broker: RedisBroker) -> int:
-        if self._max_unpack is None:
-            # Half of Lua's stack, as Dramatiq itself uses.
-            self._max_unpack = int(broker.scripts["maxstack"]()) // 2
-        return self._max_unpack
-
-
-def run_maintenance(broker: RedisBroker, queue_name: str, *, max_unpack: int) -> None:
-    """Run Dramatiq's own maintenance for one queue now.
-
-    The dispatch script with its maintenance flag set moves the unacked
-    messages of workers whose heartbeat is older than the timeout back to the
-    queue, and drops expired dead letters. "qsize" is the command because it
-    only reads; the call also records this worker's heartbeat.
-    """
-    broker.scripts["dispatch"](
-        keys=[broker.namespace],
-        args=[
-            "qsize",
-            current_millis(),
-            queue_name,
-            broker.broker_id,
-            broker.heartbeat_timeout,
-            broker.dead_message_ttl,
-            1,
-            max_unpack,
-        ],
-    )

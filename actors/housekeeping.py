@@ -1,0 +1,37 @@
+"""The scheduler's housekeeping jobs (queue ``maintenance``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+
+from workers import dead_letters
+from workers.redis_dispatch import run_maintenance
+from workers.reminders import expire_access_codes, redrive_stale_deliveries
+from workers.retry_policy import actor_options
+
+
+@dramatiq.actor(
+    actor_name="broker_maintenance", queue_name="maintenance", **actor_options("broker_maintenance")
+)
+def broker_maintenance(payload: dict[str, Any] | None = None) -> None:
+    """Return dead workers' messages, file dead letters, re-drive emails whose message was lost.
+
+    Every worker already does the first two on its own schedule; this job also
+    covers a fleet whose workers all restarted, and lost messages.
+    """
+    broker = broker_maintenance.broker
+    if hasattr(broker, "scripts"):
+        for queue_name in sorted(broker.get_declared_queues() | broker.get_declared_delay_queues()):
+            run_maintenance(broker, queue_name)  # type: ignore[arg-type]
+        dead_letters.sync(broker, broker.get_declared_queues())  # type: ignore[arg-type]
+    redrive_stale_deliveries()
+
+
+@dramatiq.actor(
+    actor_name="expire_access_codes", queue_name="maintenance", **actor_options("expire_access_codes")
+)
+def expire_access_codes_job(payload: dict[str, Any] | None = None) -> None:
+    """Forget the hashes of expired temporary passwords."""
+    expire_access_codes()

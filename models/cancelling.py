@@ -1,0 +1,64 @@
+"""Cancelling a contract: no more reminders, and no pending invitation or reminder goes out."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from models.contract import Contract, ContractStatus
+from models.delivery import DeliveryStatus, EmailDelivery, EmailKind, cancel_delivery
+from models.errors import ContractClosed, UnknownContract
+from models.messages import CancelContract
+from models.reminders import stop_reminders
+
+#: Emails a cancelled contract no longer sends (managers' notifications are not among them).
+CANCELLED_KINDS = (EmailKind.INVITATION.value, EmailKind.REMINDER.value)
+
+
+def _check_cancellable(contract: Contract | None, contract_id: str) -> Contract:
+    if contract is None:
+        raise UnknownContract(f"no contract has id {contract_id!r}")
+    if contract.status in (ContractStatus.SIGNED, ContractStatus.REJECTED):
+        raise ContractClosed(f"contract {contract.id!r} is {contract.status} and cannot be cancelled")
+    return contract
+
+
+def record_cancellation(session: Session, message: CancelContract, *, now: datetime) -> None:
+    """Cancel (idempotent: cancelling a cancelled contract changes nothing)."""
+    contract = _check_cancellable(
+        session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True),
+        message.contract_id,
+    )
+    if contract.status == ContractStatus.CANCELLED:
+        return
+    contract.status = ContractStatus.CANCELLED
+    contract.cancelled_at = now
+    contract.cancel_reason = message.reason
+    contract.updated_at = now
+    stop_reminders(contract)
+    session.add(contract)
+    pending = session.exec(
+        select(EmailDelivery.id).where(
+            EmailDelivery.contract_id == contract.id,
+            EmailDelivery.status == DeliveryStatus.PENDING.value,
+            col(EmailDelivery.kind).in_(CANCELLED_KINDS),
+        )
+    )
+    for delivery_id in pending:
+        if delivery_id is not None:
+            cancel_delivery(session, delivery_id, reason="the contract was cancelled", now=now)
+
+
+def check_cancel_contract(session: Session, message: CancelContract) -> None:
+    """The producer-side check, read-only."""
+    _check_cancellable(session.get(Contract, message.contract_id), message.contract_id)
+
+
+def unwanted_reason(contract: Contract, kind: str) -> str | None:
+    """Why an email of ``kind`` must not go out any more for this contract, if it must not."""
+    if kind in CANCELLED_KINDS and contract.status == ContractStatus.CANCELLED:
+        return "the contract was cancelled"
+    if kind == EmailKind.REMINDER and contract.status != ContractStatus.SENT:
+        return f"the contract is {contract.status}: no reminder"
+    return None

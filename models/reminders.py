@@ -1,0 +1,233 @@
+"""Rule 7, reminders: clients who have not signed are reminded on the product's schedule.
+
+A contract carries its reminder state: when its cycle started (the invitation,
+or a manual resend), how many reminders it got, and when the next one is due
+(None once signed, cancelled or rejected, or when the schedule is exhausted).
+A sweep claims each due reminder with one UPDATE guarded by the count it read,
+so two sweeps, or a sweep after a crash, can never send the same reminder twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import update
+from sqlmodel import Column, Field, Session, SQLModel, col, select
+
+from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
+from models.account import Account
+from models.contract import Contract, ContractStatus
+from models.delivery import DeliveryStatus, EmailDelivery, EmailKind, add_delivery
+from models.types import UTCDateTime, utc_now
+from models.upsert import affected_rows, table_of
+
+#: Day names accepted in a sending window, Monday first (``datetime.weekday()``).
+DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReminderPolicy:
+    """When reminders go out: delays after the invitation, inside a weekly window."""
+
+    #: Delay of each reminder after the start of the cycle; their count caps reminders.
+    delays: tuple[timedelta, ...]
+    #: Weekdays (0 = Monday) on which reminders may be sent.
+    days: frozenset[int]
+    #: Local opening and closing time of the window, each sending day.
+    opens: time
+    closes: time
+    timezone: ZoneInfo = field(compare=False)
+    #: Never two reminders to one contract closer than this (after an outage, say).
+    min_gap: timedelta = timedelta(days=1)
+
+    def in_window(self, moment: datetime) -> bool:
+        """Whether ``moment`` is inside the sending window."""
+        local = moment.astimezone(self.timezone)
+        return local.weekday() in self.days and self.opens <= local.time().replace(tzinfo=None) < self.closes
+
+    def next_in_window(self, moment: datetime) -> datetime:
+        """``moment`` if it is inside the window, else the window's next opening."""
+        if self.in_window(moment):
+            return moment
+        local = moment.astimezone(self.timezone)
+        day = local.date()
+        if local.time().replace(tzinfo=None) >= self.opens:
+            day += timedelta(days=1)
+        for _ in range(8):
+            if day.weekday() in self.days:
+                return datetime.combine(day, self.opens, tzinfo=self.timezone)
+            day += timedelta(days=1)
+        raise ValueError("the reminder window has no sending day")
+
+    def due_at(self, cycle_started_at: datetime, count: int, *, now: datetime) -> datetime | None:
+        """When reminder number ``count + 1`` is due, or None once they are all sent."""
+        if count >= len(self.delays):
+            return None
+        planned = cycle_started_at + self.delays[count]
+        if count > 0:
+            planned = max(planned, now + self.min_gap)
+        return self.next_in_window(planned)
+
+
+def start_cycle(contract: Contract, *, now: datetime, policy: ReminderPolicy) -> None:
+    """(Re)start a contract's reminders from ``now`` (the invitation, or a resend)."""
+    contract.reminder_cycle_started_at = now
+    contract.reminder_count = 0
+    contract.next_reminder_at = policy.due_at(now, 0, now=now)
+
+
+def stop_reminders(contract: Contract) -> None:
+    """No more reminders: signed, cancelled or rejected."""
+    contract.next_reminder_at = None
+
+
+class ReminderSweep(SQLModel, table=True):
+    """One reminder sweep and what it did (the last ones show in ops status)."""
+
+    __tablename__ = "reminder_sweeps"
+
+    id: int | None = Field(default=None, primary_key=True)
+    started_at: datetime = Field(
+        default_factory=utc_now, sa_column=Column(UTCDateTime(), nullable=False, index=True)
+    )
+    #: The time the sweep acted as of (``reminders run --now`` moves it).
+    as_of: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
+    claimed: int = 0
+    postponed: int = 0
+    lost_races: int = 0
+    codes_renewed: int = 0
+    redriven: int = 0
+    error: str | None = Field(default=None, max_length=1000)
+
+
+@dataclass
+class SweepResult:
+    """What one sweep did."""
+
+    claimed: list[int] = field(default_factory=list)
+    postponed: int = 0
+    lost_races: int = 0
+    codes_renewed: int = 0
+
+
+def _claim(session: Session, contract: Contract, *, now: datetime, policy: ReminderPolicy) -> bool:
+    """Count the reminder and schedule the next one, in one statement guarded by the count read."""
+    assert contract.reminder_cycle_started_at is not None
+    count = contract.reminder_count + 1
+    table = table_of(Contract)
+    claimed = session.execute(
+        update(table)
+        .where(
+            table.c.id == contract.id,
+            table.c.status == ContractStatus.SENT.value,
+            table.c.reminder_count == contract.reminder_count,
+            table.c.next_reminder_at == contract.next_reminder_at,
+        )
+        .values(
+            reminder_count=count,
+            next_reminder_at=policy.due_at(contract.reminder_cycle_started_at, count, now=now),
+            updated_at=now,
+        )
+    )
+    return affected_rows(claimed) == 1
+
+
+def _postpone(session: Session, contract: Contract, *, now: datetime, policy: ReminderPolicy) -> bool:
+    table = table_of(Contract)
+    moved = session.execute(
+        update(table)
+        .where(
+            table.c.id == contract.id,
+            table.c.reminder_count == contract.reminder_count,
+            table.c.next_reminder_at == contract.next_reminder_at,
+        )
+        .values(next_reminder_at=policy.next_in_window(now))
+    )
+    return affected_rows(moved) == 1
+
+
+def _codes_for_reminder(
+    session: Session, contract: Contract, *, now: datetime, codes: AccessCodePolicy
+) -> tuple[bool, bool]:
+    """Whether the reminder carries codes, and whether they were renewed for it.
+
+    A client who never logged in gets the current code again while it is valid,
+    and a new one (the old one stops working) once it has expired.
+    """
+    if contract.account_id is None:
+        return False, False
+    account = session.get(Account, contract.account_id, with_for_update=True, populate_existing=True)
+    if account is None or not needs_access_code(account):
+        return False, False
+    expired = account.access_code_expires_at is None or account.access_code_expires_at <= now
+    if expired:
+        issue_access_code(account, policy=codes, now=now)
+        session.add(account)
+    return True, expired
+
+
+def sweep_due_reminders(
+    session: Session,
+    *,
+    now: datetime,
+    policy: ReminderPolicy,
+    codes: AccessCodePolicy,
+    limit: int,
+) -> SweepResult:
+    """Claim up to ``limit`` due reminders and record their emails (the caller commits, then enqueues).
+
+    Due contracts are found through the index on ``next_reminder_at``, which is
+    only set while a contract waits for a reminder: the cost follows the number
+    of due contracts, not the size of the table.
+    """
+    result = SweepResult()
+    due = session.exec(
+        select(Contract)
+        .where(col(Contract.next_reminder_at) <= now, Contract.status == ContractStatus.SENT.value)
+        .order_by(col(Contract.next_reminder_at))
+        .limit(limit)
+    ).all()
+    window_open = policy.in_window(now)
+    for contract in due:
+        if not window_open:
+            # Due outside the window (the sweep ran late): wait for the opening.
+            if _postpone(session, contract, now=now, policy=policy):
+                result.postponed += 1
+            continue
+        if not _claim(session, contract, now=now, policy=policy):
+            result.lost_races += 1
+            continue
+        carries_code, renewed = _codes_for_reminder(session, contract, now=now, codes=codes)
+        result.codes_renewed += renewed
+        result.claimed.append(
+            add_delivery(
+                session,
+                kind=EmailKind.REMINDER,
+                contract_id=contract.id,
+                recipient=contract.email,
+                recipient_name=None,
+                locale=contract.locale,
+                step=contract.reminder_count + 1,
+                includes_access_code=carries_code,
+            )
+        )
+    return result
+
+
+def stale_pending_deliveries(session: Session, *, older_than: datetime, limit: int) -> list[int]:
+    """Pending emails untouched since ``older_than`` with no send in flight: their message was lost."""
+    rows = session.exec(
+        select(EmailDelivery.id)
+        .where(
+            EmailDelivery.status == DeliveryStatus.PENDING.value,
+            col(EmailDelivery.updated_at) < older_than,
+            col(EmailDelivery.lease_expires_at).is_(None)
+            | (col(EmailDelivery.lease_expires_at) < older_than),
+        )
+        .order_by(col(EmailDelivery.updated_at))
+        .limit(limit)
+    )
+    return [row for row in rows if row is not None]

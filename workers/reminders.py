@@ -1,0 +1,143 @@
+"""Running reminder sweeps and the housekeeping jobs the scheduler asks for."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import update
+
+from models.account import Account
+from models.delivery import touch_deliveries
+from models.reminders import ReminderSweep, SweepResult, stale_pending_deliveries, sweep_due_reminders
+from models.types import utc_now
+from models.upsert import affected_rows, table_of
+from workers.database import session_scope
+from workers.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+#: A pending email untouched for this long beyond the longest retry delay lost its
+#: message (a broker that lost data, a crash between commit and enqueue), in seconds.
+STALE_MARGIN_SECONDS = 600
+
+#: Stale emails re-driven per sweep.
+STALE_BATCH = 1000
+
+
+@dataclass
+class SweepReport:
+    """What ``reminders run`` prints."""
+
+    as_of: str
+    claimed: int
+    postponed: int
+    lost_races: int
+    codes_renewed: int
+    redriven: int
+    batches: int
+    duration_ms: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _enqueue(delivery_ids: list[int]) -> None:
+    if not delivery_ids:
+        return
+    from actors.deliver_email import enqueue_deliveries
+
+    enqueue_deliveries(delivery_ids)
+
+
+def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None) -> SweepReport:
+    """Claim every due reminder as of ``as_of`` (now by default), in batches, and enqueue them.
+
+    Each batch is committed before its emails are enqueued; a crash in between
+    leaves pending emails that a later sweep re-drives once they are stale.
+    """
+    settings = settings or get_settings()
+    started = utc_now()
+    as_of = as_of or started
+    policy = settings.reminder_policy()
+    codes = settings.access_code_policy()
+    total = SweepResult()
+    batches = 0
+    with session_scope() as session:
+        sweep = ReminderSweep(started_at=started, as_of=as_of)
+        session.add(sweep)
+        session.flush()
+        sweep_id = sweep.id
+    try:
+        while True:
+            with session_scope() as session:
+                batch = sweep_due_reminders(
+                    session, now=as_of, policy=policy, codes=codes, limit=settings.reminder_batch_size
+                )
+            batches += 1
+            _enqueue(batch.claimed)
+            total.claimed += batch.claimed
+            total.postponed += batch.postponed
+            total.lost_races += batch.lost_races
+            total.codes_renewed += batch.codes_renewed
+            if len(batch.claimed) + batch.postponed + batch.lost_races < settings.reminder_batch_size:
+                break
+        redriven = redrive_stale_deliveries(settings=settings)
+    except Exception as exc:
+        with session_scope() as session:
+            failed = session.get(ReminderSweep, sweep_id)
+            if failed is not None:
+                failed.error = f"{type(exc).__name__}: {exc}"[:1000]
+                failed.finished_at = utc_now()
+        raise
+    finished = utc_now()
+    with session_scope() as session:
+        done = session.get(ReminderSweep, sweep_id)
+        if done is not None:
+            done.claimed = len(total.claimed)
+            done.postponed = total.postponed
+            done.lost_races = total.lost_races
+            done.codes_renewed = total.codes_renewed
+            done.redriven = redriven
+            done.finished_at = finished
+    report = SweepReport(
+        as_of=as_of.isoformat(),
+        claimed=len(total.claimed),
+        postponed=total.postponed,
+        lost_races=total.lost_races,
+        codes_renewed=total.codes_renewed,
+        redriven=redriven,
+        batches=batches,
+        duration_ms=int((finished - started).total_seconds() * 1000),
+    )
+    logger.info("Reminder sweep as of %s: %s", report.as_of, report.as_dict())
+    return report
+
+
+def redrive_stale_deliveries(*, settings: Settings | None = None) -> int:
+    """Enqueue again pending emails whose message was lost; the claim makes a duplicate harmless."""
+    settings = settings or get_settings()
+    now = utc_now()
+    longest_wait = timedelta(milliseconds=settings.max_backoff_ms, seconds=STALE_MARGIN_SECONDS)
+    with session_scope() as session:
+        stale = stale_pending_deliveries(session, older_than=now - longest_wait, limit=STALE_BATCH)
+        touch_deliveries(session, stale, now=now)
+    if stale:
+        logger.warning("Re-driving %d pending email(s) whose message was lost.", len(stale))
+    _enqueue(stale)
+    return len(stale)
+
+
+def expire_access_codes(*, now: datetime | None = None) -> int:
+    """Forget the hashes of expired temporary passwords (they can never be used again)."""
+    now = now or utc_now()
+    table = table_of(Account)
+    with session_scope() as session:
+        result = session.execute(
+            update(table)
+            .where(table.c.access_code_hash.is_not(None), table.c.access_code_expires_at <= now)
+            .values(access_code_hash=None)
+        )
+        return affected_rows(result)
