@@ -11,7 +11,7 @@ from dramatiq.middleware import Retries, default_middleware
 
 from workers import embedded_redis
 from workers.consumer import TolerantRedisConsumer
-from workers.middleware import BrokerMaintenance, DeadLetters, DeliveryOutcomes, SingleStopSignal
+from workers.middleware import BrokerMaintenance, DeadLetters, DeliveryOutcomes, MessageLog, SingleStopSignal
 from workers.retry_policy import retry_when
 from workers.settings import Settings, get_settings
 
@@ -51,6 +51,8 @@ def build_broker(settings: Settings) -> RedisBroker:
         health_check_interval=30,
     )
     middleware = [m() for m in default_middleware if m is not Retries]
+    # Before Retries: its "after" hook runs once Retries has decided the message's fate.
+    middleware.append(MessageLog())
     middleware.append(
         Retries(
             max_retries=settings.max_retries,

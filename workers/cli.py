@@ -141,7 +141,7 @@ def cmd_reminders_run(args: argparse.Namespace) -> int:
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from workers.scheduler import run_scheduler
 
-    configure_logging("INFO")
+    configure_logging("INFO", get_settings().log_format)
     return run_scheduler()
 
 
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = ".".join(str(part) for part in problem["loc"]).upper()
             sys.stderr.write(f"configuration error: {where}: {problem['msg']}\n")
         return EXIT_UNAVAILABLE
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

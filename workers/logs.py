@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
 
 #: The SendGrid library's HTTP client logs the Authorization header and the whole
 #: mail (with any access code) at DEBUG through this logger.
@@ -26,10 +28,38 @@ def silence_sendgrid_debug() -> None:
         logger.addFilter(_DropBelowInfo())
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Plain line logging at ``level`` for the CLI and workers."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s",
-    )
+#: The line format of ``LOG_FORMAT=text``.
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            data.update(fields)
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def apply_log_format(log_format: str) -> None:
+    """Give every handler of the root logger the ``text`` or ``json`` format."""
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
     silence_sendgrid_debug()
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Line logging at ``level`` for the CLI and workers, as text or JSON."""
+    logging.basicConfig(level=level.upper(), format=TEXT_FORMAT)
+    apply_log_format(log_format)

@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     heartbeat_timeout_ms: int = Field(default=DEFAULT_HEARTBEAT_TIMEOUT_MS, ge=1000)
     maintenance_interval_ms: int = Field(default=DEFAULT_MAINTENANCE_INTERVAL_MS, ge=100)
     redis_outage_patience_seconds: float = Field(default=DEFAULT_REDIS_OUTAGE_PATIENCE_SECONDS, ge=0)
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text or JSON objects."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="Log level of CLI commands (the worker logs at INFO)."
     )

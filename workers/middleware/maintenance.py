@@ -17,8 +17,13 @@ living returns everything the old id held.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +87,7 @@ class BrokerMaintenance(dramatiq.Middleware):
         self._thread: threading.Thread | None = None
         self._gave_up = threading.Event()
         self._last_sync_ms = 0
+        self._started_at = time.time()
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         if isinstance(broker, RedisBroker):
@@ -92,6 +98,8 @@ class BrokerMaintenance(dramatiq.Middleware):
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         if not isinstance(broker, RedisBroker):
             return
+        self._started_at = time.time()
+        self._register(broker)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, args=(broker,), name="broker-maintenance", daemon=True
@@ -103,6 +111,14 @@ class BrokerMaintenance(dramatiq.Middleware):
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if isinstance(broker, RedisBroker):
+            with contextlib.suppress(redis.RedisError):
+                broker.client.hdel(workers_key(broker.namespace), broker.broker_id)
+
+    def _register(self, broker: RedisBroker) -> None:
+        """Say this broker id is a worker: producers heartbeat too, but never register."""
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": self._started_at}
+        broker.client.hset(workers_key(broker.namespace), broker.broker_id, json.dumps(info))
 
     # -- the schedule --------------------------------------------------------
 
@@ -119,6 +135,7 @@ class BrokerMaintenance(dramatiq.Middleware):
             self._gave_up.clear()
             old = broker.broker_id
             broker.broker_id = str(uuid.uuid4())
+            broker.client.hdel(workers_key(broker.namespace), old)
             logger.warning(
                 "A Redis outage outlasted the retries: broker id %s is abandoned for %s; "
                 "its messages return to their queues after the heartbeat timeout.",
@@ -128,7 +145,26 @@ class BrokerMaintenance(dramatiq.Middleware):
         queues = broker.get_declared_queues() | broker.get_declared_delay_queues()
         for queue_name in sorted(queues):
             run_maintenance(broker, queue_name)
+        self._register(broker)
+        forget_dead_workers(broker)
         now = current_millis()
         if now - self._last_sync_ms >= DEAD_LETTER_SYNC_INTERVAL_MS:
             self._last_sync_ms = now
             dead_letters.sync(broker, broker.get_declared_queues())
+
+
+def workers_key(namespace: str) -> str:
+    """The hash of registered worker processes: broker id -> {pid, host, started_at}."""
+    return f"{namespace}:__workers__"
+
+
+def forget_dead_workers(broker: RedisBroker) -> None:
+    """Unregister workers that maintenance has already buried (no heartbeat left)."""
+    key = workers_key(broker.namespace)
+    registered = [w.decode() if isinstance(w, bytes) else str(w) for w in broker.client.hkeys(key)]
+    if not registered:
+        return
+    heartbeats = broker.client.zmscore(f"{broker.namespace}:__heartbeats__", [str(w) for w in registered])
+    gone = [worker for worker, beat in zip(registered, heartbeats, strict=True) if beat is None]
+    if gone:
+        broker.client.hdel(key, *gone)

@@ -1,0 +1,1 @@
+"""What ops see: a snapshot of queues, workers and outcomes, as a table, JSON, metrics or a page."""

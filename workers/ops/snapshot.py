@@ -1,0 +1,224 @@
+"""One snapshot of everything ops watch, read from Redis and the database at one moment.
+
+The broker figures come from one Lua script, so they are consistent with each
+other (Redis runs a script atomically): per queue, messages ready, delayed
+(waiting for a retry), in flight (fetched by a worker, not acknowledged) and
+dead-lettered, and the age of the oldest ready message; and every worker's last
+heartbeat. The database gives emails sent and failed by kind over the last hour
+and day, contracts by status, dead letters by actor and the last reminder sweep.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from models.contract import Contract
+from models.dead_letter import DeadLetter, DeadLetterStatus
+from models.delivery import DeliveryStatus, EmailDelivery
+from models.reminders import ReminderSweep
+from models.types import utc_now
+
+#: The service's queues, in the order they are shown.
+QUEUES = ("contracts", "emails", "maintenance")
+
+#: Windows over which email outcomes are counted.
+WINDOWS = {"last_hour": timedelta(hours=1), "last_day": timedelta(days=1)}
+
+
+@dataclass
+class QueueFigures:
+    """One queue's messages by state."""
+
+    name: str
+    ready: int
+    delayed: int
+    in_flight: int
+    dead: int
+    #: Age of the oldest ready message, in seconds (None when none is ready).
+    oldest_ready_age_seconds: float | None
+
+
+@dataclass
+class WorkerFigures:
+    """One registered worker process and its last broker heartbeat."""
+
+    worker_id: str
+    host: str
+    pid: int | None
+    #: None when the broker has no heartbeat left for it (maintenance buried it).
+    last_heartbeat: datetime | None
+    #: Seconds since its last heartbeat.
+    silent_seconds: float | None
+    alive: bool
+
+
+@dataclass
+class Snapshot:
+    """Everything ``contract-dispatch status`` shows."""
+
+    taken_at: datetime
+    queues: list[QueueFigures]
+    workers: list[WorkerFigures]
+    #: {window: {kind: {"sent": n, "failed": n}}}
+    emails: dict[str, dict[str, dict[str, int]]]
+    contracts: dict[str, int]
+    dead_letters: dict[str, int]
+    last_sweep: dict[str, Any] | None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def live_workers(self) -> int:
+        return sum(1 for worker in self.workers if worker.alive)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["taken_at"] = self.taken_at.isoformat()
+        for worker in data["workers"]:
+            if worker["last_heartbeat"] is not None:
+                worker["last_heartbeat"] = worker["last_heartbeat"].isoformat()
+        data["live_workers"] = self.live_workers
+        return data
+
+
+@functools.cache
+def _script_source() -> str:
+    return (Path(__file__).with_name("snapshot.lua")).read_text()
+
+
+def broker_figures(
+    client: Any, namespace: str, *, heartbeat_timeout_ms: int, now: datetime, queues: tuple[str, ...] = QUEUES
+) -> tuple[list[QueueFigures], list[WorkerFigures]]:
+    """Queue and worker figures, read atomically."""
+    raw = client.eval(_script_source(), 1, namespace, *queues)
+    now_ms = now.timestamp() * 1000
+    figures = []
+    for name, ready, delayed, in_flight, dead, oldest in raw[:-2]:
+        oldest_ms = float(oldest)
+        figures.append(
+            QueueFigures(
+                name=_text(name),
+                ready=int(ready),
+                delayed=int(delayed),
+                in_flight=int(in_flight),
+                dead=int(dead),
+                oldest_ready_age_seconds=max((now_ms - oldest_ms) / 1000, 0.0) if oldest_ms >= 0 else None,
+            )
+        )
+    heartbeats = {_text(k): float(v) for k, v in zip(raw[-2][::2], raw[-2][1::2], strict=True)}
+    workers = []
+    # Only registered workers count: producers heartbeat as they enqueue.
+    for worker_id, info_json in zip(raw[-1][::2], raw[-1][1::2], strict=True):
+        worker_id = _text(worker_id)
+        try:
+            info = json.loads(info_json)
+        except ValueError:
+            info = {}
+        score = heartbeats.get(worker_id)
+        silent = max((now_ms - score) / 1000, 0.0) if score is not None else None
+        workers.append(
+            WorkerFigures(
+                worker_id=worker_id,
+                host=str(info.get("host", "?")),
+                pid=info.get("pid"),
+                last_heartbeat=datetime.fromtimestamp(score / 1000, now.tzinfo)
+                if score is not None
+                else None,
+                silent_seconds=silent,
+                alive=silent is not None and silent * 1000 < heartbeat_timeout_ms,
+            )
+        )
+    workers.sort(key=lambda worker: (not worker.alive, worker.silent_seconds or 0.0))
+    return figures, workers
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def database_figures(session: Session, *, now: datetime) -> dict[str, Any]:
+    """Email outcomes, contracts by status, dead letters by actor, the last sweep."""
+    emails: dict[str, dict[str, dict[str, int]]] = {}
+    for window, span in WINDOWS.items():
+        since = now - span
+        counts: dict[str, dict[str, int]] = {}
+        sent = session.exec(
+            select(EmailDelivery.kind, func.count())
+            .where(EmailDelivery.status == DeliveryStatus.SENT.value, col(EmailDelivery.sent_at) >= since)
+            .group_by(EmailDelivery.kind)
+        )
+        for kind, count in sent:
+            counts.setdefault(kind, {"sent": 0, "failed": 0})["sent"] = count
+        failed = session.exec(
+            select(EmailDelivery.kind, func.count())
+            .where(
+                EmailDelivery.status == DeliveryStatus.FAILED.value, col(EmailDelivery.updated_at) >= since
+            )
+            .group_by(EmailDelivery.kind)
+        )
+        for kind, count in failed:
+            counts.setdefault(kind, {"sent": 0, "failed": 0})["failed"] = count
+        emails[window] = counts
+    contracts = {
+        status: count
+        for status, count in session.exec(select(Contract.status, func.count()).group_by(Contract.status))
+    }
+    dead = {
+        actor: count
+        for actor, count in session.exec(
+            select(DeadLetter.actor_name, func.count())
+            .where(DeadLetter.status == DeadLetterStatus.DEAD.value)
+            .group_by(DeadLetter.actor_name)
+        )
+    }
+    sweep = session.exec(
+        select(ReminderSweep).order_by(col(ReminderSweep.started_at).desc()).limit(1)
+    ).first()
+    last_sweep = None
+    if sweep is not None:
+        last_sweep = {
+            "started_at": sweep.started_at.isoformat(),
+            "as_of": sweep.as_of.isoformat(),
+            "finished_at": sweep.finished_at.isoformat() if sweep.finished_at else None,
+            "claimed": sweep.claimed,
+            "postponed": sweep.postponed,
+            "lost_races": sweep.lost_races,
+            "codes_renewed": sweep.codes_renewed,
+            "redriven": sweep.redriven,
+            "error": sweep.error,
+        }
+    return {"emails": emails, "contracts": contracts, "dead_letters": dead, "last_sweep": last_sweep}
+
+
+def take_snapshot(*, now: datetime | None = None) -> Snapshot:
+    """Read everything now; a part that cannot be read is reported in ``errors``, not raised."""
+    from workers.broker import setup_broker
+    from workers.database import session_scope
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    now = now or utc_now()
+    errors: list[str] = []
+    queues: list[QueueFigures] = []
+    workers: list[WorkerFigures] = []
+    try:
+        broker = setup_broker()
+        queues, workers = broker_figures(
+            broker.client, broker.namespace, heartbeat_timeout_ms=settings.heartbeat_timeout_ms, now=now
+        )
+    except Exception as exc:
+        errors.append(f"broker: {type(exc).__name__}: {exc}")
+    figures: dict[str, Any] = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
+    try:
+        with session_scope() as session:
+            figures = database_figures(session, now=now)
+    except Exception as exc:
+        errors.append(f"database: {type(exc).__name__}: {exc}")
+    return Snapshot(taken_at=now, queues=queues, workers=workers, errors=errors, **figures)
