@@ -73,6 +73,5 @@ class MessageLog(dramatiq.Middleware):
         if exception is not None:
             fields["error"] = type(exception).__name__
         level = logging.WARNING if outcome == "failed" else logging.INFO
-        logger.log(
-            level, "%s %s %s", fields["actor"], outcome, fields["message_id"], extra={"fields": fields}
-        )
+        text = " ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
+        logger.log(level, "%s", text, extra={"fields": fields})
