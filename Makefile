@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck pytest chaos worker clean
+.PHONY: install demo test lint typecheck pytest chaos bench worker clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
@@ -35,6 +35,10 @@ test: lint typecheck pytest
 # N contracts through real workers while SendGrid fails, workers are SIGKILLed and Redis restarts.
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --contracts 1000
+
+# Benchmarks on servers of their own; prints a summary and saves bench/results.json.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 worker: $(STAMP)
 	$(BIN)/contract-dispatch worker

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlmodel import JSON, Column, Field, SQLModel
+from sqlmodel import JSON, Column, Field, Index, SQLModel
 
 from models.account import COMPANY_NAME_MAX_LENGTH, EMAIL_MAX_LENGTH
 from models.types import UTCDateTime, utc_now
@@ -35,6 +35,13 @@ class Contract(SQLModel, table=True):
     """One contract, keyed by the producer's contract id."""
 
     __tablename__ = "contracts"
+    __table_args__ = (
+        # The reminder sweep's due query: status = 'sent', next_reminder_at <= now,
+        # oldest first. Without statistics (SQLite never gathers any here) a
+        # planner given only single-column indexes takes the equality on status
+        # and scans every sent contract; this one answers the whole query in order.
+        Index("ix_contracts_due_reminders", "status", "next_reminder_at"),
+    )
 
     id: str = Field(primary_key=True, max_length=IDENTIFIER_MAX_LENGTH)
     status: str = Field(default=ContractStatus.QUEUED, max_length=16, index=True)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy import or_, update
-from sqlmodel import Column, Field, Session, SQLModel, UniqueConstraint, select
+from sqlmodel import Column, Field, Session, SQLModel, UniqueConstraint, col, select
 
 from models.account import EMAIL_MAX_LENGTH
 from models.types import UTCDateTime, utc_now
-from models.upsert import affected_rows, insert_ignoring_conflict, table_of
+from models.upsert import (
+    affected_rows,
+    chunks,
+    insert_ignoring_conflict,
+    insert_many_ignoring_conflict,
+    table_of,
+)
 from models.workspace import IDENTIFIER_MAX_LENGTH
 
 
@@ -124,6 +132,61 @@ def add_delivery(
     return delivery_id
 
 
+@dataclass(frozen=True, kw_only=True)
+class NewDelivery:
+    """One email for ``add_deliveries`` to record."""
+
+    contract_id: str
+    recipient: str
+    recipient_name: str | None
+    locale: str
+    step: int = 0
+    includes_access_code: bool = False
+
+
+def add_deliveries(session: Session, *, kind: EmailKind, deliveries: Sequence[NewDelivery]) -> list[int]:
+    """Record many emails of one kind (each idempotent on its key) and return their ids, in order.
+
+    One executemany, then one SELECT per 500 contracts, where ``add_delivery``
+    takes two statements per email: a reminder sweep records a batch at a time.
+    """
+    if not deliveries:
+        return []
+    now = utc_now()
+    insert_many_ignoring_conflict(
+        session,
+        EmailDelivery,
+        [
+            {
+                "kind": kind.value,
+                "contract_id": delivery.contract_id,
+                "recipient": delivery.recipient,
+                "recipient_name": delivery.recipient_name,
+                "step": delivery.step,
+                "locale": delivery.locale,
+                "includes_access_code": delivery.includes_access_code,
+                "status": DeliveryStatus.PENDING.value,
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for delivery in deliveries
+        ],
+        conflict_columns=["kind", "contract_id", "recipient", "step"],
+    )
+    ids: dict[tuple[str, str, int], int] = {}
+    for contract_ids in chunks(sorted({delivery.contract_id for delivery in deliveries})):
+        rows = session.exec(
+            select(
+                EmailDelivery.id, EmailDelivery.contract_id, EmailDelivery.recipient, EmailDelivery.step
+            ).where(EmailDelivery.kind == kind.value, col(EmailDelivery.contract_id).in_(contract_ids))
+        )
+        for delivery_id, contract_id, recipient, step in rows:
+            if delivery_id is not None:
+                ids[(contract_id, recipient, step)] = delivery_id
+    return [ids[(delivery.contract_id, delivery.recipient, delivery.step)] for delivery in deliveries]
+
+
 def pending_delivery_ids(session: Session, contract_id: str, kind: EmailKind) -> list[int]:
     """Deliveries of a contract still to be sent (re-enqueued when a message is redelivered)."""
     rows = session.exec(
@@ -193,8 +256,11 @@ def mark_sent(session: Session, delivery_id: int, *, provider_message_id: str, n
 
 def record_attempt_error(
     session: Session, delivery_id: int, *, error: str, now: datetime, permanent: bool
-) -> None:
-    """Keep the error and free the lease; a permanent error fails the delivery for good."""
+) -> bool:
+    """Keep the error and free the lease; a permanent error fails the delivery for good.
+
+    Returns whether the delivery was pending (so this call changed it).
+    """
     table = table_of(EmailDelivery)
     values: dict[str, object] = {
         "last_error": error[:LAST_ERROR_MAX_LENGTH],
@@ -203,11 +269,12 @@ def record_attempt_error(
     }
     if permanent:
         values["status"] = DeliveryStatus.FAILED.value
-    session.execute(
+    result = session.execute(
         update(table)
         .where(table.c.id == delivery_id, table.c.status == DeliveryStatus.PENDING.value)
         .values(**values)
     )
+    return affected_rows(result) == 1
 
 
 def reopen_delivery(session: Session, delivery_id: int) -> None:
@@ -220,16 +287,20 @@ def reopen_delivery(session: Session, delivery_id: int) -> None:
     )
 
 
-def cancel_delivery(session: Session, delivery_id: int, *, reason: str, now: datetime) -> None:
-    """A pending email that must not go out any more (the contract was cancelled or signed)."""
+def cancel_delivery(session: Session, delivery_id: int, *, reason: str, now: datetime) -> bool:
+    """A pending email that must not go out any more (the contract was cancelled or signed).
+
+    Returns whether it was pending (so it is cancelled now, by this call).
+    """
     table = table_of(EmailDelivery)
-    session.execute(
+    result = session.execute(
         update(table)
         .where(table.c.id == delivery_id, table.c.status == DeliveryStatus.PENDING.value)
         .values(
             status=DeliveryStatus.CANCELLED.value, last_error=reason, lease_expires_at=None, updated_at=now
         )
     )
+    return affected_rows(result) == 1
 
 
 def touch_deliveries(session: Session, delivery_ids: list[int], *, now: datetime) -> None:

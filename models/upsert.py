@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel
+
+T = TypeVar("T")
+
+#: Values per ``IN (...)`` list: well under the 999 bound parameters old SQLite builds allow.
+IN_LIST_CHUNK = 500
 
 
 def table_of(model: type[SQLModel]) -> Table:
@@ -37,3 +43,26 @@ def insert_ignoring_conflict(
         insert(table_of(table)).values(**values).on_conflict_do_nothing(index_elements=conflict_columns)
     )
     return affected_rows(session.execute(statement)) > 0
+
+
+def insert_many_ignoring_conflict(
+    session: Session,
+    table: type[SQLModel],
+    rows: Sequence[dict[str, Any]],
+    *,
+    conflict_columns: list[str],
+) -> None:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for many rows, as one executemany."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert(table_of(table)).on_conflict_do_nothing(index_elements=conflict_columns), list(rows)
+    )
+
+
+def chunks(items: Sequence[T], size: int = IN_LIST_CHUNK) -> Iterator[Sequence[T]]:
+    """``items`` in slices of at most ``size`` (for ``IN (...)`` lists)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

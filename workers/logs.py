@@ -62,4 +62,7 @@ def apply_log_format(log_format: str) -> None:
 def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     """Line logging at ``level`` for the CLI and workers, as text or JSON."""
     logging.basicConfig(level=level.upper(), format=TEXT_FORMAT)
+    # basicConfig does nothing once the root logger has a handler: a command that
+    # asks for another level (the scheduler logs at INFO) must still get it.
+    logging.getLogger().setLevel(level.upper())
     apply_log_format(log_format)
