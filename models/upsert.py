@@ -39,10 +39,16 @@ def insert_ignoring_conflict(
     """
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    target = table_of(table)
     statement = (
-        insert(table_of(table)).values(**values).on_conflict_do_nothing(index_elements=conflict_columns)
+        insert(target)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+        # The row inserted, read back: psycopg reports no rowcount (-1) for this
+        # statement when nothing else is returned, so rowcount cannot tell.
+        .returning(target.c[conflict_columns[0]])
     )
-    return affected_rows(session.execute(statement)) > 0
+    return session.execute(statement).first() is not None
 
 
 def insert_many_ignoring_conflict(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -462,6 +463,20 @@ def test_contract_status_of_an_unknown_contract_exits_1(cli):
         result = cli(*args)
         assert result.returncode == 1, describe(result)
         assert contract_id in result.stderr
+
+
+def test_send_contract_to_an_unreachable_broker_leaves_no_contract(cli):
+    """Exit 3, and the contract reserved before enqueueing is forgotten again (on both databases)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    unreachable = Cli({**cli.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port}/0"})
+    payload = contract_payload()
+    result = unreachable(*send_args(payload))
+    assert result.returncode == 3, describe(result)
+    assert result.stderr.startswith("unavailable: the message broker cannot be reached"), describe(result)
+    status = cli("contract-status", payload["contract_id"])
+    assert status.returncode == 1, describe(status)
 
 
 # -- schema --------------------------------------------------------------------------
