@@ -10,6 +10,7 @@ from models.cancelling import record_cancellation
 from models.messages import CancelContract, parse_message
 from models.types import utc_now
 from workers.database import session_scope
+from workers.ops.metrics import count_email
 from workers.retry_policy import actor_options
 
 
@@ -22,4 +23,7 @@ def cancel_contract(payload: dict[str, Any]) -> None:
     """Public message; see ``models.messages.CancelContract`` for its fields."""
     message = parse_message(CancelContract, payload)
     with session_scope() as session:
-        record_cancellation(session, message, now=utc_now())
+        cancelled = record_cancellation(session, message, now=utc_now())
+    # After commit: only emails that really stay unsent are counted.
+    for kind in cancelled:
+        count_email(kind, "cancelled")

@@ -24,14 +24,17 @@ def _check_cancellable(contract: Contract | None, contract_id: str) -> Contract:
     return contract
 
 
-def record_cancellation(session: Session, message: CancelContract, *, now: datetime) -> None:
-    """Cancel (idempotent: cancelling a cancelled contract changes nothing)."""
+def record_cancellation(session: Session, message: CancelContract, *, now: datetime) -> list[str]:
+    """Cancel (idempotent: cancelling a cancelled contract changes nothing).
+
+    Returns the kind of each email this cancelled (it was pending).
+    """
     contract = _check_cancellable(
         session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True),
         message.contract_id,
     )
     if contract.status == ContractStatus.CANCELLED:
-        return
+        return []
     contract.status = ContractStatus.CANCELLED
     contract.cancelled_at = now
     contract.cancel_reason = message.reason
@@ -39,15 +42,19 @@ def record_cancellation(session: Session, message: CancelContract, *, now: datet
     stop_reminders(contract)
     session.add(contract)
     pending = session.exec(
-        select(EmailDelivery.id).where(
+        select(EmailDelivery.id, EmailDelivery.kind).where(
             EmailDelivery.contract_id == contract.id,
             EmailDelivery.status == DeliveryStatus.PENDING.value,
             col(EmailDelivery.kind).in_(CANCELLED_KINDS),
         )
-    )
-    for delivery_id in pending:
-        if delivery_id is not None:
-            cancel_delivery(session, delivery_id, reason="the contract was cancelled", now=now)
+    ).all()
+    cancelled = []
+    for delivery_id, kind in pending:
+        if delivery_id is not None and cancel_delivery(
+            session, delivery_id, reason="the contract was cancelled", now=now
+        ):
+            cancelled.append(kind)
+    return cancelled
 
 
 def check_cancel_contract(session: Session, message: CancelContract) -> None:

@@ -54,6 +54,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "MAX_BACKOFF_MS": "200",
         "MAX_RETRIES": "3",
         "SEND_LEASE_SECONDS": "5",
+        # Worker processes serve no Prometheus endpoint unless a test asks for one.
+        "METRICS_PORT": "0",
+        # Many tests refuse sends on purpose in the shared workspaces; the limit's
+        # own tests (tests/test_refusal_limit.py) turn it on in workspaces of their own.
+        "REFUSAL_RATE_LIMIT": "0",
     }
     os.environ.update(environment)
     _state["environment"] = environment

@@ -15,6 +15,7 @@ from models.reminders import ReminderSweep, SweepResult, stale_pending_deliverie
 from models.types import utc_now
 from models.upsert import affected_rows, table_of
 from workers.database import session_scope
+from workers.ops.metrics import count_reminders, count_sweep
 from workers.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
                 )
             batches += 1
             _enqueue(batch.claimed)
+            count_reminders("enqueued", len(batch.claimed))
+            count_reminders("postponed", batch.postponed)
             total.claimed += batch.claimed
             total.postponed += batch.postponed
             total.lost_races += batch.lost_races
@@ -86,6 +89,7 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
                 break
         redriven = redrive_stale_deliveries(settings=settings)
     except Exception as exc:
+        count_sweep("failed")
         with session_scope() as session:
             failed = session.get(ReminderSweep, sweep_id)
             if failed is not None:
@@ -102,6 +106,7 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
             done.codes_renewed = total.codes_renewed
             done.redriven = redriven
             done.finished_at = finished
+    count_sweep("done")
     report = SweepReport(
         as_of=as_of.isoformat(),
         claimed=len(total.claimed),

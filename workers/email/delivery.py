@@ -39,6 +39,8 @@ from workers.database import session_scope
 from workers.email.backend import EmailBackend, build_backend
 from workers.email.message import OutgoingEmail
 from workers.email.render import format_datetime, render_email
+from workers.middleware.message_log import note_contract_id
+from workers.ops.metrics import count_email, observe_provider
 from workers.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -151,6 +153,10 @@ def deliver(
         now = utc_now()
         claim = claim_delivery(session, delivery_id, now=now, lease=lease)
         remaining = lease_remaining(session, delivery_id, now=now) if claim is Claim.LEASED else lease
+        # Any claim but CLAIMED loaded the row already: its contract names this message's log line.
+        known = session.get(EmailDelivery, delivery_id) if claim is not Claim.CLAIMED else None
+        if known is not None:
+            note_contract_id(known.contract_id)
     if claim is Claim.MISSING:
         raise UnknownDelivery(f"no email delivery has id {delivery_id}")
     if claim is Claim.LEASED:
@@ -163,27 +169,51 @@ def deliver(
     if claim is not Claim.CLAIMED:
         return claim
 
+    kind: str | None = None
     try:
         with session_scope() as session:
             delivery = session.get(EmailDelivery, delivery_id)
             assert delivery is not None
+            note_contract_id(delivery.contract_id)
+            kind = delivery.kind
             contract = session.get(Contract, delivery.contract_id)
             unwanted = unwanted_reason(contract, delivery.kind) if contract is not None else None
-            if unwanted is not None:
-                # Cancelled, or signed before its reminder went out: drop it, quietly.
-                cancel_delivery(session, delivery_id, reason=unwanted, now=utc_now())
-                return Claim.CANCELLED
-            email = compose(session, delivery, settings)
-        provider_message_id = (backend or backend_for(settings)).send(email)
+            # Cancelled, or signed before its reminder went out: drop it, quietly.
+            cancelled = unwanted is not None and cancel_delivery(
+                session, delivery_id, reason=unwanted, now=utc_now()
+            )
+            email = compose(session, delivery, settings) if unwanted is None else None
+        if email is None:
+            # Counted once committed, like every outcome below.
+            if cancelled:
+                count_email(kind, "cancelled")
+            return Claim.CANCELLED
+        provider_message_id = _send(backend or backend_for(settings), email)
     except Exception as exc:
+        permanent = isinstance(exc, PermanentError)
         with session_scope() as session:
-            record_attempt_error(
+            changed = record_attempt_error(
                 session,
                 delivery_id,
                 error=f"{type(exc).__name__}: {exc}",
                 now=utc_now(),
-                permanent=isinstance(exc, PermanentError),
+                permanent=permanent,
             )
+        if changed and kind is not None:
+            count_email(kind, "failed" if permanent else "retried")
         raise
     _mark_sent_patiently(delivery_id, provider_message_id)
+    count_email(kind, "sent")
     return Claim.CLAIMED
+
+
+def _send(backend: EmailBackend, email: OutgoingEmail) -> str:
+    """The backend's send, timed (seconds, by backend and outcome)."""
+    started = time.monotonic()
+    try:
+        provider_message_id = backend.send(email)
+    except Exception as exc:
+        observe_provider(backend.name, exc, time.monotonic() - started)
+        raise
+    observe_provider(backend.name, None, time.monotonic() - started)
+    return provider_message_id

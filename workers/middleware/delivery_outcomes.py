@@ -7,9 +7,10 @@ from typing import Any
 
 import dramatiq
 
-from models.delivery import record_attempt_error
+from models.delivery import EmailDelivery, record_attempt_error
 from models.types import utc_now
 from workers.database import session_scope
+from workers.ops.metrics import count_email
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,14 @@ class DeliveryOutcomes(dramatiq.Middleware):
         reason = f"{type(exception).__name__}: {exception}" if exception is not None else "dead-lettered"
         try:
             with session_scope() as session:
-                record_attempt_error(session, delivery_id, error=reason, now=utc_now(), permanent=True)
+                failed = record_attempt_error(
+                    session, delivery_id, error=reason, now=utc_now(), permanent=True
+                )
+                delivery = session.get(EmailDelivery, delivery_id) if failed else None
+                kind = delivery.kind if delivery is not None else None
         except Exception:
             logger.exception("Could not mark delivery %s as failed.", delivery_id)
+            return
+        # Only when this made it failed: a permanent error already did and was counted then.
+        if kind is not None:
+            count_email(kind, "failed")

@@ -36,7 +36,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from workers import consumer, dead_letters
+from workers.ops import history
 from workers.redis_dispatch import run_maintenance
+from workers.settings import DEFAULT_HISTORY_SAMPLE_INTERVAL_MS
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,15 @@ class _OutageRetry(Retry):
 class BrokerMaintenance(dramatiq.Middleware):
     """Scheduled heartbeat and queue maintenance, and Redis retries through outages."""
 
-    def __init__(self, *, interval_ms: int, outage_patience_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        interval_ms: int,
+        outage_patience_seconds: float,
+        history_sample_interval_ms: int = DEFAULT_HISTORY_SAMPLE_INTERVAL_MS,
+    ) -> None:
         self.interval_ms = interval_ms
+        self.history_sample_interval_ms = history_sample_interval_ms
         self.outage_patience_seconds = outage_patience_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -112,6 +121,8 @@ class BrokerMaintenance(dramatiq.Middleware):
             self._thread.join(timeout=10)
             self._thread = None
         if isinstance(broker, RedisBroker):
+            # The last interval's message counts, for the status history (logged if lost).
+            history.flush_counts(broker)
             with contextlib.suppress(redis.RedisError):
                 broker.client.hdel(workers_key(broker.namespace), broker.broker_id)
 
@@ -147,6 +158,8 @@ class BrokerMaintenance(dramatiq.Middleware):
             run_maintenance(broker, queue_name)
         self._register(broker)
         forget_dead_workers(broker)
+        # The status page's history; it logs its own failures, never failing the tick.
+        history.record(broker, sample_interval_ms=self.history_sample_interval_ms)
         now = current_millis()
         if now - self._last_sync_ms >= DEAD_LETTER_SYNC_INTERVAL_MS:
             self._last_sync_ms = now

@@ -6,7 +6,10 @@
 local namespace = KEYS[1]
 local scan_limit = 10000
 local result = {}
-local acks = redis.call("keys", namespace .. ":__acks__.*")
+-- In flight: the unacknowledged set of every broker id with a heartbeat (Dramatiq keys them
+-- "__acks__.<broker id>.<queue>", and its maintenance drops a heartbeat only once that id
+-- holds nothing), so no KEYS scan: the cost follows the number of processes.
+local heartbeats = redis.call("zrange", namespace .. ":__heartbeats__", 0, -1, "withscores")
 for _, queue in ipairs(ARGV) do
     local list = namespace .. ":" .. queue
     local messages = list .. ".msgs"
@@ -14,11 +17,8 @@ for _, queue in ipairs(ARGV) do
     local delayed = redis.call("hlen", list .. ".DQ.msgs")
     local dead = redis.call("zcard", list .. ".XQ")
     local in_flight = 0
-    local suffix = "." .. queue
-    for _, key in ipairs(acks) do
-        if string.sub(key, -string.len(suffix)) == suffix then
-            in_flight = in_flight + redis.call("scard", key)
-        end
+    for i = 1, #heartbeats, 2 do
+        in_flight = in_flight + redis.call("scard", namespace .. ":__acks__." .. heartbeats[i] .. "." .. queue)
     end
     local oldest = -1
     local ids = redis.call("lrange", list, 0, scan_limit - 1)
@@ -36,6 +36,6 @@ for _, queue in ipairs(ARGV) do
     end
     table.insert(result, {queue, ready, delayed, in_flight, dead, tostring(oldest)})
 end
-table.insert(result, redis.call("zrange", namespace .. ":__heartbeats__", 0, -1, "withscores"))
+table.insert(result, heartbeats)
 table.insert(result, redis.call("hgetall", namespace .. ":__workers__"))
 return result

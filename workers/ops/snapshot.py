@@ -197,9 +197,13 @@ def database_figures(session: Session, *, now: datetime) -> dict[str, Any]:
     return {"emails": emails, "contracts": contracts, "dead_letters": dead, "last_sweep": last_sweep}
 
 
-def take_snapshot(*, now: datetime | None = None) -> Snapshot:
-    """Read everything now; a part that cannot be read is reported in ``errors``, not raised."""
-    from workers.broker import setup_broker
+def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapshot:
+    """Read everything now; a part that cannot be read is reported in ``errors``, not raised.
+
+    ``client``: a Redis client to read with (one is made from the settings by default).
+    No broker is built: a plain client reads, so nothing can enqueue or heartbeat.
+    """
+    from workers.broker import redis_client
     from workers.database import session_scope
     from workers.settings import get_settings
 
@@ -209,9 +213,14 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
     queues: list[QueueFigures] = []
     workers: list[WorkerFigures] = []
     try:
-        broker = setup_broker()
+        if settings.uses_rabbitmq:
+            # The queues then live in RabbitMQ; Redis holds none of these figures.
+            raise NotImplementedError("queue figures are read from Redis; BROKER_URL names RabbitMQ")
         queues, workers = broker_figures(
-            broker.client, broker.namespace, heartbeat_timeout_ms=settings.heartbeat_timeout_ms, now=now
+            client if client is not None else redis_client(settings),
+            settings.redis_namespace,
+            heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
+            now=now,
         )
     except Exception as exc:
         errors.append(f"broker: {type(exc).__name__}: {exc}")

@@ -1,0 +1,323 @@
+"""``contract-dispatch health`` (issue 5, item 3), always through the real command.
+
+Healthy when Redis answers, the database answers and is writable, the email
+backend is configured and a worker heartbeats; otherwise exit 1 with the reason,
+within a few seconds (a container health check must never hang), and never a
+secret in what it prints.
+
+Each test works in a Redis namespace of its own on the tests' Redis server, so
+the workers other tests run are not counted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TEST_SECRET_KEY, _postgres_schema_url
+from tests.processes import CLI, WorkerProcess
+from tests.sendgrid_standin import API_KEY
+from tests.support import RedisServer, free_port, unique, wait_until
+
+#: A worker is dead once its heartbeat is this old, in the tests (the default is 20 s).
+HEARTBEAT_TIMEOUT_MS = 1500
+#: How often the test worker heartbeats, in milliseconds.
+MAINTENANCE_INTERVAL_MS = 200
+#: What the command is given with ``--timeout``, in seconds.
+CHECK_TIMEOUT_SECONDS = 1.0
+#: An unhealthy answer comes within this long, in seconds: the check's timeout, the
+#: margin the command gives its checks, and the interpreter's start-up on a busy machine.
+ANSWER_WITHIN_SECONDS = 6.0
+#: A worker starts and registers within this long, in seconds.
+WORKER_START_SECONDS = 30.0
+
+#: A password that must never be printed.
+DATABASE_PASSWORD = "pw-never-printed-7c1e"
+
+CHECK_NAMES = {"redis", "database", "email", "workers"}
+
+
+@dataclass
+class Answer:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def report(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.stdout)
+        return value
+
+    def check(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.report["checks"][name]
+        return found
+
+    def assert_no_secret(self) -> None:
+        for secret in (API_KEY, TEST_SECRET_KEY, DATABASE_PASSWORD):
+            assert secret not in self.stdout + self.stderr
+
+
+def health(env: dict[str, str], *args: str) -> Answer:
+    started = time.monotonic()
+    result = subprocess.run(
+        [CLI, "health", "--timeout", str(CHECK_TIMEOUT_SECONDS), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    answer = Answer(result.returncode, result.stdout, result.stderr, time.monotonic() - started)
+    answer.assert_no_secret()
+    return answer
+
+
+def settings_env(test_environment: dict[str, str], database_url: str, data_dir: Path) -> dict[str, str]:
+    """The tests' settings, in a Redis namespace of this test's own, with short heartbeats."""
+    return {
+        **os.environ,
+        **test_environment,
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": database_url,
+        "REDIS_NAMESPACE": unique("health"),
+        "HEARTBEAT_TIMEOUT_MS": str(HEARTBEAT_TIMEOUT_MS),
+        "MAINTENANCE_INTERVAL_MS": str(MAINTENANCE_INTERVAL_MS),
+        "METRICS_PORT": "0",
+    }
+
+
+def exits_with(code: int, env: dict[str, str], *args: str) -> Answer | None:
+    """The answer if the command exited with ``code`` (for ``wait_until``)."""
+    answer = health(env, *args)
+    return answer if answer.code == code else None
+
+
+@pytest.fixture
+def worker_env(test_environment: dict[str, str], database: str, tmp_path: Path) -> dict[str, str]:
+    """For a real worker: on SQLite and on PostgreSQL (the ``database`` fixture's)."""
+    return settings_env(test_environment, database, tmp_path / "data")
+
+
+@pytest.fixture
+def env(test_environment: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """For the checks that fail: an existing, empty SQLite file of this test's own."""
+    path = tmp_path / "health.db"
+    sqlite3.connect(path).close()
+    return settings_env(test_environment, f"sqlite:///{path}", tmp_path / "data")
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel's backlog) and never answers: a hung server."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield int(listener.getsockname()[1])
+
+
+def test_live_worker_is_healthy_until_killed(worker_env, tmp_path):
+    env = worker_env
+    worker = WorkerProcess(env, log_path=tmp_path / "worker.log", processes=1, threads=1).start()
+    try:
+        answer = wait_until(
+            lambda: exits_with(0, env, "--json"),
+            timeout=WORKER_START_SECONDS,
+            what="the worker to be seen alive",
+        )
+        assert answer is not None
+        report = answer.report
+        assert report["healthy"] is True
+        assert set(report["checks"]) == CHECK_NAMES
+        assert all(check["ok"] for check in report["checks"].values()), report
+        assert "1 live worker" in answer.check("workers")["detail"]
+        # A worker container checks its own host's workers; ours are on this host.
+        assert health(env, "--this-host").code == 0
+        # The text form: a verdict, then one line per check.
+        text = health(env)
+        assert text.code == 0 and text.stdout.splitlines()[0] == "healthy"
+    finally:
+        worker.kill()
+    # Its registration stays behind: only its heartbeat's age tells it is gone.
+    killed_at = time.monotonic()
+    answer = wait_until(
+        lambda: exits_with(1, env, "--json"),
+        timeout=HEARTBEAT_TIMEOUT_MS / 1000 + 10,
+        what="the killed worker to be seen dead",
+    )
+    assert answer is not None
+    assert time.monotonic() - killed_at >= HEARTBEAT_TIMEOUT_MS / 1000 - 1.0
+    workers = answer.check("workers")
+    assert workers["ok"] is False
+    assert "no live worker" in workers["detail"] and "1 registered" in workers["detail"], workers
+    assert f"HEARTBEAT_TIMEOUT_MS={HEARTBEAT_TIMEOUT_MS}" in workers["detail"]
+    others = {name: check["ok"] for name, check in answer.report["checks"].items() if name != "workers"}
+    assert all(others.values()), answer.report
+
+
+def test_no_worker_is_unhealthy(worker_env):
+    env = worker_env
+    answer = health(env, "--json")
+    assert answer.code == 1
+    assert answer.report["healthy"] is False
+    assert answer.check("workers") | {"duration_ms": 0} == {
+        "ok": False,
+        "detail": f"no worker registered in Redis namespace {env['REDIS_NAMESPACE']!r}",
+        "duration_ms": 0,
+    }
+    assert all(answer.check(name)["ok"] for name in ("redis", "database", "email")), answer.report
+    # A host that runs no worker (a producer, the scheduler) skips that check.
+    skipped = health(env, "--json", "--no-workers")
+    assert skipped.code == 0 and set(skipped.report["checks"]) == CHECK_NAMES - {"workers"}
+
+
+def test_worker_on_another_host_does_not_count_for_this_host(env, redis_server):
+    from workers.middleware.maintenance import workers_key
+
+    client = redis_server.client()
+    namespace = env["REDIS_NAMESPACE"]
+    worker_id = unique("elsewhere")
+    client.hset(workers_key(namespace), worker_id, json.dumps({"pid": 1, "host": "another-host"}))
+    client.zadd(f"{namespace}:__heartbeats__", {worker_id: time.time() * 1000})
+    try:
+        assert health(env).code == 0
+        answer = health(env, "--json", "--this-host")
+        assert answer.code == 1
+        assert answer.check("workers")["detail"] == f"no worker registered on host {socket.gethostname()}"
+    finally:
+        client.delete(workers_key(namespace), f"{namespace}:__heartbeats__")
+
+
+@pytest.mark.parametrize("how", ["nothing listening", "stopped server", "server that never answers"])
+def test_redis_down_is_unhealthy_within_seconds(env, tmp_path, silent_port, how):
+    if how == "nothing listening":
+        port = free_port()
+    elif how == "stopped server":
+        server = RedisServer(tmp_path / "redis").start()
+        port = server.port
+        server.stop()
+    else:
+        port = silent_port
+    env = {**env, "REDIS_URL": f"redis://:{DATABASE_PASSWORD}@127.0.0.1:{port}/0"}
+    answer = health(env, "--json")
+    assert answer.code == 1
+    assert answer.seconds < ANSWER_WITHIN_SECONDS, answer
+    redis_check = answer.check("redis")
+    assert redis_check["ok"] is False
+    assert redis_check["detail"].startswith(f"Redis at 127.0.0.1:{port}/0 does not answer"), redis_check
+    # Nothing to count workers with, either; the database and email are fine.
+    assert answer.check("workers")["ok"] is False
+    assert answer.check("database")["ok"] and answer.check("email")["ok"]
+    text = health(env)
+    assert text.code == 1
+    assert text.stdout.splitlines()[0] == "unhealthy: redis, workers"
+    assert f"FAIL redis: Redis at 127.0.0.1:{port}/0 does not answer" in text.stdout
+
+
+@pytest.mark.parametrize("how", ["closed port", "server that never answers"])
+def test_postgresql_unreachable_is_unhealthy_within_seconds(env, silent_port, how):
+    port = free_port() if how == "closed port" else silent_port
+    url = f"postgresql://cd:{DATABASE_PASSWORD}@127.0.0.1:{port}/contracts"
+    answer = health({**env, "DATABASE_URL": url}, "--json", "--no-workers")
+    assert answer.code == 1
+    # libpq's connect timeout is whole seconds, at least 2.
+    assert answer.seconds < ANSWER_WITHIN_SECONDS + 2, answer
+    database = answer.check("database")
+    assert database["ok"] is False
+    assert database["detail"].startswith(f"postgresql at 127.0.0.1:{port}/contracts: "), database
+    assert answer.check("redis")["ok"] and answer.check("email")["ok"]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A schema of this test's own (skipped without PostgreSQL, failed under CI)."""
+    urls = _postgres_schema_url()
+    yield next(urls)
+    for _ in urls:  # drops the schema
+        pass
+
+
+def test_read_only_postgresql_is_unhealthy(env, postgres_url):
+    # Every transaction read-only, as on a standby: SELECT 1 answers, writes would fail.
+    # The fixture's URL ends with its libpq options: one more goes after them.
+    assert "?options=-csearch_path%3D" in postgres_url and "&" not in postgres_url
+    url = f"{postgres_url}%20-cdefault_transaction_read_only%3Don"
+    answer = health({**env, "DATABASE_URL": url}, "--json", "--no-workers")
+    assert answer.code == 1, answer.report
+    assert answer.check("database")["detail"].endswith("is read-only (transaction_read_only = on)"), (
+        answer.report
+    )
+    assert health({**env, "DATABASE_URL": postgres_url}, "--no-workers").code == 0
+
+
+def test_sqlite_path_unusable_is_unhealthy(env, tmp_path):
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    missing = tmp_path / "missing.db"
+    cases = {
+        f"sqlite:///{not_a_directory / 'x.db'}": "does not exist",
+        f"sqlite:///{missing}": "does not exist (the worker creates it when it starts)",
+        f"sqlite:///{tmp_path}": "is not a regular file",
+    }
+    for url, reason in cases.items():
+        answer = health({**env, "DATABASE_URL": url}, "--json", "--no-workers")
+        assert answer.code == 1, url
+        assert answer.check("database")["ok"] is False
+        assert reason in answer.check("database")["detail"], answer.report
+    # The check never creates the database it looks for.
+    assert not missing.exists()
+
+
+def test_sendgrid_without_api_key_is_unhealthy_and_names_the_setting(env):
+    for key in ("", "   "):
+        answer = health({**env, "SENDGRID_API_KEY": key}, "--json", "--no-workers")
+        assert answer.code == 1
+        assert answer.check("email") == {
+            "ok": False,
+            "detail": "EMAIL_BACKEND=sendgrid but SENDGRID_API_KEY is not set",
+            "duration_ms": answer.check("email")["duration_ms"],
+        }
+        assert answer.check("redis")["ok"] and answer.check("database")["ok"]
+    # A key that cannot go into an HTTP header: named, never printed.
+    spaced = f"{API_KEY} extra"
+    answer = health({**env, "SENDGRID_API_KEY": spaced}, "--no-workers")
+    assert answer.code == 1
+    assert "FAIL email: SENDGRID_API_KEY contains spaces or control characters" in answer.stdout
+    assert "extra" not in answer.stdout
+    # With the key set, the check passes and shows no part of it.
+    answer = health(env, "--json", "--no-workers")
+    assert answer.code == 0
+    assert answer.check("email")["detail"].startswith("sendgrid: API key set, API host http://127.0.0.1:")
+    assert API_KEY[:12] not in answer.stdout
+
+
+def test_file_backend_needs_a_writable_outbox(env, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    answer = health({**env, "EMAIL_BACKEND": "file", "OUTBOX_DIR": str(blocker)}, "--json", "--no-workers")
+    assert answer.code == 1
+    assert answer.check("email")["detail"] == f"OUTBOX_DIR {blocker} is not a directory"
+    outbox = tmp_path / "outbox"
+    answer = health({**env, "EMAIL_BACKEND": "file", "OUTBOX_DIR": str(outbox)}, "--json", "--no-workers")
+    assert answer.code == 0, answer.report
+    # Nothing is left behind by the check.
+    assert not outbox.exists()
+
+
+def test_unreadable_configuration_is_unhealthy_in_the_same_shape(env):
+    answer = health({**env, "EMAIL_BACKEND": "carrier-pigeon", "SECRET_KEY": TEST_SECRET_KEY}, "--json")
+    assert answer.code == 1
+    assert answer.report["healthy"] is False
+    check = answer.check("configuration")
+    assert check["ok"] is False and check["detail"].startswith("EMAIL_BACKEND: "), check
+    assert "carrier-pigeon" not in answer.stdout

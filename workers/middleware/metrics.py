@@ -1,0 +1,55 @@
+"""Prometheus figures from Dramatiq's hooks: its own middleware, and the service's refusals."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dramatiq
+
+from models.errors import Rejected
+from workers.ops.metrics import count_rejection
+
+#: Set by ``contract-dispatch worker`` for its worker processes (see ``workers.runner``):
+#: prometheus_client then keeps every process's values in a file of that directory.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class Refusals(dramatiq.Middleware):
+    """Counts every message an actor refuses, by actor and error code."""
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        if isinstance(exception, Rejected):
+            count_rejection(message.actor_name, exception.code)
+
+
+def dramatiq_prometheus() -> dramatiq.Middleware | None:
+    """Dramatiq's Prometheus middleware, in worker processes started by ``contract-dispatch worker``.
+
+    Elsewhere (producers, the CLI, in-process test workers) it would have no
+    directory to share and no process boot to set it up, so it is left out.
+    Its exposition server is not started: the worker's endpoint serves its
+    figures with the service's own (``workers.ops.exporter``).
+    """
+    directory = os.environ.get(MULTIPROC_DIR_ENV)
+    if not directory:
+        return None
+    # Dramatiq's module takes its directory from this variable, on import (and creates it).
+    os.environ.setdefault("dramatiq_prom_db", directory)
+    from dramatiq.middleware.prometheus import Prometheus
+
+    class WorkerPrometheus(Prometheus):
+        @property
+        def forks(self) -> list[Any]:
+            return []
+
+        def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+            # Dramatiq counts a retry twice: when Retries delays it, and again when the
+            # worker moves it, due, from the delay queue to its queue (no delay then).
+            if delay:
+                super().after_enqueue(broker, message, delay)  # type: ignore[no-untyped-call]
+
+    middleware: dramatiq.Middleware = WorkerPrometheus()
+    return middleware
