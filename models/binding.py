@@ -3,6 +3,8 @@ first contract sent to it, compared case-sensitively after trimming and NFC."""
 
 from __future__ import annotations
 
+import hmac
+
 from email_validator import EmailNotValidError, validate_email
 from sqlmodel import Session, select
 
@@ -33,29 +35,46 @@ def normalize_email(value: str) -> str:
     return f"{result.local_part}@{result.domain}"
 
 
+#: The refusal for a name that differs from the bound one only by letter case or
+#: spacing. Like the other, it quotes no name: the sender knows theirs.
+CASE_OR_SPACING_MESSAGE = (
+    "This email address is already used for this company name written differently: "
+    "the names differ only by letter case or spacing. Use exactly the same legal "
+    "name as in the first contract sent to this address."
+)
+
+#: The refusal for any other name.
+OTHER_COMPANY_MESSAGE = (
+    "This email address is already used for another company. An email address "
+    "belongs to one company only: use a different email address for this company."
+)
+
+
 def _loosely(name: str) -> str:
     # A missing or extra space is a spacing difference too ("DupontSARL").
     return "".join(name.split()).casefold()
 
 
-def check_binding(*, bound_company: str, requested_company: str) -> None:
+def check_binding(*, bound_company: str | None, requested_company: str) -> None:
     """Refuse ``requested_company`` unless it is exactly the bound name.
 
-    The refusal never reveals the bound name; when the two differ only by letter
-    case or spacing it says so, since that is the usual mistake.
+    ``bound_company`` is None for an address not bound yet, which accepts any
+    name. The refusal never reveals the bound name; when the two differ only by
+    letter case or spacing it says so, since that is the usual mistake.
+
+    Known and unknown addresses go through the same steps (an unknown one is
+    compared with the requested name itself), so the time this takes does not
+    tell them apart.
     """
-    if bound_company == requested_company:
+    bound = requested_company if bound_company is None else bound_company
+    # Both comparisons always run: no early return for the usual case.
+    same = hmac.compare_digest(bound.encode(), requested_company.encode())
+    same_loosely = hmac.compare_digest(_loosely(bound).encode(), _loosely(requested_company).encode())
+    if same:
         return
-    if _loosely(bound_company) == _loosely(requested_company):
-        raise EmailBoundToOtherCompany(
-            "This email address is already used for this company name written differently: "
-            "the names differ only by letter case or spacing. Use exactly the same legal "
-            "name as in the first contract sent to this address."
-        )
-    raise EmailBoundToOtherCompany(
-        "This email address is already used for another company. An email address "
-        "belongs to one company only: use a different email address for this company."
-    )
+    if same_loosely:
+        raise EmailBoundToOtherCompany(CASE_OR_SPACING_MESSAGE)
+    raise EmailBoundToOtherCompany(OTHER_COMPANY_MESSAGE)
 
 
 def find_account(session: Session, email: str) -> Account | None:

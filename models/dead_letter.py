@@ -23,6 +23,21 @@ ERROR_MESSAGE_MAX_LENGTH = 2000
 TRACEBACK_MAX_LENGTH = 8000
 
 
+#: Longest ids and names kept, in characters (the lengths of their columns below).
+_NAME_LENGTHS = {
+    "message_id": 64,
+    "redis_message_id": 64,
+    "queue_name": 128,
+    "actor_name": 128,
+    "contract_id": 128,
+}
+
+
+def storable(text: str) -> str:
+    """``text`` as every database stores it: PostgreSQL refuses NUL characters, so they are escaped."""
+    return text.replace("\x00", "\\x00")
+
+
 class DeadLetterStatus(StrEnum):
     """Whether a dead letter still waits for an operator."""
 
@@ -65,9 +80,15 @@ def record_dead_letter(session: Session, *, overwrite: bool = True, **fields: An
     With ``overwrite=False`` an existing record is left as it is: what a sweep
     that only guesses the reason must do when the worker that knows it got there first.
     """
-    fields["exception_message"] = str(fields.get("exception_message", ""))[:ERROR_MESSAGE_MAX_LENGTH]
+    message = storable(str(fields.get("exception_message", "")))
+    fields["exception_message"] = message[:ERROR_MESSAGE_MAX_LENGTH]
     if fields.get("traceback"):
-        fields["traceback"] = str(fields["traceback"])[-TRACEBACK_MAX_LENGTH:]
+        fields["traceback"] = storable(str(fields["traceback"]))[-TRACEBACK_MAX_LENGTH:]
+    # Names come from the message as written (an unknown actor's name is anything):
+    # cut to their columns, or the record could not be filed at all.
+    for name, length in _NAME_LENGTHS.items():
+        if isinstance(fields.get(name), str):
+            fields[name] = storable(fields[name])[:length]
     inserted = insert_ignoring_conflict(
         session,
         DeadLetter,

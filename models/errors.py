@@ -124,6 +124,17 @@ class UnknownSection(Rejected):
     code = "unknown_section"
 
 
+class RefusalsRateLimited(Rejected):
+    """The workspace had too many sends refused lately: nothing is checked until the window ends."""
+
+    code = "refusals_rate_limited"
+
+    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        #: Whole seconds until the workspace's refusal window ends.
+        self.retry_after_seconds = retry_after_seconds
+
+
 class UnknownDelivery(PermanentError):
     """A deliver_email message names a delivery that does not exist."""
 

@@ -44,6 +44,9 @@ SCHEMA_VERSION: Literal[1] = 1
 #: Longest free text (titles, display names), in characters.
 TEXT_MAX_LENGTH = 200
 
+#: The largest value of an SQL INTEGER column (32-bit on PostgreSQL): the largest row id.
+SQL_INTEGER_MAX = 2**31 - 1
+
 #: Bounds that keep one message small (it travels through Redis).
 MAX_SIGNATORIES = 50
 MAX_SECTIONS = 200
@@ -199,12 +202,17 @@ class DeliverEmail(WireMessage):
     actor_name: ClassVar[str] = "deliver_email"
     queue_name: ClassVar[str] = "emails"
 
-    delivery_id: int = Field(ge=1)
+    # Bounded by the id column (PostgreSQL's INTEGER is 32-bit): a larger id is a
+    # malformed message, not a database error.
+    delivery_id: int = Field(ge=1, le=SQL_INTEGER_MAX)
 
 
 PUBLIC_MESSAGES: tuple[type[WireMessage], ...] = (SendContract, NotifySignatories, CancelContract)
 
 M = TypeVar("M", bound=WireMessage)
+
+#: Longest field path quoted in a refusal, in characters.
+LOCATION_MAX_LENGTH = 80
 
 #: Which rejection a validation error on a field becomes (the rest: invalid_payload).
 _FIELD_CODES: dict[str, type[Rejected]] = {
@@ -226,6 +234,10 @@ def rejection_for(error: ValidationError) -> Rejected:
     malformed = first["type"] == "missing" or first["type"].endswith("_type")
     rejection = InvalidPayload if malformed else _FIELD_CODES.get(field, InvalidPayload)
     where = ".".join(location) or "message"
+    if len(where) > LOCATION_MAX_LENGTH or not where.isprintable():
+        # An unknown field's name is the producer's text: quoted with its controls
+        # escaped (the message is stored and printed; PostgreSQL refuses NUL) and cut short.
+        where = repr(where[:LOCATION_MAX_LENGTH])
     # pydantic prefixes errors raised by our own validators with "Value error, ".
     message = first["msg"].removeprefix("Value error, ")
     if rejection is InvalidLeadSource:

@@ -167,8 +167,12 @@ def check_send_contract(session: Session, message: SendContract) -> Contract | N
         _check_same_content(existing, message)
     resolve_resource_group(session, message.workspace_id, message.resource_group_id)
     account = find_account(session, message.email)
-    if account is not None:
-        check_binding(bound_company=account.company_name, requested_company=message.company_name)
+    # Called for unknown addresses too: a known and an unknown address take the
+    # same queries and the same steps, so the answer's timing tells nothing.
+    check_binding(
+        bound_company=account.company_name if account is not None else None,
+        requested_company=message.company_name,
+    )
     return existing
 
 

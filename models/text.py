@@ -14,9 +14,24 @@ IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
 _IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
 
 
+#: Invisible format characters some scripts need inside words (ZWNJ in Persian, ZWJ in
+#: Indic scripts and emoji): every other format character (Cf) is refused.
+_JOINERS = frozenset("\u200c\u200d")
+
+
 def has_control_characters(value: str) -> bool:
-    """True if ``value`` holds a C0/C1 control, a line or paragraph separator, or a bidi control."""
-    return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS for ch in value)
+    """True if ``value`` holds a control, a line or paragraph separator, or an invisible format character.
+
+    Format characters (zero-width space, byte-order mark, bidi controls...) show
+    nothing, so two names that read the same could differ: one company could
+    bind a look-alike of another's name.
+    """
+    return any(
+        unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+        or (unicodedata.category(ch) == "Cf" and ch not in _JOINERS)
+        or ch in _BIDI_CONTROLS
+        for ch in value
+    )
 
 
 def clean_text(value: str, *, max_length: int, what: str) -> str:
@@ -27,7 +42,7 @@ def clean_text(value: str, *, max_length: int, what: str) -> str:
     if len(value) > max_length:
         raise ValueError(f"{what} is longer than {max_length} characters")
     if has_control_characters(value):
-        raise ValueError(f"{what} contains control characters (line breaks, tabs or invisible controls)")
+        raise ValueError(f"{what} contains control characters (line breaks, tabs or invisible characters)")
     return value
 
 

@@ -211,6 +211,10 @@ def test_registration_number_refuses_markup():
         ("company_name", "ACME\nSARL", "invalid_company_name"),
         ("company_name", "ACME\u2028SARL", "invalid_company_name"),
         ("company_name", "ACME\u202eLRAS", "invalid_company_name"),
+        # Invisible: two names that read the same must not be two companies.
+        ("company_name", "AC\u200bME", "invalid_company_name"),
+        ("company_name", "\ufeffACME", "invalid_company_name"),
+        ("company_name", "ACME\u00adSARL", "invalid_company_name"),
         ("title", "Bureau\r\nBcc: victim@example.com", "invalid_payload"),
         ("signatories", [{"email": "boss@example.com", "name": "Claire\nManager"}], "invalid_payload"),
         ("sections", [{"id": "conditions", "title": "Condi\rtions"}], "invalid_payload"),
@@ -222,6 +226,12 @@ def test_send_contract_refuses_control_characters(field, value, code):
     with pytest.raises(Rejected) as refused:
         send_contract(**payload)
     assert refused.value.code == code
+
+
+def test_joiners_that_scripts_need_are_accepted_in_names():
+    # ZWNJ belongs inside Persian words; it is not taken for an invisible trick.
+    payload = contract_payload(company_name="\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 SA")
+    assert send_contract(**payload).status == "queued"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,310 @@
+"""First login: a client proves an emailed access code and sets a long-term password.
+
+The rules (ASVS 5.0 §6.4/§6.5, NIST SP 800-63B look-up secrets):
+
+- a code works only for its account, only before its expiry, and only once:
+  ``set_password`` consumes it; ``verify_code`` only checks it (a client may check
+  a code, then choose a password, without the check using the code up);
+- more than ``max_failed_attempts`` wrong codes lock the current code until a new
+  one is issued (``issue_access_code`` resets the counter);
+- the long-term password can never be (or contain) the code;
+- every call runs exactly one argon2id verification, against a dummy hash with the
+  same parameters when the email is unknown or has no usable code, and every
+  refusal of a code is the same ``AccessCodeRefused``: neither the answer nor its
+  timing tells whether the email exists, nor which of wrong, expired, used or
+  locked applies (each distinction would be an oracle for somebody without the code);
+- hashes made with lower costs than the current parameters are rehashed on use.
+
+The expensive argon2id work runs outside any transaction; the decision and the
+write then happen in one short transaction holding the account's row lock, and
+only if the code verified is still the current one (same nonce). Two concurrent
+uses of one code therefore serialise on the row: the second finds it used.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import unicodedata
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlmodel import Session, select
+
+from models.access_codes import HashParameters, password_hasher
+from models.account import Account
+from models.binding import normalize_email
+from models.errors import Rejected
+
+#: Opens one transaction (commit on success, rollback on error), e.g. ``session_scope``.
+Transaction = Callable[[], AbstractContextManager[Session]]
+
+#: More wrong codes than this lock the current code (NIST: limit failed attempts).
+DEFAULT_MAX_FAILED_ATTEMPTS = 5
+
+#: Shortest long-term password accepted, in characters (ASVS 6.2.1 asks for 8; 12 recommended).
+DEFAULT_PASSWORD_MIN_LENGTH = 12
+
+#: Longest long-term password accepted, in characters (ASVS 6.2.9 asks to allow at least 64).
+PASSWORD_MAX_LENGTH = 128
+
+#: Longer inputs than this cannot be a code; they are cut before hashing (characters).
+CODE_INPUT_MAX_LENGTH = 64
+
+#: Characters a reader may add while typing a code: spaces and dashes between groups.
+_CODE_SEPARATORS = str.maketrans("", "", " \t-_.")
+
+
+class AccessCodeRefused(Rejected):
+    """The email and access code do not match a usable code (the reason is not told)."""
+
+    code = "access_code_refused"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This email address and access code do not match a valid access code: the code "
+            "may be wrong, expired, already used, or locked after too many attempts. Check "
+            "the code in the latest email, or ask for a new one."
+        )
+
+
+class PasswordRefused(Rejected):
+    """The new password breaks the password policy."""
+
+    code = "password_refused"
+
+
+class PasswordTooShort(PasswordRefused):
+    """The new password is shorter than the minimum length."""
+
+    code = "password_too_short"
+
+
+class PasswordTooLong(PasswordRefused):
+    """The new password is longer than ``PASSWORD_MAX_LENGTH``."""
+
+    code = "password_too_long"
+
+
+class PasswordIsAccessCode(PasswordRefused):
+    """The new password is, or contains, the temporary access code."""
+
+    code = "password_is_access_code"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FirstLoginPolicy:
+    """The hash costs, the failed-attempt limit and the password length bounds (characters)."""
+
+    hash_parameters: HashParameters
+    max_failed_attempts: int = DEFAULT_MAX_FAILED_ATTEMPTS
+    password_min_length: int = DEFAULT_PASSWORD_MIN_LENGTH
+    password_max_length: int = PASSWORD_MAX_LENGTH
+
+
+def normalize_code(value: str) -> str:
+    """A code as typed, compared as issued: NFKC, no spaces or dashes, upper case."""
+    text = unicodedata.normalize("NFKC", value[: CODE_INPUT_MAX_LENGTH * 2])
+    return text.translate(_CODE_SEPARATORS).upper()[:CODE_INPUT_MAX_LENGTH]
+
+
+def normalize_password(value: str) -> str:
+    """NFKC (NIST SP 800-63B §5.1.1.2): the same password typed anywhere hashes the same."""
+    return unicodedata.normalize("NFKC", value)
+
+
+def check_password_policy(password: str, *, code: str, policy: FirstLoginPolicy) -> str:
+    """The normalised password, or ``PasswordRefused`` saying which rule it breaks."""
+    normalized = normalize_password(password)
+    if len(normalized) < policy.password_min_length:
+        raise PasswordTooShort(f"The password must have at least {policy.password_min_length} characters.")
+    if len(normalized) > policy.password_max_length:
+        raise PasswordTooLong(f"The password must have at most {policy.password_max_length} characters.")
+    typed_code = normalize_code(code)
+    # Compared the way codes are: "abcd efgh jkmn" is still the code.
+    if typed_code and typed_code in normalize_code(normalized):
+        raise PasswordIsAccessCode(
+            "The password must not be or contain the temporary access code: choose a new one."
+        )
+    return normalized
+
+
+@functools.cache
+def _dummy_hash(parameters: HashParameters) -> str:
+    # Verified against whenever there is no real hash, so that such a call costs
+    # the same argon2id work as a real one: same parameters, random unknown input.
+    return password_hasher(parameters).hash(secrets.token_urlsafe(32))
+
+
+def _hash_matches(encoded: str | None, secret: str, *, parameters: HashParameters) -> bool:
+    """One argon2id verification, always: against ``encoded`` or the dummy hash."""
+    hasher = password_hasher(parameters)
+    try:
+        return hasher.verify(encoded if encoded is not None else _dummy_hash(parameters), secret)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _needs_rehash(encoded: str, parameters: HashParameters) -> bool:
+    try:
+        return password_hasher(parameters).check_needs_rehash(encoded)
+    except (InvalidHashError, ValueError):
+        return True
+
+
+def _usable(account: Account, *, policy: FirstLoginPolicy, now: datetime) -> bool:
+    """The account's current code may still be used (whether or not it was typed right)."""
+    return (
+        account.first_login_at is None
+        and account.access_code_hash is not None
+        and account.access_code_used_at is None
+        and account.access_code_failed_attempts < policy.max_failed_attempts
+        and account.access_code_expires_at is not None
+        and account.access_code_expires_at > now
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Snapshot:
+    """What the unlocked read saw: which code was checked, and whether it matched."""
+
+    account_id: int | None
+    nonce: str | None
+    encoded: str | None
+    matched: bool
+
+
+def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy) -> _Snapshot:
+    """Read the account (no lock) and run the one argon2id verification of the call."""
+    try:
+        address = normalize_email(email)
+    except ValueError:
+        address = None
+    account = session.exec(select(Account).where(Account.email == address)).first() if address else None
+    encoded = account.access_code_hash if account is not None else None
+    matched = _hash_matches(encoded, normalize_code(code), parameters=policy.hash_parameters)
+    return _Snapshot(
+        account_id=account.id if account is not None else None,
+        nonce=account.access_code_nonce if account is not None else None,
+        encoded=encoded,
+        matched=matched and encoded is not None,
+    )
+
+
+def _locked(session: Session, snapshot: _Snapshot) -> Account | None:
+    """The account the snapshot saw, locked for update, if its code is still the one checked."""
+    # The same query runs for an unknown email (no row), so both cost one round trip.
+    account = session.exec(
+        select(Account).where(Account.id == (snapshot.account_id or 0)).with_for_update()
+    ).first()
+    if account is None or account.access_code_nonce != snapshot.nonce:
+        # A new code was issued meanwhile: this answer was about the old one.
+        return None
+    return account
+
+
+def verify_code(
+    transaction: Transaction, email: str, code: str, *, policy: FirstLoginPolicy, now: datetime
+) -> bool:
+    """Whether ``code`` is the usable code of ``email``; a wrong code counts as a failed attempt."""
+    with transaction() as session:
+        snapshot = _check(session, email, code, policy=policy)
+    rehashed = _rehash(snapshot, code, policy=policy)
+    with transaction() as session:
+        account = _locked(session, snapshot)
+        if account is None or not _usable(account, policy=policy, now=now):
+            return False
+        if not snapshot.matched:
+            account.access_code_failed_attempts += 1
+            session.add(account)
+            return False
+        if rehashed is not None:
+            account.access_code_hash = rehashed
+            session.add(account)
+        return True
+
+
+def set_password(
+    transaction: Transaction,
+    email: str,
+    code: str,
+    new_password: str,
+    *,
+    policy: FirstLoginPolicy,
+    now: datetime,
+) -> None:
+    """Consume the code of ``email`` and store ``new_password`` as its argon2id hash.
+
+    Raises ``PasswordRefused`` (nothing checked or counted) when the password breaks
+    the policy, and ``AccessCodeRefused`` when the code is not usable.
+    """
+    password = check_password_policy(new_password, code=code, policy=policy)
+    with transaction() as session:
+        snapshot = _check(session, email, code, policy=policy)
+    # Hashed before the row is locked: the lock is held for a few statements only.
+    password_hash = password_hasher(policy.hash_parameters).hash(password) if snapshot.matched else None
+    with transaction() as session:
+        account = _locked(session, snapshot)
+        if account is None or not _usable(account, policy=policy, now=now):
+            refused = True
+        elif not snapshot.matched or password_hash is None:
+            # Counted, and committed: the refusal is raised after the block.
+            account.access_code_failed_attempts += 1
+            session.add(account)
+            refused = True
+        else:
+            refused = False
+            _consume(account, password_hash=password_hash, now=now)
+            session.add(account)
+    if refused:
+        raise AccessCodeRefused()
+
+
+def _consume(account: Account, *, password_hash: str, now: datetime) -> None:
+    """Spend the code and record the long-term password: the first login is done."""
+    account.password_hash = password_hash
+    account.access_code_used_at = now
+    # The code is spent: its hash has no further use.
+    account.access_code_hash = None
+    # First login done: reminders and new contracts stop issuing codes.
+    account.first_login_at = now
+
+
+def verify_password(transaction: Transaction, email: str, password: str, *, policy: FirstLoginPolicy) -> bool:
+    """Whether ``password`` is the long-term password of ``email``; rehashes a weaker hash.
+
+    Like the codes, an unknown email costs one argon2id verification against the
+    dummy hash. (Throttling password guesses belongs to the web app's login.)
+    """
+    try:
+        address = normalize_email(email)
+    except ValueError:
+        address = None
+    normalized = normalize_password(password[: PASSWORD_MAX_LENGTH * 4])
+    with transaction() as session:
+        account = session.exec(select(Account).where(Account.email == address)).first() if address else None
+        encoded = account.password_hash if account is not None else None
+        account_id = account.id if account is not None else None
+    if not _hash_matches(encoded, normalized, parameters=policy.hash_parameters) or encoded is None:
+        return False
+    if _needs_rehash(encoded, policy.hash_parameters):
+        rehashed = password_hasher(policy.hash_parameters).hash(normalized)
+        with transaction() as session:
+            account = session.exec(select(Account).where(Account.id == account_id).with_for_update()).first()
+            # Only if the password did not change meanwhile.
+            if account is not None and account.password_hash == encoded:
+                account.password_hash = rehashed
+                session.add(account)
+    return True
+
+
+def _rehash(snapshot: _Snapshot, code: str, *, policy: FirstLoginPolicy) -> str | None:
+    """A new hash of a code that matched a hash made with lower costs, else None."""
+    if not snapshot.matched or snapshot.encoded is None:
+        return None
+    if not _needs_rehash(snapshot.encoded, policy.hash_parameters):
+        return None
+    return password_hasher(policy.hash_parameters).hash(normalize_code(code))
