@@ -25,7 +25,8 @@ def broker_maintenance(payload: dict[str, Any] | None = None) -> None:
     if hasattr(broker, "scripts"):
         for queue_name in sorted(broker.get_declared_queues() | broker.get_declared_delay_queues()):
             run_maintenance(broker, queue_name)  # type: ignore[arg-type]
-        dead_letters.sync(broker, broker.get_declared_queues())  # type: ignore[arg-type]
+    # On RabbitMQ (no scripts, no maintenance needed) this files reasons parked in Redis.
+    dead_letters.sync(broker, broker.get_declared_queues())
     redrive_stale_deliveries()
 
 

@@ -31,6 +31,8 @@ from typing import Any, Literal
 #: Benchmark name -> module (imported only when that benchmark runs).
 BENCHMARKS: dict[str, str] = {
     "sweep": "bench.sweep",
+    "pipeline": "bench.pipeline",
+    "producer": "bench.producer",
 }
 
 #: Where the last run's figures are kept, one entry per benchmark.

@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-save", action="store_true", help=f"do not update {RESULTS_PATH.name}")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and schemas")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller runs, for a fast check (pipeline and producer; the sweep has its own sizes)",
+    )
     for name in BENCHMARKS:
         module = load(name)
         module.add_arguments(parser.add_argument_group(f"{name}: {module.DESCRIPTION}"))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import os
 import secrets
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -35,22 +37,57 @@ _DERIVATION_LABEL = b"contract-dispatch/access-code/v1:"
 
 @dataclass(frozen=True, kw_only=True)
 class HashParameters:
-    """argon2id cost parameters; memory in KiB."""
+    """argon2id cost parameters; memory in KiB.
+
+    ``concurrency`` caps the hashes running at once in this process (None: one
+    per core). It is no cost parameter: hashes made under any cap are the same.
+    """
 
     memory_kib: int
     time_cost: int
     parallelism: int
+    concurrency: int | None = field(default=None, compare=False)
+
+
+class GatedHasher:
+    """An argon2id hasher that runs at most a fixed number of hashes at once.
+
+    Each hash takes ``memory_kib`` of memory and a core for tens of
+    milliseconds: eight worker threads issuing codes together would hold eight
+    times the memory and take as long as one at a time, so the others wait
+    their turn here instead (the memory peak stays flat, the throughput the same).
+    """
+
+    def __init__(self, hasher: PasswordHasher, *, slots: int) -> None:
+        self._hasher = hasher
+        self._slots = threading.BoundedSemaphore(slots)
+        self.slots = slots
+
+    def hash(self, secret: str) -> str:
+        """The encoded argon2id hash of ``secret``."""
+        with self._slots:
+            return self._hasher.hash(secret)
+
+    def verify(self, encoded: str, secret: str) -> bool:
+        """True, or argon2's VerifyMismatchError (or another VerificationError)."""
+        with self._slots:
+            return self._hasher.verify(encoded, secret)
+
+    def check_needs_rehash(self, encoded: str) -> bool:
+        """Whether ``encoded`` was made with other costs than these (no hashing)."""
+        return self._hasher.check_needs_rehash(encoded)
 
 
 @functools.cache
-def password_hasher(parameters: HashParameters) -> PasswordHasher:
-    """An argon2id hasher with the given costs (cached: it is thread-safe)."""
-    return PasswordHasher(
+def password_hasher(parameters: HashParameters) -> GatedHasher:
+    """An argon2id hasher with the given costs (cached: one gate per process)."""
+    hasher = PasswordHasher(
         time_cost=parameters.time_cost,
         memory_cost=parameters.memory_kib,
         parallelism=parameters.parallelism,
         type=Type.ID,
     )
+    return GatedHasher(hasher, slots=parameters.concurrency or os.cpu_count() or 1)
 
 
 def derive_code(secret_key: bytes, nonce: str) -> str:

@@ -10,6 +10,8 @@ import json
 import logging
 import re
 import subprocess
+import threading
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import argon2
 import pytest
 import redis
+from argon2 import PasswordHasher
 from argon2.exceptions import VerifyMismatchError
 from sqlalchemy import MetaData, create_engine
 from sqlalchemy import select as sa_select
@@ -29,6 +32,7 @@ from models.access_codes import (
     ALPHABET,
     CODE_LENGTH,
     AccessCodePolicy,
+    GatedHasher,
     HashParameters,
     current_access_code,
     derive_code,
@@ -499,3 +503,52 @@ def test_default_hash_parameters_are_the_owasp_minimum():
     assert parameters.memory_kib == 19 * 1024
     assert parameters.time_cost == 2
     assert get_settings().access_code_policy().ttl == timedelta(days=7)
+
+
+# -- hashing concurrency -------------------------------------------------------
+
+
+class _ProbeHasher(PasswordHasher):
+    """A real argon2id hasher that records how many hashes ran at once."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(0.02)  # widen the window in which two hashes would overlap
+            return super().hash(password, salt=salt)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_hashes_run_at_most_slots_at_once(slots):
+    probe = _ProbeHasher()
+    gated = GatedHasher(probe, slots=slots)
+    threads = [threading.Thread(target=gated.hash, args=(f"code-{n}",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert probe.most == slots
+
+
+def test_worker_processes_share_the_cores_for_hashing(monkeypatch):
+    from workers.runner import tuning_environment
+    from workers.settings import Settings
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert tuning_environment(Settings(), processes=2)["ARGON2_MAX_CONCURRENT"] == "2"
+    assert tuning_environment(Settings(), processes=8)["ARGON2_MAX_CONCURRENT"] == "1"
+    assert "ARGON2_MAX_CONCURRENT" not in tuning_environment(Settings(argon2_max_concurrent=3), processes=2)
+    tuned = tuning_environment(Settings(worker_timeout_ms=250), processes=2)
+    assert tuned["dramatiq_worker_timeout"] == "250"
+    assert Settings(argon2_max_concurrent=3).access_code_policy().hash_parameters.concurrency == 3

@@ -29,6 +29,7 @@ from models.dead_letter import DeadLetter, DeadLetterStatus, mark_retried, recor
 from models.delivery import reopen_delivery
 from models.messages import contract_id_of
 from models.types import utc_now
+from workers.coordination import coordination_client, coordination_namespace
 from workers.database import session_scope
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ RECORD_PATIENCE_SECONDS = 10.0
 ATTEMPTS_OPTION = "attempts"
 FIRST_FAILED_OPTION = "first_failed_at"
 
+#: Longest message id (the ``dead_letters.message_id`` column; Dramatiq's are UUIDs).
+MESSAGE_ID_MAX_LENGTH = 64
+
 #: The actor recorded for a message that is not a well-formed Dramatiq message (it
 #: cannot be retried: there is nothing to send again).
 MALFORMED_ACTOR = "(malformed)"
@@ -50,8 +54,8 @@ def canonical_queue(queue_name: str) -> str:
     return queue_name.removesuffix(".DQ")
 
 
-def _reasons_key(broker: RedisBroker) -> str:
-    return f"{broker.namespace}:__dead_letter_reasons__"
+def _reasons_key(broker: dramatiq.Broker) -> str:
+    return f"{coordination_namespace(broker)}:__dead_letter_reasons__"
 
 
 def _xq_keys(broker: RedisBroker, queue_name: str) -> tuple[str, str]:
@@ -108,6 +112,9 @@ def envelope_problem(message: dramatiq.Message[Any], queue_names: Iterable[str])
     fields: Any = message
     if not isinstance(fields.message_id, str):
         return "message_id is not a string"
+    if len(fields.message_id) > MESSAGE_ID_MAX_LENGTH or not fields.message_id.isprintable():
+        # Its dead letter could not be filed under it (the column's length; NUL).
+        return f"message_id is longer than {MESSAGE_ID_MAX_LENGTH} characters or holds control characters"
     if not isinstance(fields.actor_name, str):
         return "actor_name is not a string"
     if not isinstance(fields.options, dict):
@@ -118,6 +125,40 @@ def envelope_problem(message: dramatiq.Message[Any], queue_names: Iterable[str])
         return "kwargs is not an object"
     if fields.queue_name not in tuple(queue_names):
         return f"its queue_name {str(fields.queue_name)[:64]!r} is not the queue it was on"
+    return options_problem(fields.options)
+
+
+#: Options that name code to run (callbacks, pipelines, exception classes). Only a
+#: Python producer can set them meaningfully, and this service never does; from a
+#: raw message, a bad one raises inside Dramatiq's error handling, which kills the
+#: worker thread and acknowledges the message as if it had succeeded.
+FORBIDDEN_OPTIONS = ("throws", "retry_when", "on_success", "on_failure", "on_retry_exhausted", "pipe_target")
+
+#: Options Dramatiq and the middleware compute with: whole numbers (counts and
+#: milliseconds), not negative. ``None`` stands for unset.
+INTEGER_OPTIONS = (
+    "retries",
+    "max_retries",
+    "min_backoff",
+    "max_backoff",
+    "max_age",
+    "time_limit",
+    "eta",
+    "requeue_timestamp",
+    ATTEMPTS_OPTION,
+    FIRST_FAILED_OPTION,
+)
+
+
+def options_problem(options: dict[str, Any]) -> str | None:
+    """Why a message's Dramatiq options cannot be processed safely, or None."""
+    for name in FORBIDDEN_OPTIONS:
+        if name in options:
+            return f"options.{name} is set (producers may not set callbacks or exception options)"
+    for name in INTEGER_OPTIONS:
+        value = options.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"options.{name} is not a whole number of at least 0"
     return None
 
 
@@ -179,7 +220,7 @@ def dead_letter_malformed(
     logger.error("A malformed message on %s could not be found among the fetched ones.", queue_name)
 
 
-def record(broker: RedisBroker, fields: dict[str, Any]) -> None:
+def record(broker: dramatiq.Broker, fields: dict[str, Any]) -> None:
     """File a dead letter in SQL; if the database stays down, park the reason in Redis."""
     deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
     pause = 0.2
@@ -198,11 +239,17 @@ def record(broker: RedisBroker, fields: dict[str, Any]) -> None:
         fields["message_id"],
     )
     parked = {k: (v.timestamp() * 1000 if isinstance(v, datetime) else v) for k, v in fields.items()}
-    broker.client.hset(_reasons_key(broker), fields["message_id"], json.dumps(parked, default=str))
+    client = coordination_client(broker)
+    if client is None:
+        logger.error("Dead message %s: no Redis to park its reason in; it is lost.", fields["message_id"])
+        return
+    client.hset(_reasons_key(broker), fields["message_id"], json.dumps(parked, default=str))
 
 
-def sync(broker: RedisBroker, queues: Iterable[str]) -> int:
+def sync(broker: dramatiq.Broker, queues: Iterable[str]) -> int:
     """File every Redis dead letter that SQL does not know yet; returns how many were filed."""
+    if not isinstance(broker, RedisBroker):
+        return _sync_parked(broker)
     filed = 0
     reasons_key = _reasons_key(broker)
     for queue in {canonical_queue(q) for q in queues}:
@@ -245,6 +292,24 @@ def sync(broker: RedisBroker, queues: Iterable[str]) -> int:
     return filed
 
 
+def _sync_parked(broker: dramatiq.Broker) -> int:
+    """File the reasons parked in Redis (RabbitMQ: the parked fields are the whole record)."""
+    client = coordination_client(broker)
+    if client is None:
+        return 0
+    key = _reasons_key(broker)
+    filed = 0
+    for message_id, raw in client.hgetall(key).items():
+        fields = json.loads(raw)
+        for name in ("first_failed_at", "last_failed_at"):
+            fields[name] = _from_millis(fields[name]) or utc_now()
+        with session_scope() as session:
+            record_dead_letter(session, **fields)
+        client.hdel(key, message_id)
+        filed += 1
+    return filed
+
+
 def _sync_malformed(broker: RedisBroker, queue: str, redis_id: Any, exception_type: str, reason: str) -> int:
     redis_id = redis_id.decode() if isinstance(redis_id, bytes) else str(redis_id)
     with session_scope() as session:
@@ -261,7 +326,14 @@ def _sync_malformed(broker: RedisBroker, queue: str, redis_id: Any, exception_ty
     return 1
 
 
-def _remove_redis_copy(broker: RedisBroker, record: DeadLetter) -> None:
+def _remove_redis_copy(broker: dramatiq.Broker, record: DeadLetter) -> None:
+    if not isinstance(broker, RedisBroker):
+        # RabbitMQ: its copies are found by message id (see workers.rabbitmq).
+        from workers.rabbitmq import ServiceRabbitmqBroker, remove_dead_copies
+
+        if isinstance(broker, ServiceRabbitmqBroker):
+            remove_dead_copies(broker, canonical_queue(record.queue_name), [record.message_id])
+        return
     if not record.redis_message_id:
         return
     xq, xq_msgs = _xq_keys(broker, record.queue_name)
@@ -271,7 +343,7 @@ def _remove_redis_copy(broker: RedisBroker, record: DeadLetter) -> None:
         pipe.execute()
 
 
-def retry(broker: RedisBroker, record_ids: Iterable[int]) -> list[DeadLetter]:
+def retry(broker: dramatiq.Broker, record_ids: Iterable[int]) -> list[DeadLetter]:
     """Send each dead message back to its queue with a fresh retry count."""
     retried = []
     for record_id in record_ids:
@@ -293,6 +365,10 @@ def retry(broker: RedisBroker, record_ids: Iterable[int]) -> list[DeadLetter]:
                     # Its death failed the delivery; a sent one stays sent, and
                     # the message will find it so.
                     reopen_delivery(session, delivery_id)
+        if not isinstance(broker, RedisBroker):
+            # RabbitMQ finds copies by message id, which the retried message keeps:
+            # removed first, so a copy from a new death is never taken for the old one.
+            _remove_redis_copy(broker, dead)
         # Committed before the enqueue: a worker may take the message at once.
         broker.enqueue(
             dramatiq.Message(
@@ -304,7 +380,8 @@ def retry(broker: RedisBroker, record_ids: Iterable[int]) -> list[DeadLetter]:
                 message_id=dead.message_id,
             )
         )
-        _remove_redis_copy(broker, dead)
+        if isinstance(broker, RedisBroker):
+            _remove_redis_copy(broker, dead)
         with session_scope() as session:
             current = session.get(DeadLetter, record_id, with_for_update=True)
             if current is None:
@@ -321,7 +398,7 @@ def retry(broker: RedisBroker, record_ids: Iterable[int]) -> list[DeadLetter]:
     return retried
 
 
-def purge(broker: RedisBroker, record_ids: Iterable[int]) -> int:
+def purge(broker: dramatiq.Broker, record_ids: Iterable[int]) -> int:
     """Delete dead letters from SQL and from Redis; returns how many."""
     count = 0
     for record_id in record_ids:
@@ -335,9 +412,9 @@ def purge(broker: RedisBroker, record_ids: Iterable[int]) -> int:
     return count
 
 
-def redis_copy_exists(broker: RedisBroker, record: DeadLetter) -> bool:
-    """Whether Dramatiq's dead-letter queue still holds this record's message."""
-    if not record.redis_message_id:
+def redis_copy_exists(broker: dramatiq.Broker, record: DeadLetter) -> bool:
+    """Whether Dramatiq's dead-letter queue still holds this record's message (False on RabbitMQ)."""
+    if not isinstance(broker, RedisBroker) or not record.redis_message_id:
         return False
     _, xq_msgs = _xq_keys(broker, record.queue_name)
     try:

@@ -21,6 +21,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from models.messages import SweepReminders
+from workers.coordination import coordination_client, coordination_namespace
 from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,13 @@ def periodic_jobs() -> list[PeriodicJob]:
 
 def claim_slot(broker: dramatiq.Broker, job: PeriodicJob, *, now: float | None = None) -> bool:
     """Whether this scheduler is the one to enqueue ``job`` for the current interval."""
-    client = getattr(broker, "client", None)
+    # Redis even when RabbitMQ carries the messages (REDIS_URL): see workers.coordination.
+    client = coordination_client(broker)
     if client is None:
         return True
     now = time.time() if now is None else now
     slot = int(now // job.interval)
-    key = f"{getattr(broker, 'namespace', 'dramatiq')}:__schedule__:{job.name}:{slot}"
+    key = f"{coordination_namespace(broker)}:__schedule__:{job.name}:{slot}"
     return bool(client.set(key, "1", nx=True, px=int(job.interval * 2000)))
 
 

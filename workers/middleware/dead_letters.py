@@ -34,7 +34,7 @@ class DeadLetters(dramatiq.Middleware):
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         try:
             fields = dead_letters.describe(message, getattr(message, "_exception", None), now=utc_now())
-            dead_letters.record(broker, fields)  # type: ignore[arg-type]
+            dead_letters.record(broker, fields)
         except Exception:
             # Never let the record break the worker: the message itself is safe
             # in Redis's dead-letter queue, and sync files it later.

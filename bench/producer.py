@@ -1,0 +1,280 @@
+"""The producer: contracts enqueued per second by the Python API, against Dramatiq's raw enqueue.
+
+No worker runs: the messages stay queued. On the same Redis server and in the
+same run:
+
+- single: ``contract_dispatch.send_contract`` (the producer's checks, the
+  contract reserved in SQL, one enqueue), one call per contract;
+- bulk: ``contract_dispatch.send_contracts`` in batches (the checks and
+  reservations in one transaction, the messages in one Redis round trip);
+- the baseline: Dramatiq's own ``RedisBroker.enqueue`` (default middleware) of a
+  message with the same payload, one call per message; and, for the bulk figure's
+  sake, the same messages pipelined (``workers.redis_dispatch.enqueue_many``).
+
+It also measures the Redis memory a queued message takes (``INFO memory``
+before and after queueing them): the service's ``send_contract`` messages and
+the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from bench import DatabaseKind, Workbench, machine
+
+DESCRIPTION = "messages enqueued per second by the producer API, single and bulk, against raw enqueue"
+
+#: Contracts per ``send_contracts`` call.
+BULK_BATCH = 500
+
+#: Calls made and thrown away first: imports, connection pools and statement caches.
+WARM_UP = 50
+
+#: Runs of each measurement; the best is kept (the machine is shared: noise only slows).
+REPEAT = 3
+
+#: Messages per measurement (default, --quick).
+SIZES = {"single": (1000, 200), "bulk": (5000, 1000)}
+
+WORKSPACE = "ws-producer"
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--producer-messages",
+        type=int,
+        default=None,
+        help="single sends per run (default 1000, 200 with --quick)",
+    )
+    group.add_argument(
+        "--producer-bulk-messages",
+        type=int,
+        default=None,
+        help="bulk sends per run (default 5000, 1000 with --quick)",
+    )
+
+
+def _count(options: argparse.Namespace, name: str, option: str) -> int:
+    chosen = getattr(options, option, None)
+    if chosen is not None:
+        return int(chosen)
+    default, quick = SIZES[name]
+    return quick if getattr(options, "quick", False) else default
+
+
+def payloads(count: int) -> list[dict[str, Any]]:
+    """send_contract payloads for new clients, with fresh ids."""
+    run = uuid.uuid4().hex[:6]
+    return [
+        {
+            "contract_id": f"p-{run}-{serial}",
+            "email": f"client-{run}-{serial}@example.com",
+            "company_name": f"Société {run} {serial} SARL",
+            "lead_source": "network",
+            "workspace_id": WORKSPACE,
+            "signatories": [{"email": f"manager-{run}-{serial}@example.com", "name": "Claire Manager"}],
+            "sections": [
+                {"id": "conditions", "title": "Conditions générales"},
+                {"id": "tarifs", "title": "Tarifs"},
+            ],
+            "title": "Bureau privatif",
+        }
+        for serial in range(count)
+    ]
+
+
+def used_memory(redis: Any) -> int:
+    return int(redis.info("memory")["used_memory"])
+
+
+class ProducerRun:
+    def __init__(self, workbench: Workbench) -> None:
+        from dramatiq.brokers.redis import RedisBroker
+
+        import actors
+
+        self.service_broker = actors.broker
+        self.redis = workbench.redis_client()
+        self.raw_namespace = f"{workbench.namespace}-raw"
+        self.raw = RedisBroker(url=workbench.redis_url, namespace=self.raw_namespace)  # type: ignore[no-untyped-call]
+        self.raw.declare_queue("contracts")
+
+    def flush(self) -> None:
+        self.service_broker.flush_all()
+        self.raw.flush_all()
+
+    def single(self, count: int) -> tuple[float, int]:
+        """Seconds for ``count`` send_contract calls, and the Redis bytes their messages took."""
+        from contract_dispatch import send_contract
+
+        batch = payloads(count)
+        self.flush()
+        before = used_memory(self.redis)
+        started = time.perf_counter()
+        for payload in batch:
+            send_contract(**payload)
+        elapsed = time.perf_counter() - started
+        grown = used_memory(self.redis) - before
+        self.check_queued(self.service_broker.namespace, count)
+        return elapsed, grown
+
+    def bulk(self, count: int) -> float:
+        from contract_dispatch import Receipt, send_contracts
+
+        batch = payloads(count)
+        self.flush()
+        started = time.perf_counter()
+        for start in range(0, count, BULK_BATCH):
+            results = send_contracts(batch[start : start + BULK_BATCH])
+            if not all(isinstance(result, Receipt) for result in results):
+                raise SystemExit("the producer refused bench contracts")
+        elapsed = time.perf_counter() - started
+        self.check_queued(self.service_broker.namespace, count)
+        return elapsed
+
+    def _raw_messages(self, count: int) -> list[Any]:
+        import dramatiq
+
+        from models.messages import SendContract, parse_message
+
+        return [
+            dramatiq.Message(
+                queue_name="contracts",
+                actor_name="send_contract",
+                args=(parse_message(SendContract, payload).to_payload(),),
+                kwargs={},
+                options={},
+            )
+            for payload in payloads(count)
+        ]
+
+    def raw_single(self, count: int) -> tuple[float, int]:
+        """Seconds for ``count`` raw enqueues of the same payload, and the Redis bytes they took."""
+        messages = self._raw_messages(count)
+        self.flush()
+        before = used_memory(self.redis)
+        started = time.perf_counter()
+        for message in messages:
+            self.raw.enqueue(message)
+        elapsed = time.perf_counter() - started
+        grown = used_memory(self.redis) - before
+        self.check_queued(self.raw_namespace, count)
+        return elapsed, grown
+
+    def raw_pipelined(self, count: int) -> float:
+        from workers.redis_dispatch import enqueue_many
+
+        messages = self._raw_messages(count)
+        self.flush()
+        started = time.perf_counter()
+        for start in range(0, count, BULK_BATCH):
+            enqueue_many(self.raw, messages[start : start + BULK_BATCH])
+        elapsed = time.perf_counter() - started
+        self.check_queued(self.raw_namespace, count)
+        return elapsed
+
+    def check_queued(self, namespace: str, count: int) -> None:
+        queued = int(self.redis.hlen(f"{namespace}:contracts.msgs"))
+        if queued != count:
+            raise SystemExit(f"{count} messages sent but {queued} queued in {namespace}")
+
+    def close(self) -> None:
+        self.flush()
+        self.raw.close()
+        self.redis.close()
+
+
+def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace) -> dict[str, Any]:
+    from contract_dispatch import set_workspace
+
+    singles = _count(options, "single", "producer_messages")
+    bulks = _count(options, "bulk", "producer_bulk_messages")
+    print(f"  producer on {kind}: {singles} single, {bulks} bulk, best of {REPEAT} ...", flush=True)
+    with workbench.database(kind, "producer"):
+        set_workspace(WORKSPACE, ["rg-1"])
+        run = ProducerRun(workbench)
+        try:
+            run.single(WARM_UP)
+            run.bulk(WARM_UP)
+            run.raw_single(WARM_UP)
+            load_before = round(os.getloadavg()[0], 2)
+            times: dict[str, list[float]] = {"single": [], "bulk": [], "raw": [], "raw_pipelined": []}
+            memory: dict[str, list[int]] = {"service": [], "raw": []}
+            # Interleaved: a burst of other work on the machine slows every kind alike.
+            for _ in range(REPEAT):
+                elapsed, grown = run.single(singles)
+                times["single"].append(elapsed)
+                memory["service"].append(grown)
+                elapsed, grown = run.raw_single(singles)
+                times["raw"].append(elapsed)
+                memory["raw"].append(grown)
+                times["bulk"].append(run.bulk(bulks))
+                times["raw_pipelined"].append(run.raw_pipelined(bulks))
+            load_after = round(os.getloadavg()[0], 2)
+        finally:
+            run.close()
+    rates = {
+        "single_per_s": singles / min(times["single"]),
+        "raw_per_s": singles / min(times["raw"]),
+        "bulk_per_s": bulks / min(times["bulk"]),
+        "raw_pipelined_per_s": bulks / min(times["raw_pipelined"]),
+    }
+    return {
+        "database": kind,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "single_messages": singles,
+        "bulk_messages": bulks,
+        "bulk_batch": BULK_BATCH,
+        "runs_s": times,
+        **rates,
+        "ratios": {
+            "single_vs_raw": rates["single_per_s"] / rates["raw_per_s"],
+            "bulk_vs_raw": rates["bulk_per_s"] / rates["raw_per_s"],
+            "bulk_vs_raw_pipelined": rates["bulk_per_s"] / rates["raw_pipelined_per_s"],
+        },
+        "redis_bytes_per_message": {
+            "send_contract": min(memory["service"]) / singles,
+            "raw_same_payload": min(memory["raw"]) / singles,
+        },
+        "load_average": [load_before, load_after],
+    }
+
+
+def run(workbench: Workbench, options: argparse.Namespace, kinds: list[DatabaseKind]) -> dict[str, Any]:
+    return {kind: run_on(workbench, kind, options) for kind in kinds}
+
+
+def summary(figures: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for kind, result in figures.items():
+        ratios, memory = result["ratios"], result["redis_bytes_per_message"]
+        lines.append(
+            f"producer on {kind}: best of {REPEAT}, load average {result['load_average'][0]} "
+            "(ratio, goal, raw)"
+        )
+        for label, key, ratio in (
+            ("send_contract", "single_per_s", ratios["single_vs_raw"]),
+            ("send_contracts", "bulk_per_s", ratios["bulk_vs_raw"]),
+        ):
+            verdict = "ok  " if ratio >= 0.5 else "MISS"
+            lines.append(
+                f"  {verdict} {label:<19}{ratio:5.2f} x raw     (goal >= 0.5):  {result[key]:.0f}/s vs raw "
+                f"broker.enqueue {result['raw_per_s']:.0f}/s"
+                + (
+                    f" (raw pipelined {result['raw_pipelined_per_s']:.0f}/s: "
+                    f"{ratios['bulk_vs_raw_pipelined']:.2f} x)"
+                    if key == "bulk_per_s"
+                    else ""
+                )
+            )
+        lines.append(
+            f"       Redis per queued message {memory['send_contract']:.0f} bytes (send_contract), "
+            f"raw Dramatiq message with the same payload {memory['raw_same_payload']:.0f} bytes"
+        )
+    return lines

@@ -1,0 +1,100 @@
+"""``send_contracts``: the producer's checks for each contract, one enqueue for all of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+import workers.redis_dispatch
+from contract_dispatch import (
+    BrokerUnavailable,
+    Receipt,
+    Rejected,
+    contract_status,
+    send_contract,
+    send_contracts,
+)
+from tests.support import all_emails_sent, contract_payload, wait_for_contract
+
+
+@pytest.fixture
+def enqueue_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
+    """The messages of each ``enqueue_many`` call the producer makes while the test runs."""
+    calls: list[list[Any]] = []
+    original = workers.redis_dispatch.enqueue_many
+
+    def spy(broker: Any, messages: list[Any]) -> None:
+        calls.append(list(messages))
+        original(broker, messages)
+
+    monkeypatch.setattr(workers.redis_dispatch, "enqueue_many", spy)
+    return calls
+
+
+def test_bulk_send_checks_each_contract_and_enqueues_the_accepted_ones_at_once(
+    worker, standin, enqueue_calls
+):
+    bound = contract_payload()
+    send_contract(**bound)
+    wait_for_contract(bound["contract_id"], all_emails_sent(1), what="the first contract to be sent")
+
+    first, second = contract_payload(), contract_payload()
+    bad_lead_source = contract_payload(lead_source="billboard")
+    other_company = contract_payload(email=bound["email"], company_name="Another Company SAS")
+    unknown_workspace = contract_payload(workspace_id="ws-nowhere")
+    results = send_contracts([first, bad_lead_source, second, other_company, unknown_workspace, bound])
+
+    assert results[0] == Receipt(contract_id=first["contract_id"], status="queued")
+    assert results[2] == Receipt(contract_id=second["contract_id"], status="queued")
+    # Already accepted: its current status, and no second message.
+    assert results[5] == Receipt(contract_id=bound["contract_id"], status="sent")
+    refusals = [results[1], results[3], results[4]]
+    assert all(isinstance(refusal, Rejected) for refusal in refusals)
+    assert [refusal.code for refusal in refusals if isinstance(refusal, Rejected)] == [
+        "invalid_lead_source",
+        "email_bound_to_other_company",
+        "unknown_workspace",
+    ]
+    assert "Another Company" not in str(results[3]) and bound["company_name"] not in str(results[3])
+
+    (call,) = enqueue_calls
+    assert [message.args[0]["contract_id"] for message in call] == [
+        first["contract_id"],
+        second["contract_id"],
+    ]
+    for payload in (first, second):
+        report = wait_for_contract(
+            payload["contract_id"], all_emails_sent(1), what="a bulk contract to be sent"
+        )
+        assert report.status == "sent"
+        assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
+    for payload in (bad_lead_source, other_company, unknown_workspace):
+        assert contract_status(payload["contract_id"]) is None
+    assert len(standin.accepted_for(f"invitation:{bound['contract_id']}:")) == 1
+
+
+def test_bulk_send_forgets_its_reservations_when_the_broker_is_down(database, monkeypatch):
+    def unreachable(broker: Any, messages: list[Any]) -> None:
+        raise redis.ConnectionError("connection refused")
+
+    monkeypatch.setattr(workers.redis_dispatch, "enqueue_many", unreachable)
+    payloads = [contract_payload(), contract_payload()]
+    with pytest.raises(BrokerUnavailable):
+        send_contracts(payloads)
+    for payload in payloads:
+        assert contract_status(payload["contract_id"]) is None
+
+
+def test_bulk_send_with_an_unknown_argument_writes_nothing(database, enqueue_calls):
+    good = contract_payload()
+    with pytest.raises(TypeError):
+        send_contracts([good, {**contract_payload(), "colour": "blue"}])
+    assert contract_status(good["contract_id"]) is None
+    assert enqueue_calls == []
+
+
+def test_bulk_send_of_nothing_enqueues_nothing(database, enqueue_calls):
+    assert send_contracts([]) == []
+    assert enqueue_calls == []

@@ -1,0 +1,506 @@
+"""The message flow on both brokers: Redis and RabbitMQ (``BROKER_URL=amqp://…``).
+
+Each broker gets a real ``contract-dispatch worker`` process of its own and the
+same journeys: a send through the CLI (the producer API), provider failures
+retried, a refusal dead-lettered with its reason and then retried with
+``dead-letters retry``, and messages written by a producer without Python (one
+valid, one that is not JSON).
+
+RabbitMQ tests work in a virtual host created for this session (``rabbitmqctl
+add_vhost``) and deleted at the end, since Dramatiq's RabbitMQ broker has no
+namespace: queues are named after the actors' queues. The virtual host is made
+with ``rabbitmqctl`` (root here) or, failing that, RabbitMQ's management API. They
+skip on a machine without RabbitMQ, except when ``CI`` is set.
+The Redis side works in a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pika
+import pika.exceptions
+import pytest
+import redis
+from sqlmodel import select
+
+from contract_dispatch import set_workspace
+from models.dead_letter import DeadLetter
+from tests.processes import CLI, WorkerProcess
+from tests.sendgrid_standin import Answer, SendGridStandIn
+from tests.support import (
+    RedisServer,
+    all_emails_sent,
+    contract_payload,
+    unique,
+    wait_for_contract,
+    wait_until,
+)
+from tests.test_cli import send_args
+from workers.database import session_scope
+
+#: The RabbitMQ server the tests use (guest/guest on this machine and on CI).
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+
+#: A worker process boots, connects and declares its queues within this, in seconds.
+BOOT_TIMEOUT_SECONDS = 40
+
+#: One CLI command never takes this long.
+COMMAND_TIMEOUT_SECONDS = 60
+
+#: RabbitMQ's management API, used to create the tests' virtual host where
+#: ``rabbitmqctl`` cannot (not installed, or not allowed to this user).
+MANAGEMENT_URL = os.environ.get("TEST_RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
+
+#: How long ``rabbitmqctl`` or the management API may take for one command, in seconds.
+RABBITMQCTL_TIMEOUT_SECONDS = 30
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if _ci():
+        pytest.fail(f"CI is set but RabbitMQ is unusable: {reason}")
+    pytest.skip(f"no RabbitMQ: {reason}")
+
+
+class _VhostAdmin:
+    """Creates and deletes a virtual host with ``rabbitmqctl``, else RabbitMQ's management API."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user = user
+        self.password = password
+
+    def create(self, vhost: str) -> str | None:
+        """Create ``vhost`` with full rights for the user; None, or why it could not."""
+        problems = []
+        if shutil.which("rabbitmqctl") is not None:
+            result = self._ctl("add_vhost", vhost)
+            if result.returncode == 0:
+                result = self._ctl("set_permissions", "-p", vhost, self.user, ".*", ".*", ".*")
+                if result.returncode == 0:
+                    return None
+                self._ctl("delete_vhost", vhost)
+            problems.append(f"rabbitmqctl: {result.stderr.strip()[:200]}")
+        else:
+            problems.append("rabbitmqctl is not installed")
+        try:
+            self._api("PUT", f"/api/vhosts/{quote(vhost, safe='')}", None)
+            rights = {"configure": ".*", "write": ".*", "read": ".*"}
+            self._api("PUT", f"/api/permissions/{quote(vhost, safe='')}/{quote(self.user)}", rights)
+            return None
+        except OSError as exc:
+            problems.append(f"management API at {MANAGEMENT_URL}: {exc}")
+        return "; ".join(problems)
+
+    def delete(self, vhost: str) -> None:
+        if shutil.which("rabbitmqctl") is not None and self._ctl("delete_vhost", vhost).returncode == 0:
+            return
+        with contextlib.suppress(OSError):
+            self._api("DELETE", f"/api/vhosts/{quote(vhost, safe='')}", None)
+
+    def _ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["rabbitmqctl", "-q", *args],
+            capture_output=True,
+            text=True,
+            timeout=RABBITMQCTL_TIMEOUT_SECONDS,
+            check=False,
+        )
+
+    def _api(self, method: str, path: str, body: dict[str, str] | None) -> None:
+        request = urllib.request.Request(  # noqa: S310 - a fixed http:// base URL
+            MANAGEMENT_URL + path,
+            data=json.dumps(body).encode() if body is not None else None,
+            method=method,
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Basic "
+                + base64.b64encode(f"{self.user}:{self.password}".encode()).decode(),
+            },
+        )
+        with urllib.request.urlopen(request, timeout=RABBITMQCTL_TIMEOUT_SECONDS):  # noqa: S310
+            pass
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """The AMQP URL of a virtual host created for this session, deleted at its end."""
+    parts = urlsplit(RABBITMQ_URL)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2).close()
+    except OSError as exc:
+        _unavailable(f"nothing answers at {parts.hostname}:{parts.port} ({type(exc).__name__})")
+    admin = _VhostAdmin(parts.username or "guest", parts.password or "guest")
+    vhost = f"contract-dispatch-test-{uuid.uuid4().hex[:10]}"
+    problem = admin.create(vhost)
+    if problem is not None:
+        _unavailable(f"cannot create the tests' own virtual host ({problem})")
+    try:
+        yield f"{RABBITMQ_URL.rstrip('/')}/{quote(vhost, safe='')}"
+    finally:
+        admin.delete(vhost)
+
+
+@dataclass
+class System:
+    """A worker process on one broker, and what a test needs to reach that broker."""
+
+    kind: str
+    env: dict[str, str]
+    namespace: str
+    redis: redis.Redis
+    amqp_url: str | None
+    worker: WorkerProcess
+
+    def ready(self) -> bool:
+        """Whether the worker consumes: registered in Redis, or its queues declared on RabbitMQ."""
+        if self.kind == "redis":
+            return bool(self.redis.hlen(f"{self.namespace}:__workers__"))
+        assert self.amqp_url is not None
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            channel = connection.channel()
+            try:
+                consumers = channel.queue_declare("contracts", passive=True).method.consumer_count
+            except pika.exceptions.ChannelClosedByBroker:
+                return False
+            return bool(consumers)
+        finally:
+            if connection.is_open:
+                connection.close()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CLI, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            check=False,
+        )
+
+    def enqueue_raw(self, body: bytes, *, message_id: str, queue: str = "contracts") -> None:
+        """Write a message the way a producer in another language does (README).
+
+        ``message_id`` is the Redis id on Redis (the message's ``options.redis_message_id``)
+        and the AMQP message id on RabbitMQ.
+        """
+        if self.kind == "redis":
+            redis_id = message_id
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(f"{self.namespace}:{queue}.msgs", redis_id, body)
+                pipe.rpush(f"{self.namespace}:{queue}", redis_id)
+                pipe.execute()
+            return
+        assert self.amqp_url is not None
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish(
+                exchange="",
+                routing_key=queue,
+                body=body,
+                properties=pika.BasicProperties(delivery_mode=2, message_id=message_id),
+                mandatory=True,
+            )
+        finally:
+            connection.close()
+
+    def dead_copies(self, queue: str) -> list[str]:
+        """The message ids of the bodies in the broker's own dead-letter queue of ``queue``."""
+        found: list[str] = []
+        if self.kind == "redis":
+            for raw in self.redis.hvals(f"{self.namespace}:{queue}.XQ.msgs"):
+                with contextlib.suppress(ValueError, AttributeError):
+                    found.append(json.loads(raw).get("message_id"))
+            return found
+        assert self.amqp_url is not None
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            channel = connection.channel()
+            while True:
+                method, _properties, body = channel.basic_get(f"{queue}.XQ", auto_ack=False)
+                if method is None:
+                    break
+                with contextlib.suppress(ValueError, AttributeError):
+                    found.append(json.loads(body).get("message_id"))
+            # Closing without acknowledging puts every message back.
+            channel.close()
+        finally:
+            connection.close()
+        return found
+
+
+def raw_message(payload: dict[str, Any], *, kind: str) -> tuple[str, bytes]:
+    """A send_contract message as JSON, with the Redis id field only where Redis needs it."""
+    message_id = str(uuid.uuid4())
+    message = {
+        "queue_name": "contracts",
+        "actor_name": "send_contract",
+        "args": [payload],
+        "kwargs": {},
+        "options": {"redis_message_id": message_id} if kind == "redis" else {},
+        "message_id": message_id,
+        "message_timestamp": int(time.time() * 1000),
+    }
+    return message_id, json.dumps(message).encode()
+
+
+@pytest.fixture(scope="module", params=["redis", "amqp"])
+def system(
+    request: pytest.FixtureRequest,
+    database: str,
+    test_environment: dict[str, str],
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[System]:
+    """A ``contract-dispatch worker`` on Redis, then on RabbitMQ, over the session's database."""
+    kind = str(request.param)
+    namespace = unique("brokers")
+    env = {**os.environ, **test_environment, "DATABASE_URL": database, "REDIS_NAMESPACE": namespace}
+    amqp_url = None
+    if kind == "amqp":
+        amqp_url = str(request.getfixturevalue("rabbitmq_url"))
+        # Redis stays the coordination store (scheduler slots, parked dead-letter reasons).
+        env["BROKER_URL"] = amqp_url
+    log = tmp_path_factory.mktemp(f"worker-{kind}") / "worker.log"
+    worker = WorkerProcess(env, log_path=log, threads=4).start()
+    client = redis_server.client()
+    built = System(kind=kind, env=env, namespace=namespace, redis=client, amqp_url=amqp_url, worker=worker)
+    try:
+        # A message written raw to RabbitMQ before its queue exists is unroutable.
+        wait_until(built.ready, timeout=BOOT_TIMEOUT_SECONDS, what=f"the {kind} worker to consume")
+        yield built
+    finally:
+        worker.terminate()
+        keys = client.keys(f"{namespace}:*")
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def _log_of(system: System) -> str:
+    return system.worker.log()[-4000:]
+
+
+def record_of(message_id: str) -> DeadLetter | None:
+    with session_scope() as session:
+        return session.exec(select(DeadLetter).where(DeadLetter.message_id == message_id)).first()
+
+
+def wait_record(message_id: str, *, status: str, what: str) -> DeadLetter:
+    found: list[DeadLetter] = []
+
+    def check() -> bool:
+        record = record_of(message_id)
+        if record is not None and record.status == status:
+            found.append(record)
+            return True
+        return False
+
+    wait_until(check, timeout=BOOT_TIMEOUT_SECONDS, what=what)
+    return found[0]
+
+
+def test_send_and_sign_through_the_cli(system: System, standin: SendGridStandIn) -> None:
+    payload = contract_payload()
+    sent = system.cli(*send_args(payload))
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["status"] == "queued"
+
+    report = wait_for_contract(
+        payload["contract_id"],
+        all_emails_sent(1),
+        timeout=BOOT_TIMEOUT_SECONDS,
+        what=f"the invitation to be sent on {system.kind}: {_log_of(system)}",
+    )
+    (invitation,) = standin.accepted_for(f"invitation:{payload['contract_id']}:")
+    assert invitation.to == [payload["email"]]
+    assert report.emails[0].provider_message_id == invitation.message_id
+
+    signed = system.cli(
+        "notify-signatories",
+        "--contract-id",
+        payload["contract_id"],
+        "--legal-name",
+        payload["company_name"],
+        "--accepted-section",
+        "conditions",
+        "--accepted-section",
+        "tarifs",
+    )
+    assert signed.returncode == 0, signed.stderr
+    final = wait_for_contract(
+        payload["contract_id"],
+        lambda r: r.status == "signed" and all_emails_sent(2)(r),
+        timeout=BOOT_TIMEOUT_SECONDS,
+        what="the signatory to be told",
+    )
+    assert [e.to for e in final.emails if e.kind == "signed_notification"] == [
+        payload["signatories"][0]["email"]
+    ]
+
+
+def test_provider_failures_are_retried_then_sent(system: System, standin: SendGridStandIn) -> None:
+    # The message is written raw, as a producer without Python does. Two transient
+    # failures, within MAX_RETRIES=3: the third attempt goes through (retries travel
+    # through the broker's delay queue).
+    standin.script(Answer(status=503), Answer(status=500))
+    payload = contract_payload()
+    message_id, body = raw_message(payload, kind=system.kind)
+    system.enqueue_raw(body, message_id=message_id)
+
+    report = wait_for_contract(
+        payload["contract_id"],
+        all_emails_sent(1),
+        timeout=BOOT_TIMEOUT_SECONDS,
+        what=f"the invitation to be sent after two failures: {_log_of(system)}",
+    )
+    assert report.emails[0].attempts == 3
+    statuses = [r.status for r in standin.requests if (r.reference or "").startswith("invitation:")]
+    assert statuses[-3:] == [503, 500, 202]
+    assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
+
+
+def test_refusal_is_dead_lettered_with_its_reason_then_retried(
+    system: System, standin: SendGridStandIn
+) -> None:
+    workspace = unique("ws")
+    payload = contract_payload(workspace_id=workspace)
+    message_id, body = raw_message(payload, kind=system.kind)
+    system.enqueue_raw(body, message_id=message_id)
+
+    record = wait_record(message_id, status="dead", what=f"the refusal's dead letter: {_log_of(system)}")
+    assert (record.actor_name, record.queue_name) == ("send_contract", "contracts")
+    assert record.exception_type == "UnknownWorkspace"
+    assert workspace in record.exception_message
+    assert message_id in system.dead_copies("contracts"), _log_of(system)
+
+    # The cause is fixed; the SQL record is enough to send the message again.
+    set_workspace(workspace, ["rg-1"])
+    retried = system.cli("dead-letters", "retry", str(record.id))
+    assert retried.returncode == 0, retried.stderr
+    wait_for_contract(
+        payload["contract_id"],
+        lambda r: r.status == "sent" and all_emails_sent(1)(r),
+        timeout=BOOT_TIMEOUT_SECONDS,
+        what="the retried contract to be sent",
+    )
+    after = record_of(message_id)
+    assert after is not None and (after.status, after.retry_count) == ("retried", 1)
+    # The broker's own copy went with the retry: it is not counted twice.
+    assert message_id not in system.dead_copies("contracts")
+    assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
+
+
+def test_malformed_message_from_another_producer(system: System, standin: SendGridStandIn) -> None:
+    # (test_provider_failures_are_retried_then_sent writes its valid message raw too.)
+    # A body that is not JSON is dead-lettered with its reason, not dropped, and
+    # the worker goes on with the next message.
+    broken_id = str(uuid.uuid4())
+    system.enqueue_raw(b"{not json", message_id=broken_id)
+    broken = wait_record(broken_id, status="dead", what=f"the malformed message's record: {_log_of(system)}")
+    assert broken.actor_name == "(malformed)"
+    assert broken.exception_type == "DecodeError"
+    assert "not a Dramatiq message" in broken.exception_message
+
+    after = contract_payload()
+    message_id, body = raw_message(after, kind=system.kind)
+    system.enqueue_raw(body, message_id=message_id)
+    wait_for_contract(after["contract_id"], all_emails_sent(1), what="a message after the malformed one")
+
+
+# -- configuration and an unreachable broker (no RabbitMQ needed) ---------------
+
+
+def test_broker_url_names_the_broker() -> None:
+    from workers.settings import Settings
+
+    amqp = Settings(broker_url="amqp://guest:guest@rabbit:5672/prod", redis_url="redis://coordination:6379/0")
+    assert amqp.uses_rabbitmq
+    # Redis keeps coordinating: REDIS_URL is left as it is.
+    assert amqp.redis_url == "redis://coordination:6379/0"
+
+    redis_broker = Settings(broker_url="rediss://cache:6380/0", redis_url=None)
+    assert not redis_broker.uses_rabbitmq
+    # One Redis: status, health and the scheduler read REDIS_URL.
+    assert redis_broker.redis_url == "rediss://cache:6380/0"
+
+    unset = Settings(broker_url=None, redis_url="redis://only:6379/0")
+    assert not unset.uses_rabbitmq and unset.redis_url == "redis://only:6379/0"
+
+    with pytest.raises(ValueError, match="BROKER_URL must start with"):
+        Settings(broker_url="http://rabbit:15672/")
+    with pytest.raises(ValueError, match="two Redis servers"):
+        Settings(broker_url="redis://a:6379/0", redis_url="redis://b:6379/0")
+
+
+def test_unreachable_rabbitmq_is_reported_as_unavailable(
+    database: str, test_environment: dict[str, str]
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        **test_environment,
+        "DATABASE_URL": database,
+        "BROKER_URL": f"amqp://guest:guest@127.0.0.1:{closed_port}/nowhere",
+    }
+    payload = contract_payload()
+    result = subprocess.run(
+        [CLI, *send_args(payload)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("unavailable: the message broker cannot be reached"), result.stderr
+    # pika's own connection tracebacks are not shown to the user.
+    assert "Traceback" not in result.stderr
+
+
+def test_schedulers_on_rabbitmq_claim_their_slots_in_redis(redis_server: RedisServer) -> None:
+    from workers.broker import build_broker
+    from workers.rabbitmq import ServiceRabbitmqBroker
+    from workers.scheduler import PeriodicJob, claim_slot
+    from workers.settings import Settings
+
+    namespace = unique("slots")
+    settings = Settings(
+        broker_url="amqp://guest:guest@127.0.0.1:5672/unused",
+        redis_url=redis_server.url,
+        redis_namespace=namespace,
+    )
+    # Two schedulers' brokers: building one opens no connection to RabbitMQ.
+    first, second = build_broker(settings), build_broker(settings)
+    assert isinstance(first, ServiceRabbitmqBroker)
+    job = PeriodicJob(name="sweep-reminders", actor_name="sweep_reminders", interval=60, payload={})
+    try:
+        assert [claim_slot(first, job, now=600.0), claim_slot(second, job, now=630.0)] == [True, False]
+        assert claim_slot(second, job, now=660.0)
+    finally:
+        client = redis_server.client()
+        keys = client.keys(f"{namespace}:*")
+        if keys:
+            client.delete(*keys)
+        client.close()

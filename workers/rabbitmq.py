@@ -1,0 +1,193 @@
+"""Dramatiq's RabbitMQ broker, for fleets that outgrow one Redis (``BROKER_URL=amqp://…``).
+
+Messages, retries (delayed on ``{queue}.DQ``) and Dramatiq's dead-letter queue
+(``{queue}.XQ``, where RabbitMQ dead-letters what a worker rejects) live in
+RabbitMQ. RabbitMQ returns a dead worker's unacknowledged messages as soon as
+its connection drops, so the Redis broker's heartbeats and scheduled
+maintenance have no counterpart here. The ``dead_letters`` table stays the
+record operators work from; retrying or purging a record removes its copies
+from ``{queue}.XQ`` (see ``remove_dead_copies``).
+
+Redis (``REDIS_URL``) still coordinates what RabbitMQ cannot: schedulers'
+job slots and dead-letter reasons parked through a database outage (see
+``workers.coordination``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pika
+import pika.exceptions
+import redis
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _RabbitmqMessage
+from dramatiq.common import xq_name
+from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.message import Message
+
+from models.types import utc_now
+from workers import dead_letters
+
+logger = logging.getLogger(__name__)
+
+#: pika logs every failed connection attempt at ERROR with a traceback (several per
+#: attempt), before Dramatiq turns it into ``ConnectionClosed``, which the service
+#: reports once (``BrokerUnavailable``, or the worker's reconnection warning).
+PIKA_LOG_LEVEL = logging.CRITICAL
+logging.getLogger("pika").setLevel(PIKA_LOG_LEVEL)
+
+#: ``remove_dead_copies`` looks at no more than this many dead letters of one queue:
+#: it reads the queue from its head, since RabbitMQ cannot delete one message by id.
+MAX_DEAD_LETTER_SCAN = 100_000
+
+
+class ServiceRabbitmqBroker(RabbitmqBroker):
+    """Dramatiq's RabbitMQ broker, whose consumers dead-letter malformed messages with a reason.
+
+    ``coordination`` is the Redis client of ``REDIS_URL``, connected on first
+    use (a producer that never needs it never opens it).
+    """
+
+    def __init__(
+        self, *, url: str, namespace: str, coordination: Callable[[], redis.Redis], **options: Any
+    ) -> None:
+        super().__init__(url=url, **options)
+        self.namespace = namespace
+        self._coordination_factory = coordination
+        self._coordination: redis.Redis | None = None
+        self._coordination_lock = threading.Lock()
+
+    @property
+    def consumer_class(self) -> type[TolerantRabbitmqConsumer]:
+        return TolerantRabbitmqConsumer
+
+    @property
+    def coordination(self) -> redis.Redis:
+        with self._coordination_lock:
+            if self._coordination is None:
+                self._coordination = self._coordination_factory()
+            return self._coordination
+
+    @property
+    def client(self) -> redis.Redis:
+        # An AttributeError, so getattr(broker, "client", None) still says "none".
+        raise AttributeError(
+            "the broker is RabbitMQ (BROKER_URL): its queue figures are RabbitMQ's "
+            "(rabbitmqctl list_queues, or the management UI), not Redis's"
+        )
+
+
+def envelope_problem(message: Message[Any], queue_names: Iterable[str]) -> str | None:
+    """What makes a message read from RabbitMQ unprocessable whatever its payload, or None.
+
+    The Redis checks, less the Redis id (RabbitMQ acknowledges by delivery tag).
+    """
+    fields: Any = message
+    if not isinstance(fields.message_id, str):
+        return "message_id is not a string"
+    if not isinstance(fields.actor_name, str):
+        return "actor_name is not a string"
+    if not isinstance(fields.options, dict):
+        return "options is not an object"
+    if not isinstance(fields.kwargs, dict):
+        return "kwargs is not an object"
+    if fields.queue_name not in tuple(queue_names):
+        return f"its queue_name {str(fields.queue_name)[:64]!r} is not the queue it was on"
+    return None
+
+
+class TolerantRabbitmqConsumer(_RabbitmqConsumer):
+    """Dramatiq's RabbitMQ consumer (2.x), filing malformed messages in SQL before rejecting them.
+
+    Dramatiq rejects a body it cannot decode without saying why anywhere but a
+    log line, and a message naming another queue kills the worker thread that
+    finishes it. Here both are rejected to ``{queue}.XQ`` and recorded with
+    actor ``(malformed)`` and their reason.
+    """
+
+    def __next__(self) -> _RabbitmqMessage | None:
+        try:
+            method, properties, body = next(self.iterator)
+            if method is None:
+                return None
+        except (AssertionError, pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+            if getattr(e, "reply_code", None) == 404:
+                self.broker.queues_pending.add(self.queue_name.removesuffix(".DQ"))
+            raise ConnectionClosed(e) from None  # type: ignore[no-untyped-call]
+        try:
+            message: Message[Any] = Message.decode(body)
+        except DecodeError as error:
+            self._reject_malformed(
+                method, properties, "DecodeError", dead_letters.decode_problem(body, error)
+            )
+            return None
+        problem = envelope_problem(message, (self.queue_name,))
+        if problem is not None:
+            self._reject_malformed(method, properties, "MalformedMessage", problem)
+            return None
+        proxy = _RabbitmqMessage(method.redelivered, method.delivery_tag, message)  # type: ignore[no-untyped-call]
+        self.known_tags.add(method.delivery_tag)
+        return proxy
+
+    def _reject_malformed(self, method: Any, properties: Any, exception_type: str, reason: str) -> None:
+        # The AMQP message id when the producer set one; otherwise one of our own,
+        # which only the SQL record knows (the body may hold anything).
+        message_id = str(getattr(properties, "message_id", None) or uuid.uuid4())[:64]
+        logger.error(
+            "Message %s on %s is malformed (%s): dead-lettered.", message_id, self.queue_name, reason
+        )
+        try:
+            fields = dead_letters.describe_malformed(
+                message_id, self.queue_name, exception_type=exception_type, reason=reason, now=utc_now()
+            )
+            fields["redis_message_id"] = None
+            dead_letters.record(self.broker, fields)
+        finally:
+            self._nack(method.delivery_tag)  # type: ignore[no-untyped-call]
+
+
+def _message_id_of(body: bytes) -> str | None:
+    try:
+        value = json.loads(body).get("message_id")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def remove_dead_copies(broker: RabbitmqBroker, queue_name: str, message_ids: Iterable[str]) -> int:
+    """Delete every copy of these messages from ``{queue}.XQ``; returns how many were deleted.
+
+    RabbitMQ deletes messages only from a queue's head, so this reads the queue
+    on a channel of its own without acknowledging, acknowledges the copies to
+    delete, and closes the channel: RabbitMQ puts every other message back where
+    it was, with its expiry unchanged. Costs one pass over the queue.
+    """
+    wanted = set(message_ids)
+    if not wanted:
+        return 0
+    removed = 0
+    connection = pika.BlockingConnection(parameters=broker.parameters)
+    try:
+        channel = connection.channel()
+        try:
+            for _ in range(MAX_DEAD_LETTER_SCAN):
+                method, _properties, body = channel.basic_get(xq_name(queue_name), auto_ack=False)
+                if method is None:
+                    break
+                if _message_id_of(body) in wanted:
+                    channel.basic_ack(method.delivery_tag)
+                    removed += 1
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            # No such queue: no copy to remove.
+        if channel.is_open:
+            channel.close()
+    finally:
+        connection.close()
+    return removed
