@@ -5,6 +5,7 @@
 Receipt(contract_id='C-1', status='queued')
 """
 
+from contract_dispatch.accounts import set_password, verify_code, verify_password
 from contract_dispatch.producer import (
     Receipt,
     ResendReceipt,
@@ -14,17 +15,21 @@ from contract_dispatch.producer import (
     resend_invitation,
     run_reminders,
     send_contract,
+    send_contracts,
     set_workspace,
     submit_notify_signatories,
     submit_send_contract,
 )
 from models.errors import BrokerUnavailable, DispatchError, Rejected
+from models.first_login import AccessCodeRefused, PasswordRefused
 from models.status import ContractReport
 
 __all__ = [
+    "AccessCodeRefused",
     "BrokerUnavailable",
     "ContractReport",
     "DispatchError",
+    "PasswordRefused",
     "Receipt",
     "Rejected",
     "ResendReceipt",
@@ -34,7 +39,11 @@ __all__ = [
     "resend_invitation",
     "run_reminders",
     "send_contract",
+    "send_contracts",
+    "set_password",
     "set_workspace",
     "submit_notify_signatories",
     "submit_send_contract",
+    "verify_code",
+    "verify_password",
 ]

@@ -12,6 +12,8 @@ from dramatiq.middleware import Retries, default_middleware
 from workers import embedded_redis
 from workers.consumer import TolerantRedisConsumer
 from workers.middleware import BrokerMaintenance, DeadLetters, DeliveryOutcomes, MessageLog, SingleStopSignal
+from workers.middleware.metrics import Refusals, dramatiq_prometheus
+from workers.rabbitmq import ServiceRabbitmqBroker
 from workers.retry_policy import retry_when
 from workers.settings import Settings, get_settings
 
@@ -23,7 +25,11 @@ REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
 REDIS_SOCKET_TIMEOUT_SECONDS = 15.0
 
 _lock = threading.Lock()
-_broker: RedisBroker | None = None
+#: What ``setup_broker`` builds: both have ``namespace`` and ``client`` (which, on
+#: RabbitMQ, raises AttributeError saying the queues are RabbitMQ's, not Redis's).
+ServiceBroker = RedisBroker | ServiceRabbitmqBroker
+
+_broker: ServiceBroker | None = None
 
 
 class ServiceRedisBroker(RedisBroker):
@@ -35,22 +41,33 @@ class ServiceRedisBroker(RedisBroker):
 
 
 def broker_url(settings: Settings) -> str:
-    """REDIS_URL, or the embedded server's (started if needed)."""
+    """The service's Redis: REDIS_URL, or the embedded server's (started if needed).
+
+    It is the broker unless BROKER_URL names RabbitMQ; then it only coordinates
+    (see workers.coordination).
+    """
     if settings.redis_url:
         return settings.redis_url
     url, _ = embedded_redis.ensure_running(settings.data_dir)
     return url
 
 
-def build_broker(settings: Settings) -> RedisBroker:
-    """A Redis broker with the service's retry policy and middleware."""
-    client = redis.Redis.from_url(
+def redis_client(settings: Settings) -> redis.Redis:
+    """A client of the service's Redis (REDIS_URL, or the embedded server's)."""
+    return redis.Redis.from_url(
         broker_url(settings),
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
         socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
         health_check_interval=30,
     )
+
+
+def build_broker(settings: Settings) -> ServiceBroker:
+    """A Redis broker, or a RabbitMQ one (BROKER_URL), with the service's retry policy and middleware."""
     middleware = [m() for m in default_middleware if m is not Retries]
+    prometheus = dramatiq_prometheus()
+    if prometheus is not None:
+        middleware.insert(0, prometheus)
     # Before Retries: its "after" hook runs once Retries has decided the message's fate.
     middleware.append(MessageLog())
     middleware.append(
@@ -64,15 +81,28 @@ def build_broker(settings: Settings) -> RedisBroker:
     # After Retries: their "after" hooks run before it (see DeadLetters).
     middleware.append(DeadLetters())
     middleware.append(DeliveryOutcomes())
+    middleware.append(Refusals())
     middleware.append(
         BrokerMaintenance(
             interval_ms=settings.maintenance_interval_ms,
             outage_patience_seconds=settings.redis_outage_patience_seconds,
+            history_sample_interval_ms=settings.history_sample_interval_ms,
         )
     )
     middleware.append(SingleStopSignal())
+    if settings.uses_rabbitmq:
+        assert settings.broker_url is not None
+        return ServiceRabbitmqBroker(
+            url=settings.broker_url,
+            namespace=settings.redis_namespace,
+            coordination=lambda: redis_client(settings),
+            # Each enqueue waits for RabbitMQ's confirmation: a producer that got
+            # no error knows the message is on the queue.
+            confirm_delivery=True,
+            middleware=middleware,
+        )
     return ServiceRedisBroker(  # type: ignore[no-untyped-call]
-        client=client,
+        client=redis_client(settings),
         namespace=settings.redis_namespace,
         heartbeat_timeout=settings.heartbeat_timeout_ms,
         # Maintenance runs on a schedule (BrokerMaintenance), not on a dice roll.
@@ -81,7 +111,7 @@ def build_broker(settings: Settings) -> RedisBroker:
     )
 
 
-def setup_broker() -> RedisBroker:
+def setup_broker() -> ServiceBroker:
     """The process's broker, set as Dramatiq's global one (actors bind to it)."""
     global _broker
     with _lock:

@@ -341,6 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dead_letter_commands(commands)
 
+    from workers.cli_status import add_commands as add_status_commands
+
+    add_status_commands(commands)
+
+    from workers.ops.health import add_commands as add_health_commands
+
+    add_health_commands(commands)
+
+    from workers.cli_metrics import add_commands as add_metrics_commands
+
+    add_metrics_commands(commands)
+
+    from workers.cli_accounts import add_commands as add_account_commands
+
+    add_account_commands(commands)
+
     redis_cmd = commands.add_parser("embedded-redis", help="the embedded Redis used when REDIS_URL is unset")
     redis_cmd.add_argument("action", choices=["start", "stop", "url"])
     redis_cmd.set_defaults(handler=cmd_embedded_redis)
@@ -353,9 +369,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = get_settings()
     except ValidationError as error:
         # Without the input values: a malformed secret must not be echoed.
-        for problem in error.errors(include_input=False, include_url=False):
-            where = ".".join(str(part) for part in problem["loc"]).upper()
-            sys.stderr.write(f"configuration error: {where}: {problem['msg']}\n")
+        problems = [
+            f"{'.'.join(str(part) for part in problem['loc']).upper()}: {problem['msg']}"
+            for problem in error.errors(include_input=False, include_url=False)
+        ]
+        # A command may report it in its own shape (health: unhealthy, exit 1).
+        on_configuration_error: Callable[[argparse.Namespace, list[str]], int] | None = getattr(
+            args, "on_configuration_error", None
+        )
+        if on_configuration_error is not None:
+            return on_configuration_error(args, problems)
+        for problem_text in problems:
+            sys.stderr.write(f"configuration error: {problem_text}\n")
         return EXIT_UNAVAILABLE
     configure_logging(settings.log_level, settings.log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler

@@ -20,6 +20,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.access_codes import AccessCodePolicy, HashParameters
+from models.first_login import DEFAULT_MAX_FAILED_ATTEMPTS, DEFAULT_PASSWORD_MIN_LENGTH, PASSWORD_MAX_LENGTH
 from models.reminders import DAY_NAMES, ReminderPolicy
 
 #: Where embedded state lives when nothing else is configured (relative to the
@@ -33,6 +34,11 @@ DEFAULT_ACCESS_CODE_TTL_DAYS = 7
 DEFAULT_ARGON2_MEMORY_KIB = 19 * 1024
 DEFAULT_ARGON2_TIME_COST = 2
 DEFAULT_ARGON2_PARALLELISM = 1
+
+#: How long an idle worker consumer waits before it polls its queue again, in
+#: milliseconds. Dramatiq's default (1000) adds up to a second to each of a
+#: contract's two hops on a quiet system.
+DEFAULT_WORKER_TIMEOUT_MS = 100
 
 #: The SendGrid client has no timeout of its own; this one is in seconds.
 DEFAULT_SENDGRID_TIMEOUT_SECONDS = 10.0
@@ -53,6 +59,15 @@ DEFAULT_HEARTBEAT_TIMEOUT_MS = 20_000
 #: How often each worker process heartbeats and runs broker maintenance, in milliseconds.
 DEFAULT_MAINTENANCE_INTERVAL_MS = 5_000
 
+#: How often one queue-depth sample is stored for ``status --html``'s chart (one per
+#: interval across all workers), in milliseconds.
+DEFAULT_HISTORY_SAMPLE_INTERVAL_MS = 15_000
+
+#: The worker's Prometheus endpoint. Loopback by default: a container sets
+#: METRICS_HOST=0.0.0.0 (its loopback is unreachable from the scraper).
+DEFAULT_METRICS_HOST = "127.0.0.1"
+DEFAULT_METRICS_PORT = 9191
+
 #: How long a worker keeps retrying Redis through an outage before a command fails, in seconds.
 DEFAULT_REDIS_OUTAGE_PATIENCE_SECONDS = 120.0
 
@@ -65,6 +80,16 @@ DEFAULT_REMINDER_WINDOW_END = "18:00"
 
 #: Due reminders claimed per transaction by a sweep.
 DEFAULT_REMINDER_BATCH_SIZE = 1000
+
+#: BROKER_URL schemes: Dramatiq's Redis broker, or its RabbitMQ broker (AMQP 0-9-1).
+REDIS_BROKER_SCHEMES = ("redis", "rediss")
+AMQP_BROKER_SCHEMES = ("amqp", "amqps")
+BROKER_SCHEMES = REDIS_BROKER_SCHEMES + AMQP_BROKER_SCHEMES
+
+#: Refused sends answered per workspace and window before the producer-side check
+#: stops answering (0: no limit), and that window, in seconds.
+DEFAULT_REFUSAL_RATE_LIMIT = 30
+DEFAULT_REFUSAL_RATE_WINDOW_SECONDS = 60
 
 #: The actors whose retry policy can be set one by one.
 RETRYING_ACTORS = ("send_contract", "notify_signatories", "deliver_email")
@@ -84,13 +109,21 @@ class RetryPolicy:
 class Settings(BaseSettings):
     """Runtime configuration. Field names map to upper-case environment variables."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # hide_input_in_errors: a check of the whole model quotes every value read
+    # (the keys too, before they become secrets) in its error.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     data_dir: Path = Field(
         default=DEFAULT_DATA_DIR, description="Embedded Redis, SQLite, outbox and secret key."
     )
     redis_url: str | None = Field(default=None, description="Broker; unset starts an embedded Redis.")
     redis_namespace: str = Field(default="dramatiq", description="Prefix of every broker key in Redis.")
+    broker_url: str | None = Field(
+        default=None,
+        description="Message broker: redis(s):// or amqp(s)://; unset is REDIS_URL's Redis.",
+    )
     database_url: str | None = Field(default=None, description="SQL database; unset uses SQLite in data_dir.")
     email_backend: Literal["sendgrid", "file", "console"] = "file"
     sendgrid_api_key: SecretStr | None = None
@@ -108,6 +141,23 @@ class Settings(BaseSettings):
     argon2_memory_kib: int = Field(default=DEFAULT_ARGON2_MEMORY_KIB, ge=8)
     argon2_time_cost: int = Field(default=DEFAULT_ARGON2_TIME_COST, ge=1)
     argon2_parallelism: int = Field(default=DEFAULT_ARGON2_PARALLELISM, ge=1)
+    argon2_max_concurrent: int | None = Field(
+        default=None,
+        ge=1,
+        description="argon2id hashes at once per process; unset: the cores shared among worker processes.",
+    )
+    worker_timeout_ms: int = Field(
+        default=DEFAULT_WORKER_TIMEOUT_MS,
+        ge=10,
+        le=60_000,
+        description="How long an idle worker waits before polling its queue again, in milliseconds.",
+    )
+    access_code_max_attempts: int = Field(
+        default=DEFAULT_MAX_FAILED_ATTEMPTS, ge=1, description="Wrong codes that lock the current code."
+    )
+    password_min_length: int = Field(
+        default=DEFAULT_PASSWORD_MIN_LENGTH, ge=8, le=PASSWORD_MAX_LENGTH, description="In characters."
+    )
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0)
     min_backoff_ms: int = Field(default=DEFAULT_MIN_BACKOFF_MS, ge=1)
     max_backoff_ms: int = Field(default=DEFAULT_MAX_BACKOFF_MS, ge=1)
@@ -130,6 +180,7 @@ class Settings(BaseSettings):
     reminder_batch_size: int = Field(default=DEFAULT_REMINDER_BATCH_SIZE, ge=1)
     heartbeat_timeout_ms: int = Field(default=DEFAULT_HEARTBEAT_TIMEOUT_MS, ge=1000)
     maintenance_interval_ms: int = Field(default=DEFAULT_MAINTENANCE_INTERVAL_MS, ge=100)
+    history_sample_interval_ms: int = Field(default=DEFAULT_HISTORY_SAMPLE_INTERVAL_MS, ge=100)
     redis_outage_patience_seconds: float = Field(default=DEFAULT_REDIS_OUTAGE_PATIENCE_SECONDS, ge=0)
     log_format: Literal["text", "json"] = Field(
         default="text", description="Log lines as text or JSON objects."
@@ -137,12 +188,52 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="Log level of CLI commands (the worker logs at INFO)."
     )
+    metrics_host: str = Field(
+        default=DEFAULT_METRICS_HOST, description="Address the worker's Prometheus endpoint binds to."
+    )
+    metrics_port: int = Field(
+        default=DEFAULT_METRICS_PORT, ge=0, le=65535, description="Its port; 0 runs no endpoint."
+    )
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="Worker processes' metric files; unset is data_dir/metrics/METRICS_PORT.",
+    )
+    refusal_rate_limit: int = Field(
+        default=DEFAULT_REFUSAL_RATE_LIMIT,
+        ge=0,
+        description="Refused sends answered per workspace and window; 0 turns the limit off.",
+    )
+    refusal_rate_window_seconds: int = Field(
+        default=DEFAULT_REFUSAL_RATE_WINDOW_SECONDS, ge=1, description="That window, in seconds."
+    )
+
+    @model_validator(mode="after")
+    def _one_redis(self) -> Settings:
+        # A redis:// BROKER_URL is the service's one Redis: status, health and the
+        # scheduler read REDIS_URL, so it becomes REDIS_URL too.
+        if self.broker_url is None or self.uses_rabbitmq:
+            return self
+        if self.redis_url is None:
+            self.redis_url = self.broker_url
+        elif self.redis_url != self.broker_url:
+            raise ValueError("BROKER_URL and REDIS_URL name two Redis servers: set only one of them")
+        return self
 
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Settings:
         if self.send_lease_seconds <= self.sendgrid_timeout:
             raise ValueError("SEND_LEASE_SECONDS must be longer than SENDGRID_TIMEOUT")
         return self
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker_scheme(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in BROKER_SCHEMES:
+            raise ValueError("BROKER_URL must start with redis://, rediss://, amqp:// or amqps://")
+        return value
 
     @field_validator("app_base_url", "sendgrid_api_host")
     @classmethod
@@ -183,6 +274,13 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def uses_rabbitmq(self) -> bool:
+        """Whether BROKER_URL names a RabbitMQ broker (REDIS_URL then serves coordination only)."""
+        if self.broker_url is None:
+            return False
+        return self.broker_url.split("://", 1)[0].lower() in AMQP_BROKER_SCHEMES
+
+    @property
     def effective_database_url(self) -> str:
         """DATABASE_URL, or the embedded SQLite file under ``data_dir``."""
         if self.database_url:
@@ -193,6 +291,18 @@ class Settings(BaseSettings):
     def effective_outbox_dir(self) -> Path:
         """OUTBOX_DIR, or ``data_dir/outbox``."""
         return self.outbox_dir if self.outbox_dir is not None else self.data_dir / "outbox"
+
+    @property
+    def effective_metrics_dir(self) -> Path:
+        """METRICS_DIR, or ``data_dir/metrics/{METRICS_PORT}`` (absolute: worker processes share it).
+
+        One directory per port by default: two workers on one host listen on two
+        ports, and each must count only its own processes (a worker empties its
+        directory when it starts).
+        """
+        if self.metrics_dir is not None:
+            return self.metrics_dir.resolve()
+        return (self.data_dir / "metrics" / str(self.metrics_port)).resolve()
 
     def retry_policy(self, actor_name: str) -> RetryPolicy:
         """The retry policy of one actor: its own settings, else the global ones."""
@@ -225,6 +335,7 @@ class Settings(BaseSettings):
                 memory_kib=self.argon2_memory_kib,
                 time_cost=self.argon2_time_cost,
                 parallelism=self.argon2_parallelism,
+                concurrency=self.argon2_max_concurrent,
             ),
             ttl=timedelta(days=self.access_code_ttl_days),
         )
