@@ -551,4 +551,6 @@ def test_worker_processes_share_the_cores_for_hashing(monkeypatch):
     assert "ARGON2_MAX_CONCURRENT" not in tuning_environment(Settings(argon2_max_concurrent=3), processes=2)
     tuned = tuning_environment(Settings(worker_timeout_ms=250), processes=2)
     assert tuned["dramatiq_worker_timeout"] == "250"
+    # Each freed argon2id block is unmapped, not kept in the hashing thread's arena.
+    assert int(tuned["MALLOC_MMAP_THRESHOLD_"]) <= Settings().argon2_memory_kib * 1024
     assert Settings(argon2_max_concurrent=3).access_code_policy().hash_parameters.concurrency == 3
