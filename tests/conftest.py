@@ -9,11 +9,13 @@ PostgreSQL tests skip on a machine without a server, except when ``CI`` is set.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.sendgrid_standin import API_KEY, SendGridStandIn
-from tests.support import RedisServer
+from tests.support import CapturingHandler, RedisServer
 
 #: Where the PostgreSQL tests connect (trust auth); their own schema is added.
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -124,6 +126,34 @@ def _postgres_schema_url() -> Iterator[str]:
         admin.dispose()
 
 
+@contextmanager
+def database_of_its_own(database: str, sqlite_path: Path) -> Iterator[str]:
+    """A fresh database of the same kind as ``database``, this process's DATABASE_URL while inside.
+
+    For tests whose figures cover the whole database (sweeps, gauges, scans): a
+    SQLite file at ``sqlite_path`` or a PostgreSQL schema of their own, holding
+    only the workspace ``ws-main`` (resource group ``rg-1``) at the start.
+    """
+    from contract_dispatch import set_workspace
+    from workers.database import get_engine
+    from workers.settings import reset_settings
+
+    urls = iter([f"sqlite:///{sqlite_path}"]) if database.startswith("sqlite") else _postgres_schema_url()
+    url = next(urls)
+    original = os.environ["DATABASE_URL"]
+    os.environ["DATABASE_URL"] = url
+    reset_settings()
+    try:
+        set_workspace("ws-main", ["rg-1"])
+        yield url
+    finally:
+        os.environ["DATABASE_URL"] = original
+        reset_settings()
+        get_engine(url).dispose()
+        for _ in urls:  # drops the PostgreSQL schema
+            pass
+
+
 @pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database(request: pytest.FixtureRequest) -> Iterator[str]:
     """Each test using this runs once on SQLite and once on PostgreSQL."""
@@ -167,3 +197,18 @@ def worker(database: str, broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
     yield worker
     worker.stop()
     broker.flush_all()
+
+
+@pytest.fixture
+def root_at_debug() -> Iterator[CapturingHandler]:
+    """Every log record of this process, the root logger at DEBUG for the test."""
+    root = logging.getLogger()
+    handler = CapturingHandler()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.setLevel(level)
+        root.removeHandler(handler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -15,6 +16,8 @@ import redis
 
 from models.status import ContractReport
 from workers.embedded_redis import redis_server_binary
+from workers.logs import JsonFormatter
+from workers.middleware.message_log import LOGGER_NAME
 
 T = TypeVar("T")
 
@@ -149,3 +152,18 @@ def wait_for_contract(
 def all_emails_sent(count: int) -> Callable[[ContractReport], bool]:
     """``done`` for ``wait_for_contract``: exactly ``count`` emails, all sent."""
     return lambda report: len(report.emails) == count and all(e.status == "sent" for e in report.emails)
+
+
+class CapturingHandler(logging.Handler):
+    """Keeps every record of this process, formatted (JSON, with the message and any traceback)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+        self.processed: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+        if record.name == LOGGER_NAME:
+            self.processed.append(dict(getattr(record, "fields", {})))

@@ -22,7 +22,6 @@ received), the SendGrid API key, the SECRET_KEY, or any part of an email body
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -45,13 +44,12 @@ from models.account import Account
 from models.contract import Contract
 from models.reminders import start_cycle
 from models.status import ContractReport
-from tests.conftest import TEST_SECRET_KEY, _postgres_schema_url
+from tests.conftest import TEST_SECRET_KEY, database_of_its_own
 from tests.processes import CLI, WorkerProcess
 from tests.sendgrid_standin import API_KEY, Answer, Received, SendGridStandIn
 from tests.support import contract_payload, unique, wait_for_contract, wait_until
 from tests.test_access_codes import wait_settled
 from workers.database import get_engine, session_scope
-from workers.logs import JsonFormatter
 from workers.middleware.message_log import LOGGER_NAME
 from workers.settings import get_settings, reset_settings
 
@@ -278,55 +276,11 @@ def count_mine(processed: list[dict[str, Any]], journey: Journey) -> int:
 # -- in this process, on the worker fixture ------------------------------------------------
 
 
-class CapturingHandler(logging.Handler):
-    """Keeps every record of this process, formatted (JSON, with the message and any traceback)."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.setFormatter(JsonFormatter())
-        self.lines: list[str] = []
-        self.processed: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-        if record.name == LOGGER_NAME:
-            self.processed.append(dict(getattr(record, "fields", {})))
-
-
-@pytest.fixture
-def root_at_debug() -> Iterator[CapturingHandler]:
-    root = logging.getLogger()
-    handler = CapturingHandler()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        root.setLevel(level)
-        root.removeHandler(handler)
-
-
 @pytest.fixture
 def own_database(database: str, tmp_path: Path) -> Iterator[str]:
     """A fresh database of the same kind as ``database``, made this process's (the sweep sees only ours)."""
-    if database.startswith("sqlite"):
-        urls: Iterator[str] = iter([f"sqlite:///{tmp_path / 'logs.db'}"])
-    else:
-        urls = _postgres_schema_url()
-    url = next(urls)
-    original = os.environ["DATABASE_URL"]
-    os.environ["DATABASE_URL"] = url
-    reset_settings()
-    try:
-        set_workspace("ws-main", ["rg-1"])
+    with database_of_its_own(database, tmp_path / "logs.db") as url:
         yield url
-    finally:
-        os.environ["DATABASE_URL"] = original
-        reset_settings()
-        get_engine(url).dispose()
-        for _ in urls:  # drops the PostgreSQL schema
-            pass
 
 
 class InProcess(Driver):

@@ -35,19 +35,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from contract_dispatch import set_workspace
 from models.contract import Contract
 from models.dead_letter import DeadLetter
 from models.delivery import EmailDelivery
 from models.reminders import ReminderSweep
 from models.types import utc_now
-from tests.conftest import _postgres_schema_url
+from tests.conftest import database_of_its_own
 from tests.processes import CLI, WorkerProcess
 from tests.sendgrid_standin import Answer, Received, SendGridStandIn
 from tests.support import contract_payload, free_port, unique, wait_until
-from workers.database import get_engine, session_scope
+from workers.database import session_scope
 from workers.ops.snapshot import QUEUES
-from workers.settings import reset_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "ops" / "alerts.yml"
@@ -253,24 +251,8 @@ class Run:
 @pytest.fixture(scope="module")
 def own_database(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh database of the same kind as ``database``: the gauges describe the whole of it."""
-    if database.startswith("sqlite"):
-        path = tmp_path_factory.mktemp("metrics") / "metrics.db"
-        urls: Iterator[str] = iter([f"sqlite:///{path}"])
-    else:
-        urls = _postgres_schema_url()
-    url = next(urls)
-    original = os.environ["DATABASE_URL"]
-    os.environ["DATABASE_URL"] = url
-    reset_settings()
-    try:
-        set_workspace("ws-main", ["rg-1"])
+    with database_of_its_own(database, tmp_path_factory.mktemp("metrics") / "metrics.db") as url:
         yield url
-    finally:
-        os.environ["DATABASE_URL"] = original
-        reset_settings()
-        get_engine(url).dispose()
-        for _ in urls:  # drops the PostgreSQL schema
-            pass
 
 
 def worker_processes(worker: WorkerProcess) -> list[int]:

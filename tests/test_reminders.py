@@ -42,7 +42,6 @@ from contract_dispatch import (
     resend_invitation,
     run_reminders,
     send_contract,
-    set_workspace,
 )
 from models.access_codes import password_hasher
 from models.account import Account
@@ -53,12 +52,12 @@ from models.sending import resend_invitation as record_resend
 from models.status import ContractReport
 from models.types import utc_now
 from models.upsert import table_of
-from tests.conftest import _postgres_schema_url
+from tests.conftest import _postgres_schema_url, database_of_its_own
 from tests.processes import CLI
 from tests.sendgrid_standin import Received, SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract, wait_until
 from workers.database import create_tables, get_engine, session_scope
-from workers.settings import Settings, get_settings, parse_days, reset_settings
+from workers.settings import Settings, get_settings, parse_days
 
 PARIS = ZoneInfo("Europe/Paris")
 REPO = Path(__file__).resolve().parent.parent
@@ -253,23 +252,8 @@ def test_due_at_keeps_a_day_between_reminders_after_an_outage():
 @pytest.fixture
 def own_database(database: str, tmp_path: Path) -> Iterator[str]:
     """A fresh database of the same kind as ``database``, made the process's database."""
-    if database.startswith("sqlite"):
-        urls: Iterator[str] = iter([f"sqlite:///{tmp_path / 'reminders.db'}"])
-    else:
-        urls = _postgres_schema_url()
-    url = next(urls)
-    original = os.environ["DATABASE_URL"]
-    os.environ["DATABASE_URL"] = url
-    reset_settings()
-    try:
-        set_workspace("ws-main", ["rg-1"])
+    with database_of_its_own(database, tmp_path / "reminders.db") as url:
         yield url
-    finally:
-        os.environ["DATABASE_URL"] = original
-        reset_settings()
-        get_engine(url).dispose()
-        for _ in urls:  # drops the PostgreSQL schema
-            pass
 
 
 @pytest.fixture

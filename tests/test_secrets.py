@@ -43,13 +43,12 @@ from pydantic import SecretStr
 from sqlalchemy import MetaData, select
 
 from contract_dispatch import set_workspace
-from tests.conftest import TEST_SECRET_KEY, _postgres_schema_url
+from tests.conftest import TEST_SECRET_KEY, database_of_its_own
 from tests.processes import CLI, WorkerProcess
 from tests.sendgrid_standin import API_KEY, SendGridStandIn
-from tests.support import unique, wait_until
+from tests.support import CapturingHandler, unique, wait_until
 from tests.test_access_codes import wait_settled
 from tests.test_logs import (
-    CapturingHandler,
     InProcess,
     Journey,
     Subprocess,
@@ -240,39 +239,10 @@ def test_sendgrid_debug_logging_is_silenced_even_with_the_root_logger_at_debug()
 
 
 @pytest.fixture
-def root_at_debug() -> Iterator[CapturingHandler]:
-    root = logging.getLogger()
-    handler = CapturingHandler()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        root.setLevel(level)
-        root.removeHandler(handler)
-
-
-@pytest.fixture
 def own_database(database: str, tmp_path: Path) -> Iterator[str]:
     """A fresh database of the same kind as ``database``: the sweep and the scan see only this test's rows."""
-    if database.startswith("sqlite"):
-        urls: Iterator[str] = iter([f"sqlite:///{tmp_path / 'secrets.db'}"])
-    else:
-        urls = _postgres_schema_url()
-    url = next(urls)
-    original = os.environ["DATABASE_URL"]
-    os.environ["DATABASE_URL"] = url
-    reset_settings()
-    try:
-        set_workspace("ws-main", ["rg-1"])
+    with database_of_its_own(database, tmp_path / "secrets.db") as url:
         yield url
-    finally:
-        os.environ["DATABASE_URL"] = original
-        reset_settings()
-        get_engine(url).dispose()
-        for _ in urls:  # drops the PostgreSQL schema
-            pass
 
 
 def run_main(*argv: str) -> str:
