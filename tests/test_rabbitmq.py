@@ -20,6 +20,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -430,6 +431,21 @@ def test_malformed_message_from_another_producer(system: System, standin: SendGr
 # -- configuration and an unreachable broker (no RabbitMQ needed) ---------------
 
 
+def test_health_sees_the_broker_and_its_live_workers(system: System) -> None:
+    result = system.cli("health", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = json.loads(result.stdout)["checks"]
+    assert all(check["ok"] for check in checks.values()), checks
+    if system.kind == "amqp":
+        # The broker is RabbitMQ's, and so is the word on who consumes.
+        assert checks["broker"]["detail"].startswith("RabbitMQ at "), checks
+        consumers = re.search(r"consumers (\d+) on contracts, (\d+) on emails", checks["workers"]["detail"])
+        assert consumers is not None and min(map(int, consumers.groups())) >= 1, checks
+    else:
+        assert "broker" not in checks
+    assert set(checks) >= {"redis", "database", "email", "workers"}
+
+
 def test_broker_url_names_the_broker() -> None:
     from workers.settings import Settings
 
@@ -477,6 +493,51 @@ def test_unreachable_rabbitmq_is_reported_as_unavailable(
     assert result.stderr.startswith("unavailable: the message broker cannot be reached"), result.stderr
     # pika's own connection tracebacks are not shown to the user.
     assert "Traceback" not in result.stderr
+
+
+def test_health_on_rabbitmq_without_consumers_or_broker_is_unhealthy(
+    database: str, test_environment: dict[str, str]
+) -> None:
+    parts = urlsplit(RABBITMQ_URL)
+    admin = _VhostAdmin(parts.username or "guest", parts.password or "guest")
+    vhost = f"contract-dispatch-test-{uuid.uuid4().hex[:10]}"
+    problem = admin.create(vhost)
+    if problem is not None:
+        _unavailable(f"cannot create a virtual host ({problem})")
+    base = {**os.environ, **test_environment, "DATABASE_URL": database}
+
+    def health(broker_url: str) -> tuple[int, dict[str, Any], str]:
+        result = subprocess.run(
+            [CLI, "health", "--json", "--timeout", "2"],
+            env={**base, "BROKER_URL": broker_url},
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            check=False,
+        )
+        return result.returncode, json.loads(result.stdout)["checks"], result.stdout + result.stderr
+
+    try:
+        # Reachable, but no worker ever consumed in this virtual host.
+        code, checks, _ = health(f"{RABBITMQ_URL.rstrip('/')}/{quote(vhost, safe='')}")
+        assert code == 1
+        assert checks["broker"]["ok"], checks
+        assert "not declared yet" in checks["broker"]["detail"], checks
+        assert not checks["workers"]["ok"]
+        assert checks["workers"]["detail"].startswith("no live worker on RabbitMQ"), checks
+    finally:
+        admin.delete(vhost)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    code, checks, output = health(f"amqp://guest:s3cret-broker-pass@127.0.0.1:{closed_port}/nowhere")
+    assert code == 1
+    assert not checks["broker"]["ok"]
+    assert checks["broker"]["detail"].startswith(
+        f"RabbitMQ at 127.0.0.1:{closed_port}/nowhere does not answer"
+    )
+    assert "s3cret-broker-pass" not in output
 
 
 def test_schedulers_on_rabbitmq_claim_their_slots_in_redis(redis_server: RedisServer) -> None:

@@ -110,7 +110,7 @@ def secrets_of(settings: Settings) -> list[str]:
     for secret in (settings.sendgrid_api_key, settings.secret_key):
         if secret is not None:
             found.append(secret.get_secret_value())
-    for url in (settings.redis_url, settings.database_url, settings.sendgrid_api_host):
+    for url in (settings.redis_url, settings.broker_url, settings.database_url, settings.sendgrid_api_host):
         if not url:
             continue
         with contextlib.suppress(ValueError):
@@ -400,7 +400,14 @@ def run_health_checks(
         "database": lambda: check_database(settings, timeout),
         "email": lambda: check_email(settings),
     }
-    if workers:
+    if settings.uses_rabbitmq:
+        # Redis only coordinates there: the broker and its consumers are RabbitMQ's.
+        from workers.ops.health_rabbitmq import check_rabbitmq, check_rabbitmq_workers
+
+        checks["broker"] = lambda: check_rabbitmq(settings, timeout)
+        if workers:
+            checks["workers"] = lambda: check_rabbitmq_workers(settings, timeout, this_host=this_host)
+    elif workers:
         checks["workers"] = lambda: check_workers(client, settings, this_host=this_host)
     # The network checks get a little longer than their sockets' timeout (libpq's is
     # never under 2 s), so that a socket timing out is reported with its own error

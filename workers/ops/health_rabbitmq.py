@@ -1,0 +1,102 @@
+"""``contract-dispatch health`` on RabbitMQ (BROKER_URL=amqp://...): the broker and its consumers.
+
+Redis is still checked (it coordinates), but on RabbitMQ the workers neither
+heartbeat nor register there: RabbitMQ itself knows who consumes. Each worker
+process holds one consumer on each of the service's queues, and RabbitMQ drops
+a consumer as soon as its connection dies, so a queue's consumer count is the
+number of live worker processes taking its messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from workers.ops.health import CheckFailed, describe_error
+from workers.ops.snapshot import QUEUES
+from workers.settings import Settings
+
+#: The queues a worker must consume for contracts to get sent.
+CONSUMED_QUEUES = ("contracts", "emails")
+
+#: AMQP reply code of a passive declare of a queue that does not exist.
+NOT_FOUND = 404
+
+
+def _location(parameters: pika.URLParameters) -> str:
+    return f"{parameters.host}:{parameters.port}{parameters.virtual_host and '/' + parameters.virtual_host}"
+
+
+@contextmanager
+def _connection(settings: Settings, timeout: float) -> Iterator[tuple[pika.BlockingConnection, str]]:
+    """One connection to BROKER_URL that gives up after ``timeout`` seconds (no retries)."""
+    assert settings.broker_url is not None
+    parameters = pika.URLParameters(settings.broker_url)
+    parameters.connection_attempts = 1
+    parameters.retry_delay = 0
+    parameters.socket_timeout = timeout
+    parameters.stack_timeout = timeout
+    parameters.blocked_connection_timeout = timeout
+    where = _location(parameters)
+    try:
+        connection = pika.BlockingConnection(parameters)
+    except pika.exceptions.AMQPError as exc:
+        reason = describe_error(exc) or "refused"
+        raise CheckFailed(f"RabbitMQ at {where} does not answer: {reason}") from None
+    try:
+        yield connection, where
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
+def _queue_state(connection: pika.BlockingConnection, queue: str) -> Any:
+    """The passive declare's answer (message and consumer counts), or None when the queue does not exist."""
+    channel = connection.channel()
+    try:
+        return channel.queue_declare(queue, passive=True).method
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == NOT_FOUND:
+            return None
+        raise
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+def check_rabbitmq(settings: Settings, timeout: float) -> str:
+    """The broker accepts a connection; the service's queues are listed with their ready messages."""
+    with _connection(settings, timeout) as (connection, where):
+        states = {queue: _queue_state(connection, queue) for queue in QUEUES}
+    described = ", ".join(
+        f"{queue} {state.message_count} ready" if state is not None else f"{queue} not declared yet"
+        for queue, state in states.items()
+    )
+    return f"RabbitMQ at {where} answers ({described})"
+
+
+def check_rabbitmq_workers(settings: Settings, timeout: float, *, this_host: bool) -> str:
+    """Every queue a worker must take from has at least one consumer."""
+    if this_host:
+        # RabbitMQ does not say which host a consumer runs on (without its management plugin).
+        raise CheckFailed(
+            "--this-host cannot be told on RabbitMQ (consumers are not listed by host): "
+            "check the fleet without it, or the container's own process"
+        )
+    with _connection(settings, timeout) as (connection, where):
+        try:
+            states = {queue: _queue_state(connection, queue) for queue in CONSUMED_QUEUES}
+        except pika.exceptions.AMQPError as exc:
+            reason = describe_error(exc)
+            raise CheckFailed(f"cannot read the queues on RabbitMQ at {where}: {reason}") from None
+    counts = {queue: state.consumer_count if state is not None else 0 for queue, state in states.items()}
+    idle = [queue for queue, count in counts.items() if count == 0]
+    if idle:
+        raise CheckFailed(f"no live worker on RabbitMQ at {where}: no consumer on {', '.join(idle)}")
+    listed = ", ".join(f"{count} on {queue}" for queue, count in counts.items())
+    return f"live workers on RabbitMQ at {where}: consumers {listed}"
