@@ -36,7 +36,6 @@ import os
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -275,29 +274,13 @@ def run_noop(workbench: Workbench, options: argparse.Namespace) -> dict[str, Any
 class Contracts:
     """Payloads of send_contract for existing accounts (logged in) and new ones."""
 
-    def __init__(self) -> None:
-        self.run = uuid.uuid4().hex[:6]
-        self.serial = 0
+    def _next(self) -> dict[str, Any]:
+        from tests.support import contract_payload
 
-    def _next(self, kind: str) -> dict[str, Any]:
-        self.serial += 1
-        suffix = f"{self.run}-{self.serial}"
-        return {
-            "contract_id": f"b-{suffix}",
-            "email": f"{kind}-{suffix}@example.com",
-            "company_name": f"Société {kind} {suffix} SARL",
-            "lead_source": "network",
-            "workspace_id": WORKSPACE,
-            "signatories": [{"email": f"manager-{suffix}@example.com", "name": "Claire Manager"}],
-            "sections": [
-                {"id": "conditions", "title": "Conditions générales"},
-                {"id": "tarifs", "title": "Tarifs"},
-            ],
-            "title": "Bureau privatif",
-        }
+        return contract_payload(workspace_id=WORKSPACE)
 
     def new_accounts(self, count: int) -> list[dict[str, Any]]:
-        return [self._next("new") for _ in range(count)]
+        return [self._next() for _ in range(count)]
 
     def existing_accounts(self, count: int) -> list[dict[str, Any]]:
         """Payloads whose clients have an account bound to the company and have logged in."""
@@ -306,7 +289,7 @@ class Contracts:
         from models.types import utc_now
         from workers.database import session_scope
 
-        payloads = [self._next("known") for _ in range(count)]
+        payloads = [self._next() for _ in range(count)]
         now = utc_now()
         with session_scope() as session:
             session.add_all(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,23 +68,9 @@ def _count(options: argparse.Namespace, name: str, option: str) -> int:
 
 def payloads(count: int) -> list[dict[str, Any]]:
     """send_contract payloads for new clients, with fresh ids."""
-    run = uuid.uuid4().hex[:6]
-    return [
-        {
-            "contract_id": f"p-{run}-{serial}",
-            "email": f"client-{run}-{serial}@example.com",
-            "company_name": f"Société {run} {serial} SARL",
-            "lead_source": "network",
-            "workspace_id": WORKSPACE,
-            "signatories": [{"email": f"manager-{run}-{serial}@example.com", "name": "Claire Manager"}],
-            "sections": [
-                {"id": "conditions", "title": "Conditions générales"},
-                {"id": "tarifs", "title": "Tarifs"},
-            ],
-            "title": "Bureau privatif",
-        }
-        for serial in range(count)
-    ]
+    from tests.support import contract_payload
+
+    return [contract_payload(workspace_id=WORKSPACE) for _ in range(count)]
 
 
 def used_memory(redis: Any) -> int:
