@@ -39,7 +39,7 @@ import pytest
 import redis
 
 import actors
-from contract_dispatch import run_reminders, set_workspace
+from contract_dispatch import run_reminders
 from models.account import Account
 from models.contract import Contract
 from models.reminders import start_cycle
@@ -49,9 +49,9 @@ from tests.processes import CLI, WorkerProcess
 from tests.sendgrid_standin import API_KEY, Answer, Received, SendGridStandIn
 from tests.support import contract_payload, unique, wait_for_contract, wait_until
 from tests.test_access_codes import wait_settled
-from workers.database import get_engine, session_scope
+from workers.database import session_scope
 from workers.middleware.message_log import LOGGER_NAME
-from workers.settings import get_settings, reset_settings
+from workers.settings import get_settings
 
 #: A Monday, 10:00 in Paris: the invitation is moved there, and the sweep runs a week
 #: and an hour later (inside the sending window, after the 7-day code expired).
@@ -362,17 +362,8 @@ def private_standin() -> Iterator[SendGridStandIn]:
 @pytest.fixture
 def sqlite_database(tmp_path: Path) -> Iterator[str]:
     """An SQLite file of this test's own, made this process's database."""
-    url = f"sqlite:///{tmp_path / 'worker-logs.db'}"
-    original = os.environ["DATABASE_URL"]
-    os.environ["DATABASE_URL"] = url
-    reset_settings()
-    try:
-        set_workspace("ws-main", ["rg-1"])
+    with database_of_its_own("sqlite", tmp_path / "worker-logs.db") as url:
         yield url
-    finally:
-        os.environ["DATABASE_URL"] = original
-        reset_settings()
-        get_engine(url).dispose()
 
 
 def parse_json_lines(text: str) -> tuple[list[str], list[dict[str, Any]]]:

@@ -6,8 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-EXIT_OK = 0
-EXIT_UNAVAILABLE = 3
+from workers.cli import EXIT_OK, EXIT_UNAVAILABLE
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:

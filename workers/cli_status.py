@@ -26,9 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-EXIT_OK = 0
-EXIT_REFUSED = 2
-EXIT_UNAVAILABLE = 3
+from workers.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
 
 #: The shortest ``--watch`` interval, in seconds.
 MIN_WATCH_SECONDS = 0.2

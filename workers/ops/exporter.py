@@ -43,13 +43,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from workers.middleware.metrics import MULTIPROC_DIR_ENV
-from workers.ops.snapshot import Snapshot
+from workers.ops.snapshot import QUEUE_STATES, Snapshot
 from workers.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-
-#: Queue states, as the ``state`` label of ``contract_dispatch_queue_messages``.
-QUEUE_STATES = ("ready", "delayed", "in_flight", "dead")
 
 #: Every gauge name the snapshot collector exports.
 GAUGE_NAMES = (

@@ -38,7 +38,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import q_name
 
-from workers.ops.snapshot import QUEUES
+from workers.ops.snapshot import QUEUE_STATES, QUEUES
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,6 @@ RETENTION_SECONDS = 2 * 3600
 
 #: The span the chart shows.
 CHART_SPAN = timedelta(hours=1)
-
-#: The four depth figures of a sample, in the order the Lua script stores them.
-DEPTH_FIELDS = ("ready", "delayed", "in_flight", "dead")
 
 
 def stats_prefix(namespace: str) -> str:
@@ -206,7 +203,7 @@ def read_history(client: Any, namespace: str, *, now: datetime, span: timedelta 
         try:
             data = json.loads(raw)
             depths = {
-                str(queue): dict(zip(DEPTH_FIELDS, (int(n) for n in figures), strict=True))
+                str(queue): dict(zip(QUEUE_STATES, (int(n) for n in figures), strict=True))
                 for queue, figures in (data.get("q") or {}).items()
             }
         except (ValueError, TypeError, AttributeError):

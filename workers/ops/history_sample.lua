@@ -22,6 +22,7 @@ for i = 4, #ARGV do
     for _, broker_id in ipairs(broker_ids) do
         in_flight = in_flight + redis.call("scard", namespace .. ":__acks__." .. broker_id .. "." .. queue)
     end
+    -- In the order of QUEUE_STATES (workers/ops/snapshot.py): ready, delayed, in flight, dead.
     queues[queue] = {
         redis.call("llen", list),
         redis.call("hlen", list .. ".DQ.msgs"),

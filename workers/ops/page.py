@@ -20,7 +20,7 @@ from typing import Any
 from workers.ops.chart import ALARM, PALETTE, Series, line_chart
 from workers.ops.formatting import CONTRACT_STATUSES, email_kinds, format_age, format_time, ordered
 from workers.ops.history import CHART_SPAN, History
-from workers.ops.snapshot import QUEUES, WINDOWS, Snapshot
+from workers.ops.snapshot import QUEUE_STATES, QUEUES, WINDOWS, Snapshot
 from workers.ops.table import SWEEP_FIELDS, TIME_FIELDS
 
 #: The id of the embedded JSON data block (the snapshot, as ``status --json`` prints it).
@@ -98,13 +98,7 @@ def depth_chart(snapshot: Snapshot, history: History, *, sample_interval_ms: int
     """Per queue, messages not done yet (ready + delayed + in flight), then the snapshot itself."""
     names = ordered(QUEUES, (name for sample in history.depth for name in sample.queues))
     now_figures = {
-        queue.name: {
-            "ready": queue.ready,
-            "delayed": queue.delayed,
-            "in_flight": queue.in_flight,
-            "dead": queue.dead,
-        }
-        for queue in snapshot.queues
+        queue.name: {state: getattr(queue, state) for state in QUEUE_STATES} for queue in snapshot.queues
     }
     samples = [(sample.at, sample.queues, "") for sample in history.depth]
     if now_figures:

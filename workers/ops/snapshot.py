@@ -29,6 +29,10 @@ from models.types import utc_now
 #: The service's queues, in the order they are shown.
 QUEUES = ("contracts", "emails", "maintenance")
 
+#: A queue's messages by state, as ``QueueFigures`` names them (and in this order everywhere:
+#: the exporter's ``state`` label, the history's depth samples, the page's chart).
+QUEUE_STATES = ("ready", "delayed", "in_flight", "dead")
+
 #: Windows over which email outcomes are counted.
 WINDOWS = {"last_hour": timedelta(hours=1), "last_day": timedelta(days=1)}
 
