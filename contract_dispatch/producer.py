@@ -13,22 +13,26 @@ from typing import Any
 import redis
 from dramatiq.errors import ConnectionClosed
 from pydantic import BaseModel
+from sqlmodel import Session
 
 from models.cancelling import check_cancel_contract
-from models.contract import ContractStatus
+from models.contract import Contract, ContractStatus
 from models.delivery import EmailDelivery
 from models.errors import BrokerUnavailable, Rejected
 from models.messages import CancelContract, NotifySignatories, SendContract, WireMessage, parse_message
-from models.sending import check_send_contract, release_reservation, reserve_contract
+from models.sending import OPEN_STATUSES, check_send_contract, release_reservation, reserve_contract
 from models.sending import resend_invitation as _resend_invitation
 from models.signing import check_notify_signatories
 from models.status import ContractReport, contract_report
 from models.types import utc_now
 from models.workspace import set_workspace as _set_workspace
 from workers.database import session_scope
-from workers.refusal_limit import refusal_limit
+from workers.refusal_limit import RefusalLimit, refusal_limit
 from workers.reminders import SweepReport, run_sweep
 from workers.settings import get_settings
+
+#: What enqueueing raises when the broker (Redis or RabbitMQ) cannot be reached.
+_BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, ConnectionClosed)
 
 
 class Receipt(BaseModel):
@@ -52,7 +56,7 @@ def _enqueue(message: WireMessage) -> None:
     actor = actors.broker.get_actor(message.actor_name)
     try:
         actor.send(message.to_payload())
-    except (redis.ConnectionError, redis.TimeoutError, OSError, ConnectionClosed) as exc:
+    except _BROKER_ERRORS as exc:
         raise BrokerUnavailable(
             f"the message broker cannot be reached ({type(exc).__name__}); nothing was sent"
         ) from None
@@ -70,36 +74,39 @@ def _enqueue_many(messages: Sequence[WireMessage]) -> None:
     ]
     try:
         enqueue_many(actors.broker, prepared)
-    except (redis.ConnectionError, redis.TimeoutError, OSError, ConnectionClosed) as exc:
+    except _BROKER_ERRORS as exc:
         raise BrokerUnavailable(
             f"the message broker cannot be reached ({type(exc).__name__}); nothing was sent"
         ) from None
 
 
-def submit_send_contract(message: SendContract) -> Receipt:
-    """Check and enqueue a parsed send_contract message.
+def _check_within_limit(
+    session: Session, message: SendContract, limit: RefusalLimit | None
+) -> Contract | None:
+    """``check_send_contract`` under the workspace's refusal limit.
 
-    While the workspace is past its refusal limit nothing is checked
+    While the workspace is past its limit nothing is checked
     (``RefusalsRateLimited``), so that answer says nothing about the address, the
     name or the contract; each refusal counts towards the limit.
     """
-    limit = refusal_limit()
     if limit is not None:
         limit.ensure_open(message.workspace_id)
     try:
-        with session_scope() as session:
-            existing = check_send_contract(session, message)
-            if existing is not None and existing.status not in (
-                ContractStatus.QUEUED,
-                ContractStatus.REJECTED,
-            ):
-                # The same contract was already accepted: sending it again changes nothing.
-                return Receipt(contract_id=existing.id, status=existing.status)
-            created = reserve_contract(session, message, now=utc_now())
+        return check_send_contract(session, message)
     except Rejected:
         if limit is not None:
             limit.record(message.workspace_id)
         raise
+
+
+def submit_send_contract(message: SendContract) -> Receipt:
+    """Check and enqueue a parsed send_contract message (see ``_check_within_limit``)."""
+    with session_scope() as session:
+        existing = _check_within_limit(session, message, refusal_limit())
+        if existing is not None and existing.status not in OPEN_STATUSES:
+            # The same contract was already accepted: sending it again changes nothing.
+            return Receipt(contract_id=existing.id, status=existing.status)
+        created = reserve_contract(session, message, now=utc_now())
     try:
         _enqueue(message)
     except BrokerUnavailable:
@@ -216,27 +223,16 @@ def send_contracts(contracts: Iterable[Mapping[str, Any]]) -> list[Receipt | Rej
             if not isinstance(message, SendContract):
                 continue
             try:
-                # The same per-workspace refusal limit as send_contract (see there).
-                if limit is not None:
-                    limit.ensure_open(message.workspace_id)
-                try:
-                    existing = check_send_contract(session, message)
-                except Rejected:
-                    if limit is not None:
-                        limit.record(message.workspace_id)
-                    raise
+                existing = _check_within_limit(session, message, limit)
             except Rejected as refusal:
                 results[index] = refusal
                 continue
-            if existing is not None and existing.status not in (
-                ContractStatus.QUEUED,
-                ContractStatus.REJECTED,
-            ):
+            if existing is not None and existing.status not in OPEN_STATUSES:
                 results[index] = Receipt(contract_id=existing.id, status=existing.status)
                 continue
-            # "Not there when checked" as well: on PostgreSQL reserve_contract's
-            # answer rests on an INSERT's rowcount, which the driver may not report.
-            if reserve_contract(session, message, now=now) or existing is None:
+            # Only a row this call inserted is released on failure, never one a
+            # concurrent producer reserved between the check and here.
+            if reserve_contract(session, message, now=now):
                 created_ids.append(message.contract_id)
             to_enqueue.append(message)
     try:
@@ -326,7 +322,7 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
         receipt = ResendReceipt(contract_id=contract_id, status=ContractStatus.SENT.value, step=step.step)
     try:
         enqueue_deliveries([delivery_id])
-    except (redis.ConnectionError, redis.TimeoutError, OSError, ConnectionClosed) as exc:
+    except _BROKER_ERRORS as exc:
         # Recorded but not enqueued: the stale-email sweep sends it later.
         raise BrokerUnavailable(
             f"the invitation is recorded but the broker cannot be reached ({type(exc).__name__}); "

@@ -305,11 +305,10 @@ def cancel_delivery(session: Session, delivery_id: int, *, reason: str, now: dat
 
 def touch_deliveries(session: Session, delivery_ids: list[int], *, now: datetime) -> None:
     """Mark pending emails as just enqueued again (so a sweep does not re-drive them twice)."""
-    if not delivery_ids:
-        return
     table = table_of(EmailDelivery)
-    session.execute(
-        update(table)
-        .where(table.c.id.in_(delivery_ids), table.c.status == DeliveryStatus.PENDING.value)
-        .values(updated_at=now)
-    )
+    for ids in chunks(delivery_ids):
+        session.execute(
+            update(table)
+            .where(table.c.id.in_(ids), table.c.status == DeliveryStatus.PENDING.value)
+            .values(updated_at=now)
+        )

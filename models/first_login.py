@@ -36,7 +36,7 @@ from sqlmodel import Session, select
 
 from models.access_codes import HashParameters, password_hasher
 from models.account import Account
-from models.binding import normalize_email
+from models.binding import find_account, normalize_email
 from models.errors import Rejected
 
 #: Opens one transaction (commit on success, rollback on error), e.g. ``session_scope``.
@@ -177,13 +177,18 @@ class _Snapshot:
     matched: bool
 
 
-def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy) -> _Snapshot:
-    """Read the account (no lock) and run the one argon2id verification of the call."""
+def _account_of(session: Session, email: str) -> Account | None:
+    """The account of ``email`` as typed; None when it is not an address."""
     try:
         address = normalize_email(email)
     except ValueError:
-        address = None
-    account = session.exec(select(Account).where(Account.email == address)).first() if address else None
+        return None
+    return find_account(session, address)
+
+
+def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy) -> _Snapshot:
+    """Read the account (no lock) and run the one argon2id verification of the call."""
+    account = _account_of(session, email)
     encoded = account.access_code_hash if account is not None else None
     matched = _hash_matches(encoded, normalize_code(code), parameters=policy.hash_parameters)
     return _Snapshot(
@@ -279,13 +284,9 @@ def verify_password(transaction: Transaction, email: str, password: str, *, poli
     Like the codes, an unknown email costs one argon2id verification against the
     dummy hash. (Throttling password guesses belongs to the web app's login.)
     """
-    try:
-        address = normalize_email(email)
-    except ValueError:
-        address = None
     normalized = normalize_password(password[: PASSWORD_MAX_LENGTH * 4])
     with transaction() as session:
-        account = session.exec(select(Account).where(Account.email == address)).first() if address else None
+        account = _account_of(session, email)
         encoded = account.password_hash if account is not None else None
         account_id = account.id if account is not None else None
     if not _hash_matches(encoded, normalized, parameters=policy.hash_parameters) or encoded is None:

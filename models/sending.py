@@ -19,7 +19,7 @@ from models.upsert import insert_ignoring_conflict
 from models.workspace import resolve_resource_group
 
 #: Statuses in which a send_contract may (re)do its work; later ones are final for it.
-_OPEN_STATUSES = (ContractStatus.QUEUED, ContractStatus.REJECTED)
+OPEN_STATUSES = (ContractStatus.QUEUED, ContractStatus.REJECTED)
 
 
 def _contract_fields(message: SendContract) -> dict[str, object]:
@@ -87,7 +87,7 @@ def record_contract(
     """
     contract = _lock_or_create(session, message, now=now)
     _check_same_content(contract, message)
-    if contract.status not in _OPEN_STATUSES:
+    if contract.status not in OPEN_STATUSES:
         return pending_delivery_ids(session, contract.id, EmailKind.INVITATION)
     # A contract first recorded from a message too broken to parse has no content
     # (and no content hash): the first valid message gives it its content.
@@ -148,7 +148,7 @@ def record_send_rejection(
         conflict_columns=["id"],
     )
     contract = session.get(Contract, contract_id, with_for_update=True, populate_existing=True)
-    if contract is None or contract.status not in _OPEN_STATUSES:
+    if contract is None or contract.status not in OPEN_STATUSES:
         return
     contract.status = ContractStatus.REJECTED
     contract.error_code = rejection.code

@@ -101,12 +101,15 @@ def describe(
     }
 
 
-def envelope_problem(message: dramatiq.Message[Any], queue_names: Iterable[str]) -> str | None:
+def envelope_problem(
+    message: dramatiq.Message[Any], queue_names: Iterable[str], *, redis_id: bool = True
+) -> str | None:
     """What makes a decoded message unprocessable whatever its payload, or None.
 
     Dramatiq trusts these fields: a foreign ``queue_name`` kills the worker thread
-    that finishes the message, and a message without its Redis id can never be
-    acknowledged nor dead-lettered.
+    that finishes the message, and on Redis (``redis_id``) a message without its
+    Redis id can never be acknowledged nor dead-lettered (RabbitMQ acknowledges by
+    delivery tag).
     """
     # Decoded from JSON written by anyone: the fields' declared types are not checked.
     fields: Any = message
@@ -119,7 +122,7 @@ def envelope_problem(message: dramatiq.Message[Any], queue_names: Iterable[str])
         return "actor_name is not a string"
     if not isinstance(fields.options, dict):
         return "options is not an object"
-    if not isinstance(fields.options.get("redis_message_id"), str):
+    if redis_id and not isinstance(fields.options.get("redis_message_id"), str):
         return "options.redis_message_id is missing"
     if not isinstance(fields.kwargs, dict):
         return "kwargs is not an object"

@@ -82,25 +82,6 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
         )
 
 
-def envelope_problem(message: Message[Any], queue_names: Iterable[str]) -> str | None:
-    """What makes a message read from RabbitMQ unprocessable whatever its payload, or None.
-
-    The Redis checks, less the Redis id (RabbitMQ acknowledges by delivery tag).
-    """
-    fields: Any = message
-    if not isinstance(fields.message_id, str):
-        return "message_id is not a string"
-    if not isinstance(fields.actor_name, str):
-        return "actor_name is not a string"
-    if not isinstance(fields.options, dict):
-        return "options is not an object"
-    if not isinstance(fields.kwargs, dict):
-        return "kwargs is not an object"
-    if fields.queue_name not in tuple(queue_names):
-        return f"its queue_name {str(fields.queue_name)[:64]!r} is not the queue it was on"
-    return None
-
-
 class TolerantRabbitmqConsumer(_RabbitmqConsumer):
     """Dramatiq's RabbitMQ consumer (2.x), filing malformed messages in SQL before rejecting them.
 
@@ -126,7 +107,7 @@ class TolerantRabbitmqConsumer(_RabbitmqConsumer):
                 method, properties, "DecodeError", dead_letters.decode_problem(body, error)
             )
             return None
-        problem = envelope_problem(message, (self.queue_name,))
+        problem = dead_letters.envelope_problem(message, (self.queue_name,), redis_id=False)
         if problem is not None:
             self._reject_malformed(method, properties, "MalformedMessage", problem)
             return None
