@@ -25,6 +25,27 @@ from tests.support import free_port, wait_until
 #: The console script installed next to the interpreter running the tests.
 CLI = str(Path(sys.executable).with_name("contract-dispatch"))
 
+#: One command never takes this long; a hung command fails the test instead of the run.
+COMMAND_TIMEOUT_SECONDS = 60
+
+
+def run_cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """``contract-dispatch ARGS`` with ``env``, ``stdin`` as its input; never raises on the exit code."""
+    return subprocess.run(
+        [CLI, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def describe(result: subprocess.CompletedProcess[str]) -> str:
+    """A finished command's exit code and output, for an assertion's message."""
+    return f"exit {result.returncode}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
+
 
 class WorkerProcess:
     """``contract-dispatch worker`` as a process group, with its output in a log file."""

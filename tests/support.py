@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -124,6 +125,68 @@ def contract_payload(**overrides: Any) -> dict[str, Any]:
     }
     payload.update(overrides)
     return payload
+
+
+def send_args(payload: dict[str, Any]) -> list[str]:
+    """``send-contract`` flags for a ``contract_payload``."""
+    args = [
+        "send-contract",
+        "--contract-id",
+        payload["contract_id"],
+        "--email",
+        payload["email"],
+        "--company",
+        payload["company_name"],
+        "--lead-source",
+        payload["lead_source"],
+        "--workspace",
+        payload["workspace_id"],
+    ]
+    if payload.get("resource_group_id"):
+        args += ["--resource-group", payload["resource_group_id"]]
+    for signatory in payload["signatories"]:
+        value = signatory["email"] + (f":{signatory['name']}" if signatory.get("name") else "")
+        args += ["--signatory", value]
+    for section in payload["sections"]:
+        args += ["--section", section["id"] + (f":{section['title']}" if section.get("title") else "")]
+    if payload.get("title"):
+        args += ["--title", payload["title"]]
+    if payload.get("locale"):
+        args += ["--locale", payload["locale"]]
+    return args
+
+
+def readme_message(actor: str, args: Any, *, queue: str = "contracts") -> dict[str, Any]:
+    """A Dramatiq message, field for field as the README tells a producer in any language to write it."""
+    message_id = str(uuid.uuid4())
+    return {
+        "queue_name": queue,
+        "actor_name": actor,
+        "args": args,
+        "kwargs": {},
+        "options": {"redis_message_id": message_id},
+        "message_id": message_id,
+        "message_timestamp": int(time.time() * 1000),
+    }
+
+
+def push_messages(client: redis.Redis, namespace: str, *messages: dict[str, Any]) -> None:
+    """HSET + RPUSH of each message to its queue, all in one transaction (README)."""
+    with client.pipeline(transaction=True) as pipe:
+        for message in messages:
+            queue, message_id = message["queue_name"], message["message_id"]
+            pipe.hset(f"{namespace}:{queue}.msgs", message_id, json.dumps(message))
+            pipe.rpush(f"{namespace}:{queue}", message_id)
+        pipe.execute()
+
+
+def enqueue_raw(
+    client: redis.Redis, namespace: str, *, args: Any, actor: str = "send_contract", queue: str = "contracts"
+) -> str:
+    """Enqueue one message the way a producer without Python does; returns its id."""
+    message = readme_message(actor, args, queue=queue)
+    push_messages(client, namespace, message)
+    return str(message["message_id"])
 
 
 def wait_for_contract(

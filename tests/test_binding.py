@@ -22,7 +22,7 @@ from models.account import Account
 from models.binding import check_binding, normalize_company_name, normalize_email
 from models.contract import Contract
 from models.errors import EmailBoundToOtherCompany, Rejected
-from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract
+from tests.support import all_emails_sent, contract_payload, send_args, unique, wait_for_contract
 from workers.cli import main as cli_main
 from workers.database import session_scope
 
@@ -185,28 +185,6 @@ def test_case_or_spacing_difference_is_refused_with_a_hint(worker, standin, enqu
     assert account is not None and account.company_name == first["company_name"], "the binding is unchanged"
 
 
-def _cli_send(payload: dict[str, Any]) -> list[str]:
-    return [
-        "send-contract",
-        "--contract-id",
-        payload["contract_id"],
-        "--email",
-        payload["email"],
-        "--company",
-        payload["company_name"],
-        "--lead-source",
-        payload["lead_source"],
-        "--workspace",
-        payload["workspace_id"],
-        "--signatory",
-        f"{payload['signatories'][0]['email']}:Claire Manager",
-        "--section",
-        "conditions:Conditions générales",
-        "--section",
-        "tarifs",
-    ]
-
-
 def test_different_name_is_refused_without_revealing_the_bound_name(worker, standin, enqueued, capsys):
     secret = f"Alpha Holding {_suffix()}"
     first = _send_and_deliver(company_name=secret)
@@ -221,7 +199,7 @@ def test_different_name_is_refused_without_revealing_the_bound_name(worker, stan
 
     # The CLI: a refusal, on stderr, with the code.
     capsys.readouterr()
-    assert cli_main(_cli_send(attempt)) == 2
+    assert cli_main(send_args(attempt)) == 2
     out, err = capsys.readouterr()
     assert err.startswith("email_bound_to_other_company: ")
     assert secret not in out + err

@@ -15,22 +15,22 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
 
-from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract, wait_until
-
-#: The console script of the environment running the tests.
-CLI = str(Path(sys.executable).parent / "contract-dispatch")
-
-#: One command never takes this long; a hung command fails the test instead of the run.
-COMMAND_TIMEOUT_SECONDS = 60
+from tests.processes import describe, run_cli
+from tests.support import (
+    all_emails_sent,
+    contract_payload,
+    send_args,
+    unique,
+    wait_for_contract,
+    wait_until,
+)
 
 #: How long a test waits for the worker to move a contract on.
 STATUS_TIMEOUT_SECONDS = 30
@@ -46,14 +46,7 @@ class Cli:
     env: dict[str, str]
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CLI, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_SECONDS,
-            check=False,
-        )
+        return run_cli(self.env, *args)
 
     def status(self, contract_id: str) -> dict[str, Any] | None:
         """``contract-status ID --json``, or None when the contract is unknown."""
@@ -79,10 +72,6 @@ class Cli:
 
         wait_until(check, timeout=STATUS_TIMEOUT_SECONDS, what=what)
         return found[0]
-
-
-def describe(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
 
 
 def emails_sent(kind: str, count: int) -> Callable[[dict[str, Any]], bool]:
@@ -111,35 +100,6 @@ def assert_refused(result: subprocess.CompletedProcess[str], code: str) -> str:
     message = lines[0].removeprefix(f"{code}: ").strip()
     assert len(message) > 10, describe(result)
     return message
-
-
-def send_args(payload: dict[str, Any]) -> list[str]:
-    """``send-contract`` flags for a ``contract_payload``."""
-    args = [
-        "send-contract",
-        "--contract-id",
-        payload["contract_id"],
-        "--email",
-        payload["email"],
-        "--company",
-        payload["company_name"],
-        "--lead-source",
-        payload["lead_source"],
-        "--workspace",
-        payload["workspace_id"],
-    ]
-    if payload.get("resource_group_id"):
-        args += ["--resource-group", payload["resource_group_id"]]
-    for signatory in payload["signatories"]:
-        value = signatory["email"] + (f":{signatory['name']}" if signatory.get("name") else "")
-        args += ["--signatory", value]
-    for section in payload["sections"]:
-        args += ["--section", section["id"] + (f":{section['title']}" if section.get("title") else "")]
-    if payload.get("title"):
-        args += ["--title", payload["title"]]
-    if payload.get("locale"):
-        args += ["--locale", payload["locale"]]
-    return args
 
 
 def assert_not_queued(contract_id: str) -> None:

@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import subprocess
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,9 +34,16 @@ from contract_dispatch import contract_status, send_contract, set_workspace
 from models.dead_letter import DeadLetter
 from models.messages import DeliverEmail
 from models.types import utc_now
-from tests.processes import CLI, WorkerProcess
+from tests.processes import WorkerProcess, describe, run_cli
 from tests.sendgrid_standin import API_KEY, Answer
-from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract, wait_until
+from tests.support import (
+    all_emails_sent,
+    contract_payload,
+    enqueue_raw,
+    unique,
+    wait_for_contract,
+    wait_until,
+)
 from tests.test_access_codes import deliveries_of, requests_for, wait_settled
 from workers import dead_letters
 from workers.cli_dead_letters import as_json
@@ -46,9 +52,6 @@ from workers.middleware import maintenance
 from workers.redis_dispatch import run_maintenance
 from workers.settings import get_settings
 
-#: One command never takes this long; a hung command fails the test instead of the run.
-COMMAND_TIMEOUT_SECONDS = 60
-
 #: The worker subprocess has to boot before it takes anything.
 SUBPROCESS_TIMEOUT_SECONDS = 40
 
@@ -56,26 +59,10 @@ SUBPROCESS_TIMEOUT_SECONDS = 40
 # -- helpers ------------------------------------------------------------------
 
 
-def run_cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CLI, *args],
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT_SECONDS,
-        check=False,
-    )
-
-
 def run_side_by_side(env: dict[str, str], *commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
     """Several commands at once, results in the order given."""
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
         return list(pool.map(lambda command: run_cli(env, *command), commands))
-
-
-def describe(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
 
 
 def json_output(result: subprocess.CompletedProcess[str]) -> Any:
@@ -87,25 +74,6 @@ def json_output(result: subprocess.CompletedProcess[str]) -> Any:
 def cli_env(test_environment: dict[str, str], database: str) -> dict[str, str]:
     """The CLI on the database and Redis namespace the ``worker`` fixture uses."""
     return {**os.environ, **test_environment, "DATABASE_URL": database}
-
-
-def enqueue_raw(client: redis.Redis, namespace: str, *, queue: str, actor: str, args: list[Any]) -> str:
-    """Enqueue the way a producer without Python does (README, "Enqueueing without Python")."""
-    message_id = str(uuid.uuid4())
-    message = {
-        "queue_name": queue,
-        "actor_name": actor,
-        "args": args,
-        "kwargs": {},
-        "options": {"redis_message_id": message_id},
-        "message_id": message_id,
-        "message_timestamp": int(time.time() * 1000),
-    }
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hset(f"{namespace}:{queue}.msgs", message_id, json.dumps(message))
-        pipe.rpush(f"{namespace}:{queue}", message_id)
-        pipe.execute()
-    return message_id
 
 
 def missing_actor() -> str:

@@ -30,7 +30,7 @@ from models.dead_letter import DeadLetter
 from models.errors import EmailBoundToOtherCompany
 from models.messages import SendContract, parse_message
 from models.sending import check_send_contract
-from tests.support import contract_payload, unique, wait_for_contract, wait_until
+from tests.support import contract_payload, send_args, unique, wait_for_contract, wait_until
 from workers.cli import main as cli_main
 from workers.database import get_engine, session_scope
 
@@ -50,26 +50,6 @@ def bind(company: str) -> str:
     with session_scope() as session:
         bind_account(session, email=email, company_name=company)
     return email
-
-
-def cli_send(payload: dict[str, Any]) -> list[str]:
-    return [
-        "send-contract",
-        "--contract-id",
-        payload["contract_id"],
-        "--email",
-        payload["email"],
-        "--company",
-        payload["company_name"],
-        "--lead-source",
-        payload["lead_source"],
-        "--workspace",
-        payload["workspace_id"],
-        "--signatory",
-        payload["signatories"][0]["email"],
-        "--section",
-        "conditions",
-    ]
 
 
 # -- no refusal shows the bound name -----------------------------------------------
@@ -106,7 +86,7 @@ def test_no_refusal_shows_the_bound_name(
 
     # The CLI.
     capsys.readouterr()
-    assert cli_main(cli_send(payload)) == 2
+    assert cli_main(send_args(payload)) == 2
     out, err = capsys.readouterr()
     assert err.startswith("email_bound_to_other_company: ")
     check(out + err)

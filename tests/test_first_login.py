@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import argon2
@@ -42,17 +39,12 @@ from models.first_login import (
     verify_code,
     verify_password,
 )
+from tests.processes import run_cli
 from tests.sendgrid_standin import SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract
 from tests.test_access_codes import code_in, invitation
 from workers.database import session_scope
 from workers.settings import get_settings
-
-#: The console script of the environment running the tests.
-CLI = str(Path(sys.executable).parent / "contract-dispatch")
-
-#: One command never takes this long; a hung command fails the test instead of the run.
-COMMAND_TIMEOUT_SECONDS = 60
 
 _CHEAP = HashParameters(memory_kib=1024, time_cost=1, parallelism=1)
 _STRONGER = HashParameters(memory_kib=2048, time_cost=2, parallelism=1)
@@ -453,18 +445,6 @@ def test_concurrent_failures_are_all_counted(database: str) -> None:
 # -- the command line, end to end ----------------------------------------------------
 
 
-def _cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CLI, *args],
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT_SECONDS,
-        check=False,
-    )
-
-
 def test_cli_first_login_with_the_emailed_code(
     worker: Any, standin: SendGridStandIn, database: str, test_environment: dict[str, str]
 ) -> None:
@@ -476,12 +456,14 @@ def test_cli_first_login_with_the_emailed_code(
     email = payload["email"]
     env = {**test_environment, "DATABASE_URL": database}
 
-    valid = _cli(env, "verify-code", "--email", email, "--code", code)
+    valid = run_cli(env, "verify-code", "--email", email, "--code", code)
     assert (valid.returncode, valid.stdout) == (0, "valid\n"), valid
 
     # --json on both: stdout and stderr must be the same, byte for byte.
-    wrong_code = _cli(env, "verify-code", "--email", email, "--code", wrong(code), "--json")
-    unknown = _cli(env, "verify-code", "--email", f"{unique('nobody')}@example.com", "--code", code, "--json")
+    wrong_code = run_cli(env, "verify-code", "--email", email, "--code", wrong(code), "--json")
+    unknown = run_cli(
+        env, "verify-code", "--email", f"{unique('nobody')}@example.com", "--code", code, "--json"
+    )
     assert wrong_code.returncode == unknown.returncode == 1, (wrong_code, unknown)
     assert (wrong_code.stdout, wrong_code.stderr) == (unknown.stdout, unknown.stderr), "it tells who exists"
     assert wrong_code.stderr.startswith("access_code_refused: ")
@@ -490,22 +472,26 @@ def test_cli_first_login_with_the_emailed_code(
         "error": {"code": "access_code_refused", "message": AccessCodeRefused().message},
     }
 
-    short = _cli(env, "set-password", "--email", email, "--code", code, stdin="short\n")
+    short = run_cli(env, "set-password", "--email", email, "--code", code, stdin="short\n")
     assert short.returncode == 2 and short.stderr.startswith("password_too_short: "), short
-    nothing = _cli(env, "set-password", "--email", email, "--code", code)
+    nothing = run_cli(env, "set-password", "--email", email, "--code", code)
     assert nothing.returncode == 2, nothing
 
-    refused = _cli(env, "set-password", "--email", email, "--code", wrong(code), stdin=GOOD_PASSWORD + "\n")
+    refused = run_cli(
+        env, "set-password", "--email", email, "--code", wrong(code), stdin=GOOD_PASSWORD + "\n"
+    )
     assert (refused.returncode, refused.stderr) == (1, wrong_code.stderr), refused
 
-    done = _cli(env, "set-password", "--email", email, "--code", code, "--json", stdin=GOOD_PASSWORD + "\n")
+    done = run_cli(
+        env, "set-password", "--email", email, "--code", code, "--json", stdin=GOOD_PASSWORD + "\n"
+    )
     assert done.returncode == 0, done
     assert json.loads(done.stdout) == {"password_set": True, "error": None}
     assert GOOD_PASSWORD not in done.stdout + done.stderr, "the password was echoed"
     assert contract_dispatch.verify_password(email, GOOD_PASSWORD), "the password from stdin was not stored"
     assert stored(email).first_login_at is not None
 
-    again = _cli(env, "set-password", "--email", email, "--code", code, stdin="another long password\n")
+    again = run_cli(env, "set-password", "--email", email, "--code", code, stdin="another long password\n")
     assert (again.returncode, again.stderr) == (1, wrong_code.stderr), again
-    spent = _cli(env, "verify-code", "--email", email, "--code", code)
+    spent = run_cli(env, "verify-code", "--email", email, "--code", code)
     assert spent.returncode == 1, spent

@@ -129,6 +129,17 @@ def as_json(fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
 
+def changed_envelope(what: str, changes: dict[str, Any], expected: frozenset[str] = BAD_ENVELOPE) -> Broken:
+    """A valid send_contract message whose envelope has ``changes``."""
+    return Broken(
+        what,
+        lambda redis_id: as_json(
+            envelope(redis_id, actor="send_contract", args=[contract_payload()], changes=changes)
+        ),
+        expected,
+    )
+
+
 def payload_breakage(actor: str, breakage: Breakage, base: Callable[[], dict[str, Any]]) -> Broken:
     return Broken(
         f"{actor} {breakage.field}={str(breakage.value)[:40]!r}",
@@ -325,13 +336,7 @@ def broken_envelope(draw: st.DrawFn) -> Broken:
         value = draw(st.one_of(st.integers(), st.lists(st.integers(), max_size=2), st.booleans(), st.none()))
         if field == "kwargs" and value is None:
             value = 5
-        return Broken(
-            f"envelope {field}={value!r}",
-            lambda redis_id: as_json(
-                envelope(redis_id, actor="send_contract", args=[contract_payload()], changes={field: value})
-            ),
-            BAD_ENVELOPE,
-        )
+        return changed_envelope(f"envelope {field}={value!r}", {field: value})
     if kind == "queue":
         name = draw(
             st.one_of(
@@ -340,26 +345,10 @@ def broken_envelope(draw: st.DrawFn) -> Broken:
                 st.integers(),
             )
         )
-        return Broken(
-            f"queue_name {name!r} on contracts",
-            lambda redis_id: as_json(
-                envelope(
-                    redis_id, actor="send_contract", args=[contract_payload()], changes={"queue_name": name}
-                )
-            ),
-            BAD_ENVELOPE,
-        )
+        return changed_envelope(f"queue_name {name!r} on contracts", {"queue_name": name})
     if kind == "no_redis_id":
         options = draw(st.sampled_from([{}, {"redis_message_id": None}, {"redis_message_id": 7}]))
-        return Broken(
-            f"options {options!r}",
-            lambda redis_id: as_json(
-                envelope(
-                    redis_id, actor="send_contract", args=[contract_payload()], changes={"options": options}
-                )
-            ),
-            BAD_ENVELOPE,
-        )
+        return changed_envelope(f"options {options!r}", {"options": options})
     if kind == "options":
         name, value = draw(
             st.one_of(
@@ -385,6 +374,7 @@ def broken_envelope(draw: st.DrawFn) -> Broken:
                             "max_age",
                             "time_limit",
                             "eta",
+                            "requeue_timestamp",
                             "attempts",
                             "first_failed_at",
                         ]
@@ -449,12 +439,8 @@ def broken_envelope(draw: st.DrawFn) -> Broken:
 
         return Broken(f"args {str(args)[:30]!r}", with_args, frozenset({"TypeError", "MalformedMessage"}))
     key = draw(st.one_of(st.text(min_size=1, max_size=20), st.sampled_from(CONTROL_CHARACTERS)))
-    return Broken(
-        f"kwargs {{{key!r}: 1}}",
-        lambda redis_id: as_json(
-            envelope(redis_id, actor="send_contract", args=[contract_payload()], changes={"kwargs": {key: 1}})
-        ),
-        frozenset({"TypeError", "MalformedMessage"}),
+    return changed_envelope(
+        f"kwargs {{{key!r}: 1}}", {"kwargs": {key: 1}}, frozenset({"TypeError", "MalformedMessage"})
     )
 
 

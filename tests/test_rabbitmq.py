@@ -24,7 +24,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -46,11 +45,12 @@ from tests.support import (
     RedisServer,
     all_emails_sent,
     contract_payload,
+    readme_message,
+    send_args,
     unique,
     wait_for_contract,
     wait_until,
 )
-from tests.test_cli import send_args
 from workers.database import session_scope
 
 #: The RabbitMQ server the tests use (guest/guest on this machine and on CI).
@@ -251,17 +251,10 @@ class System:
 
 def raw_message(payload: dict[str, Any], *, kind: str) -> tuple[str, bytes]:
     """A send_contract message as JSON, with the Redis id field only where Redis needs it."""
-    message_id = str(uuid.uuid4())
-    message = {
-        "queue_name": "contracts",
-        "actor_name": "send_contract",
-        "args": [payload],
-        "kwargs": {},
-        "options": {"redis_message_id": message_id} if kind == "redis" else {},
-        "message_id": message_id,
-        "message_timestamp": int(time.time() * 1000),
-    }
-    return message_id, json.dumps(message).encode()
+    message = readme_message("send_contract", [payload])
+    if kind != "redis":
+        message["options"] = {}
+    return message["message_id"], json.dumps(message).encode()
 
 
 @pytest.fixture(scope="module", params=["redis", "amqp"])
@@ -422,10 +415,21 @@ def test_malformed_message_from_another_producer(system: System, standin: SendGr
     assert broken.exception_type == "DecodeError"
     assert "not a Dramatiq message" in broken.exception_message
 
+    # Options that would run code or break Dramatiq's arithmetic die the same way, on both brokers.
+    for options in ({"on_failure": "send_contract"}, {"retries": "many"}):
+        bad_option = contract_payload()
+        message_id, body = raw_message(bad_option, kind=system.kind)
+        message = json.loads(body)
+        message["options"].update(options)
+        system.enqueue_raw(json.dumps(message).encode(), message_id=message_id)
+        record = wait_record(message_id, status="dead", what=f"the record of {options}: {_log_of(system)}")
+        assert record.exception_type == "MalformedMessage", (options, record.exception_message)
+        assert record.attempts == 1
+
     after = contract_payload()
     message_id, body = raw_message(after, kind=system.kind)
     system.enqueue_raw(body, message_id=message_id)
-    wait_for_contract(after["contract_id"], all_emails_sent(1), what="a message after the malformed one")
+    wait_for_contract(after["contract_id"], all_emails_sent(1), what="a message after the malformed ones")
 
 
 # -- configuration and an unreachable broker (no RabbitMQ needed) ---------------

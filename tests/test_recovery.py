@@ -20,10 +20,8 @@ import io
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
@@ -40,9 +38,9 @@ from models.dead_letter import DeadLetter
 from models.delivery import EmailDelivery
 from models.workspace import set_workspace
 from tests.conftest import _postgres_schema_url
-from tests.processes import CLI, TcpProxy, WorkerProcess
+from tests.processes import TcpProxy, WorkerProcess, run_cli
 from tests.sendgrid_standin import Answer, SendGridStandIn
-from tests.support import RedisServer, contract_payload, unique, wait_until
+from tests.support import RedisServer, contract_payload, enqueue_raw, send_args, unique, wait_until
 from workers.database import session_scope
 from workers.middleware import shutdown
 from workers.settings import DEFAULT_SEND_LEASE_SECONDS, DEFAULT_SENDGRID_TIMEOUT_SECONDS
@@ -283,21 +281,7 @@ def redis_dead_letters(client: redis.Redis, namespace: str) -> int:
 
 def enqueue(client: redis.Redis, namespace: str, payload: dict[str, Any]) -> str:
     """Write one send_contract message the way the README tells producers to."""
-    message_id = str(uuid.uuid4())
-    message = {
-        "queue_name": "contracts",
-        "actor_name": "send_contract",
-        "args": [payload],
-        "kwargs": {},
-        "options": {"redis_message_id": message_id},
-        "message_id": message_id,
-        "message_timestamp": int(time.time() * 1000),
-    }
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hset(f"{namespace}:contracts.msgs", message_id, json.dumps(message))
-        pipe.rpush(f"{namespace}:contracts", message_id)
-        pipe.execute()
-    return message_id
+    return enqueue_raw(client, namespace, args=[payload])
 
 
 @pytest.fixture
@@ -636,30 +620,6 @@ def test_a_sigterm_repeated_at_once_is_one_stop_request():
         signal.signal(signal.SIGTERM, previous)
 
 
-def send_contract_cli(env: dict[str, str], payload: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    args = [
-        CLI,
-        "send-contract",
-        "--contract-id",
-        payload["contract_id"],
-        "--email",
-        payload["email"],
-        "--company",
-        payload["company_name"],
-        "--lead-source",
-        payload["lead_source"],
-        "--workspace",
-        payload["workspace_id"],
-        "--title",
-        payload["title"],
-    ]
-    for signatory in payload["signatories"]:
-        args += ["--signatory", f"{signatory['email']}:{signatory['name']}"]
-    for section in payload["sections"]:
-        args += ["--section", f"{section['id']}:{section['title']}"]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, check=False)
-
-
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
@@ -712,7 +672,7 @@ def test_redis_outage_is_ridden_out_and_the_producer_fails_fast(
 
     refused = contract_payload()
     started = time.monotonic()
-    result = send_contract_cli(env, refused)
+    result = run_cli(env, *send_args(refused))
     took = time.monotonic() - started
     report("producer (CLI send-contract) with Redis down gave up after", took)
     assert result.returncode == 3, (result.returncode, result.stdout, result.stderr)

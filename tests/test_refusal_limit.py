@@ -21,7 +21,7 @@ from models.errors import (
     Rejected,
     UnknownResourceGroup,
 )
-from tests.support import RedisServer, contract_payload, unique, wait_until
+from tests.support import RedisServer, contract_payload, send_args, unique, wait_until
 from workers.cli import main as cli_main
 from workers.database import session_scope
 from workers.refusal_limit import KEY_FORMAT
@@ -72,26 +72,6 @@ def refusal_of(payload: dict[str, Any]) -> Rejected:
     return caught.value
 
 
-def cli_args(payload: dict[str, Any]) -> list[str]:
-    return [
-        "send-contract",
-        "--contract-id",
-        payload["contract_id"],
-        "--email",
-        payload["email"],
-        "--company",
-        payload["company_name"],
-        "--lead-source",
-        payload["lead_source"],
-        "--workspace",
-        payload["workspace_id"],
-        "--signatory",
-        payload["signatories"][0]["email"],
-        "--section",
-        "conditions",
-    ]
-
-
 def without_figures(message: str) -> str:
     return re.sub(r"\d+", "N", message)
 
@@ -136,7 +116,7 @@ def test_past_the_limit_nothing_is_checked(limit, workspace, capsys):
 
     # The CLI: exit 2, the code and when to try again on stderr.
     capsys.readouterr()
-    assert cli_main(cli_args(known)) == 2
+    assert cli_main(send_args(known)) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("refusals_rate_limited: ")

@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
@@ -53,17 +52,21 @@ from models.status import ContractReport
 from models.types import utc_now
 from models.upsert import table_of
 from tests.conftest import _postgres_schema_url, database_of_its_own
-from tests.processes import CLI
+from tests.processes import describe, run_cli
 from tests.sendgrid_standin import Received, SendGridStandIn
-from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract, wait_until
+from tests.support import (
+    all_emails_sent,
+    contract_payload,
+    enqueue_raw,
+    unique,
+    wait_for_contract,
+    wait_until,
+)
 from workers.database import create_tables, get_engine, session_scope
 from workers.settings import Settings, get_settings, parse_days
 
 PARIS = ZoneInfo("Europe/Paris")
 REPO = Path(__file__).resolve().parent.parent
-
-#: One CLI command never takes this long.
-COMMAND_TIMEOUT_SECONDS = 60
 
 #: The columns issue 4 added to ``contracts``.
 REMINDER_COLUMNS = (
@@ -262,16 +265,6 @@ def cli_env(own_database: str, test_environment: dict[str, str]) -> dict[str, st
     return {**os.environ, **test_environment, "DATABASE_URL": own_database}
 
 
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CLI, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
-    )
-
-
-def describe(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
-
-
 def assert_refused(result: subprocess.CompletedProcess[str], code: str) -> None:
     assert result.returncode == 2, describe(result)
     assert result.stdout == "", describe(result)
@@ -386,26 +379,6 @@ def verifies(account: Account, code: str | None) -> bool:
         return bool(hasher.verify(account.access_code_hash, code))
     except VerifyMismatchError:
         return False
-
-
-def raw_enqueue(client: redis.Redis, queue: str, actor_name: str, payload: dict[str, Any]) -> str:
-    """HSET + RPUSH in one transaction, as the README tells a producer in any language."""
-    namespace = get_settings().redis_namespace
-    message_id = str(uuid.uuid4())
-    message = {
-        "queue_name": queue,
-        "actor_name": actor_name,
-        "args": [payload],
-        "kwargs": {},
-        "options": {"redis_message_id": message_id},
-        "message_id": message_id,
-        "message_timestamp": int(utc_now().timestamp() * 1000),
-    }
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hset(f"{namespace}:{queue}.msgs", message_id, json.dumps(message))
-        pipe.rpush(f"{namespace}:{queue}", message_id)
-        pipe.execute()
-    return message_id
 
 
 def messages_done(client: redis.Redis, contract_id: str) -> bool:
@@ -876,7 +849,12 @@ def test_cancel_contract_as_a_raw_message(own_database, worker, standin, redis_s
     contract_id = send_and_wait()["contract_id"]
     invited_at(MONDAY, contract_id)
     client = redis_server.client()
-    raw_enqueue(client, "contracts", "cancel_contract", {"version": 1, "contract_id": contract_id})
+    enqueue_raw(
+        client,
+        get_settings().redis_namespace,
+        actor="cancel_contract",
+        args=[{"version": 1, "contract_id": contract_id}],
+    )
     wait_for_contract(contract_id, lambda r: r.status == "cancelled")
     wait_until(lambda: messages_done(client, contract_id), what="the raw cancel to be processed")
     assert stored(contract_id).next_reminder_at is None

@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,8 @@ import redis
 from pydantic import SecretStr
 from sqlalchemy import MetaData, select
 
-from contract_dispatch import set_workspace
 from tests.conftest import TEST_SECRET_KEY, database_of_its_own
-from tests.processes import CLI, WorkerProcess
+from tests.processes import WorkerProcess, run_cli
 from tests.sendgrid_standin import API_KEY, SendGridStandIn
 from tests.support import CapturingHandler, unique, wait_until
 from tests.test_access_codes import wait_settled
@@ -62,10 +60,9 @@ from workers.database import get_engine
 from workers.dead_letters import MALFORMED_ACTOR
 from workers.logs import SENDGRID_HTTP_LOGGER, silence_sendgrid_debug
 from workers.middleware.message_log import LOGGER_NAME
-from workers.settings import Settings, get_settings, reset_settings
+from workers.settings import Settings, get_settings
 
-#: One command or one worker start never takes this long, in seconds.
-COMMAND_TIMEOUT_SECONDS = 60
+#: A worker start never takes this long, in seconds.
 WORKER_START_SECONDS = 60
 
 #: What a secret's mask looks like in pydantic's output.
@@ -211,14 +208,12 @@ def test_settings_errors_never_echo_a_secret(monkeypatch: pytest.MonkeyPatch, tm
     assert not leaks({"stdout": out.getvalue(), "stderr": err.getvalue()}, short_secrets)
 
 
-def test_sendgrid_debug_logging_is_silenced_even_with_the_root_logger_at_debug() -> None:
-    root = logging.getLogger()
+def test_sendgrid_debug_logging_is_silenced_even_with_the_root_logger_at_debug(
+    root_at_debug: CapturingHandler,
+) -> None:
     sendgrid = logging.getLogger(SENDGRID_HTTP_LOGGER)
-    handler = CapturingHandler()
     # Restored exactly afterwards: what this test sets must not protect the tests after it.
-    saved = (root.level, sendgrid.level, list(sendgrid.filters))
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
+    saved = (sendgrid.level, list(sendgrid.filters))
     try:
         silence_sendgrid_debug()
         assert not sendgrid.isEnabledFor(logging.DEBUG)
@@ -227,12 +222,11 @@ def test_sendgrid_debug_logging_is_silenced_even_with_the_root_logger_at_debug()
         sendgrid.debug("Authorization: Bearer %s", API_KEY)
         sendgrid.info("a line that may pass")
     finally:
-        root.removeHandler(handler)
-        root.setLevel(saved[0])
-        sendgrid.setLevel(saved[1])
-        sendgrid.filters[:] = saved[2]
-    assert not any(API_KEY in line for line in handler.lines), handler.lines
-    assert any("a line that may pass" in line for line in handler.lines), "the capture saw nothing"
+        sendgrid.setLevel(saved[0])
+        sendgrid.filters[:] = saved[1]
+    lines = root_at_debug.lines
+    assert not any(API_KEY in line for line in lines), lines
+    assert any("a line that may pass" in line for line in lines), "the capture saw nothing"
 
 
 # -- the whole flow, in this process ----------------------------------------------------------
@@ -330,17 +324,9 @@ def private_standin() -> Iterator[SendGridStandIn]:
 
 @pytest.fixture
 def sqlite_database(tmp_path: Path) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'worker-secrets.db'}"
-    original = os.environ["DATABASE_URL"]
-    os.environ["DATABASE_URL"] = url
-    reset_settings()
-    try:
-        set_workspace("ws-main", ["rg-1"])
+    """A fresh SQLite file, this process's DATABASE_URL while the test runs (the worker's too)."""
+    with database_of_its_own("sqlite", tmp_path / "worker-secrets.db") as url:
         yield url
-    finally:
-        os.environ["DATABASE_URL"] = original
-        reset_settings()
-        get_engine(url).dispose()
 
 
 def test_worker_process_flow_at_debug_leaves_no_secret_anywhere(
@@ -367,15 +353,8 @@ def test_worker_process_flow_at_debug_leaves_no_secret_anywhere(
     driver = Subprocess(env, client, namespace)
     printed: dict[str, str] = {}
 
-    def run_cli(*argv: str) -> str:
-        result = subprocess.run(
-            [CLI, *argv],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_SECONDS,
-            check=False,
-        )
+    def run(*argv: str) -> str:
+        result = run_cli(env, *argv)
         return result.stdout + result.stderr
 
     try:
@@ -388,7 +367,7 @@ def test_worker_process_flow_at_debug_leaves_no_secret_anywhere(
 
         wait_until(lines_in, timeout=WORKER_START_SECONDS, what="the journey in the worker's log")
         emails = sorted({to for request in private_standin.requests for to in request.to})
-        printed = cli_outputs(run_cli, journey, emails, dead_letter_ids(sqlite_database))
+        printed = cli_outputs(run, journey, emails, dead_letter_ids(sqlite_database))
         stored_redis = redis_contents(client, f"{namespace}:*")
     finally:
         if worker.alive():
