@@ -85,16 +85,21 @@ def find_account(session: Session, email: str) -> Account | None:
 def bind_account(session: Session, *, email: str, company_name: str) -> tuple[Account, bool]:
     """Get or create the account of ``email`` bound to ``company_name``, locked for update.
 
-    Returns the account and whether this call created it. Two transactions racing
-    for the same new address both insert-or-ignore: the database's unique index
-    lets exactly one win, and the loser then reads and compares the winner's name.
+    Returns the account and whether this call created it. An existing account
+    (the usual case) takes one statement. Two transactions racing for the same
+    new address both insert-or-ignore: the database's unique index lets exactly
+    one win, and the loser then reads and compares the winner's name.
     """
-    created = insert_ignoring_conflict(
-        session,
-        Account,
-        {"email": email, "company_name": company_name, "created_at": utc_now()},
-        conflict_columns=["email"],
-    )
-    account = session.exec(select(Account).where(Account.email == email).with_for_update()).one()
+    locked = select(Account).where(Account.email == email).with_for_update()
+    account = session.exec(locked).first()
+    created = False
+    if account is None:
+        created = insert_ignoring_conflict(
+            session,
+            Account,
+            {"email": email, "company_name": company_name, "created_at": utc_now()},
+            conflict_columns=["email"],
+        )
+        account = session.exec(locked).one()
     check_binding(bound_company=account.company_name, requested_company=company_name)
     return account, created

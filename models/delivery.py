@@ -15,8 +15,8 @@ from models.types import UTCDateTime, utc_now
 from models.upsert import (
     affected_rows,
     chunks,
-    insert_ignoring_conflict,
     insert_many_ignoring_conflict,
+    insert_returning,
     table_of,
 )
 from models.workspace import IDENTIFIER_MAX_LENGTH
@@ -100,9 +100,13 @@ def add_delivery(
     step: int = 0,
     includes_access_code: bool = False,
 ) -> int:
-    """Record one email (idempotent on its key) and return its id."""
+    """Record one email (idempotent on its key) and return its id.
+
+    A new email takes one statement (its id comes back from the insert); one
+    already recorded is looked up by its key.
+    """
     now = utc_now()
-    insert_ignoring_conflict(
+    inserted = insert_returning(
         session,
         EmailDelivery,
         {
@@ -119,7 +123,10 @@ def add_delivery(
             "updated_at": now,
         },
         conflict_columns=["kind", "contract_id", "recipient", "step"],
+        returning="id",
     )
+    if inserted is not None:
+        return int(inserted)
     delivery_id = session.exec(
         select(EmailDelivery.id).where(
             EmailDelivery.kind == kind.value,
@@ -199,42 +206,45 @@ def pending_delivery_ids(session: Session, contract_id: str, kind: EmailKind) ->
     return [row for row in rows if row is not None]
 
 
-def lease_remaining(session: Session, delivery_id: int, *, now: datetime) -> timedelta:
+def lease_remaining(delivery: EmailDelivery, *, now: datetime) -> timedelta:
     """How long the current holder of a delivery's lease may still keep it."""
-    expires = session.exec(
-        select(EmailDelivery.lease_expires_at).where(EmailDelivery.id == delivery_id)
-    ).first()
+    expires = delivery.lease_expires_at
     return max(expires - now, timedelta(0)) if expires is not None else timedelta(0)
 
 
-def claim_delivery(session: Session, delivery_id: int, *, now: datetime, lease: timedelta) -> Claim:
+def claim_delivery(
+    session: Session, delivery_id: int, *, now: datetime, lease: timedelta
+) -> tuple[Claim, EmailDelivery | None]:
     """Take a pending delivery for one send attempt, in one statement (the caller commits).
+
+    Returns what the claim found and the delivery as it is now (None if missing):
+    the UPDATE returns the claimed row, so a claim is one round trip.
 
     The lease keeps a concurrent duplicate message from sending the same email
     while this attempt is in flight; it expires on its own if the attempt dies.
     """
-    table = table_of(EmailDelivery)
-    claimed = session.execute(
-        update(table)
+    claimed = session.scalars(
+        update(EmailDelivery)
         .where(
-            table.c.id == delivery_id,
-            table.c.status == DeliveryStatus.PENDING.value,
-            or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at < now),
+            col(EmailDelivery.id) == delivery_id,
+            col(EmailDelivery.status) == DeliveryStatus.PENDING.value,
+            or_(col(EmailDelivery.lease_expires_at).is_(None), col(EmailDelivery.lease_expires_at) < now),
         )
-        .values(attempts=table.c.attempts + 1, lease_expires_at=now + lease, updated_at=now)
-    )
-    if affected_rows(claimed):
-        return Claim.CLAIMED
+        .values(attempts=col(EmailDelivery.attempts) + 1, lease_expires_at=now + lease, updated_at=now)
+        .returning(EmailDelivery),
+        execution_options={"populate_existing": True},
+    ).first()
+    if claimed is not None:
+        return Claim.CLAIMED, claimed
     delivery = session.get(EmailDelivery, delivery_id)
     if delivery is None:
-        return Claim.MISSING
-    if delivery.status == DeliveryStatus.SENT:
-        return Claim.ALREADY_SENT
-    if delivery.status == DeliveryStatus.FAILED:
-        return Claim.ALREADY_FAILED
-    if delivery.status == DeliveryStatus.CANCELLED:
-        return Claim.CANCELLED
-    return Claim.LEASED
+        return Claim.MISSING, None
+    found = {
+        DeliveryStatus.SENT: Claim.ALREADY_SENT,
+        DeliveryStatus.FAILED: Claim.ALREADY_FAILED,
+        DeliveryStatus.CANCELLED: Claim.CANCELLED,
+    }
+    return found.get(DeliveryStatus(delivery.status), Claim.LEASED), delivery
 
 
 def mark_sent(session: Session, delivery_id: int, *, provider_message_id: str, now: datetime) -> None:

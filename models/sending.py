@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
 from models.account import Account
@@ -15,8 +16,13 @@ from models.delivery import EmailDelivery, EmailKind, add_delivery, pending_deli
 from models.errors import ContractClosed, ContractConflict, Rejected, UnknownContract
 from models.messages import SendContract
 from models.reminders import ReminderPolicy, start_cycle
-from models.upsert import insert_ignoring_conflict
-from models.workspace import resolve_resource_group
+from models.upsert import chunks, insert_ignoring_conflict, insert_many_returning
+from models.workspace import (
+    choose_resource_group,
+    resolve_resource_group,
+    resource_groups_of,
+    resource_groups_of_many,
+)
 
 #: Statuses in which a send_contract may (re)do its work; later ones are final for it.
 OPEN_STATUSES = (ContractStatus.QUEUED, ContractStatus.REJECTED)
@@ -45,7 +51,14 @@ def _set_content(contract: Contract, message: SendContract) -> None:
 
 
 def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -> Contract:
-    """The contract row, created as queued if absent, locked for this transaction."""
+    """The contract row, created as queued if absent, locked for this transaction.
+
+    The producer usually reserved the row already, so it is looked for first:
+    one statement instead of an insert that conflicts and a read.
+    """
+    contract = session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True)
+    if contract is not None:
+        return contract
     insert_ignoring_conflict(
         session,
         Contract,
@@ -111,16 +124,19 @@ def record_contract(
     contract.error_message = None
     session.add(contract)
     session.flush()
-    add_delivery(
-        session,
-        kind=EmailKind.INVITATION,
-        contract_id=contract.id,
-        recipient=message.email,
-        recipient_name=None,
-        locale=message.locale,
-        includes_access_code=issue_codes,
-    )
-    return pending_delivery_ids(session, contract.id, EmailKind.INVITATION)
+    # The contract was open, so it has had no invitation yet: this one is the
+    # only one pending.
+    return [
+        add_delivery(
+            session,
+            kind=EmailKind.INVITATION,
+            contract_id=contract.id,
+            recipient=message.email,
+            recipient_name=None,
+            locale=message.locale,
+            includes_access_code=issue_codes,
+        )
+    ]
 
 
 def record_send_rejection(
@@ -157,23 +173,72 @@ def record_send_rejection(
     session.add(contract)
 
 
+def _check_rules(
+    message: SendContract, *, existing: Contract | None, groups: list[str] | None, bound_company: str | None
+) -> None:
+    """The producer-side rules on what was read: the same for one contract or many."""
+    if existing is not None:
+        _check_same_content(existing, message)
+    choose_resource_group(message.workspace_id, message.resource_group_id, groups)
+    # Called for unknown addresses too: a known and an unknown address take the
+    # same queries and the same steps, so the answer's timing tells nothing.
+    check_binding(bound_company=bound_company, requested_company=message.company_name)
+
+
 def check_send_contract(session: Session, message: SendContract) -> Contract | None:
     """The producer-side check: the same rules, read-only, before enqueueing.
 
     Returns the existing contract when this exact message was already accepted.
     """
     existing = session.get(Contract, message.contract_id)
-    if existing is not None:
-        _check_same_content(existing, message)
-    resolve_resource_group(session, message.workspace_id, message.resource_group_id)
     account = find_account(session, message.email)
-    # Called for unknown addresses too: a known and an unknown address take the
-    # same queries and the same steps, so the answer's timing tells nothing.
-    check_binding(
+    _check_rules(
+        message,
+        existing=existing,
+        groups=resource_groups_of(session, message.workspace_id),
         bound_company=account.company_name if account is not None else None,
-        requested_company=message.company_name,
     )
     return existing
+
+
+class SendChecks:
+    """``check_send_contract`` for a batch: what it reads, read once for all (three queries)."""
+
+    def __init__(self, session: Session, messages: Sequence[SendContract]) -> None:
+        #: The contracts already recorded, as read.
+        self.read: dict[str, Contract] = {}
+        #: Contracts accepted earlier in this batch (not written yet), as queued.
+        self.accepted_here: dict[str, Contract] = {}
+        self.bound: dict[str, str] = {}
+        for ids in chunks(sorted({message.contract_id for message in messages})):
+            self.read.update(
+                (contract.id, contract)
+                for contract in session.exec(select(Contract).where(col(Contract.id).in_(ids)))
+            )
+        self.groups = resource_groups_of_many(session, (message.workspace_id for message in messages))
+        for emails in chunks(sorted({message.email for message in messages})):
+            self.bound.update(
+                session.exec(
+                    select(Account.email, Account.company_name).where(col(Account.email).in_(emails))
+                ).all()
+            )
+
+    def check(self, message: SendContract) -> Contract | None:
+        """``check_send_contract`` on what was read; returns the existing contract."""
+        existing = self.accepted_here.get(message.contract_id) or self.read.get(message.contract_id)
+        _check_rules(
+            message,
+            existing=existing,
+            groups=self.groups.get(message.workspace_id),
+            bound_company=self.bound.get(message.email),
+        )
+        return existing
+
+    def accepted(self, message: SendContract) -> None:
+        """A later duplicate in the batch finds this one queued (not yet written)."""
+        self.accepted_here[message.contract_id] = Contract(
+            id=message.contract_id, status=ContractStatus.QUEUED, content_hash=message.content_hash()
+        )
 
 
 def reserve_contract(session: Session, message: SendContract, *, now: datetime) -> bool:
@@ -206,6 +271,44 @@ def reserve_contract(session: Session, message: SendContract, *, now: datetime) 
         contract.updated_at = now
         session.add(contract)
     return False
+
+
+def reserve_contracts(
+    session: Session, messages: Sequence[SendContract], *, existing: Mapping[str, Contract], now: datetime
+) -> set[str]:
+    """``reserve_contract`` for a batch checked by ``SendChecks``; returns the ids this call created.
+
+    Contracts not there when checked are inserted by one executemany; only the
+    rare others (refused earlier, or reserved by a concurrent producer since the
+    check) take ``reserve_contract`` one by one. A contract already queued is
+    left as it is, as ``reserve_contract`` would.
+    """
+    # A contract sent twice in the batch is inserted once.
+    new = {
+        message.contract_id: message for message in reversed(messages) if message.contract_id not in existing
+    }
+    created = insert_many_returning(
+        session,
+        Contract,
+        [
+            {
+                "id": message.contract_id,
+                "status": ContractStatus.QUEUED.value,
+                "created_at": now,
+                "updated_at": now,
+                **_contract_fields(message),
+            }
+            for message in new.values()
+        ],
+        conflict_columns=["id"],
+        returning="id",
+    )
+    for message in messages:
+        found = existing.get(message.contract_id)
+        raced = found is None and message.contract_id not in created
+        if raced or (found is not None and found.status == ContractStatus.REJECTED):
+            reserve_contract(session, message, now=now)
+    return created
 
 
 def release_reservation(session: Session, contract_id: str) -> None:

@@ -37,6 +37,23 @@ def insert_ignoring_conflict(
     On PostgreSQL a concurrent uncommitted insert of the same key makes this wait
     for that transaction, so the caller's next read sees the winner's row.
     """
+    # The row inserted, read back: psycopg reports no rowcount (-1) for this
+    # statement when nothing else is returned, so rowcount cannot tell.
+    inserted = insert_returning(
+        session, table, values, conflict_columns=conflict_columns, returning=conflict_columns[0]
+    )
+    return inserted is not None
+
+
+def insert_returning(
+    session: Session,
+    table: type[SQLModel],
+    values: dict[str, Any],
+    *,
+    conflict_columns: list[str],
+    returning: str,
+) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING returning``: the new row's value, or None."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     target = table_of(table)
@@ -44,11 +61,9 @@ def insert_ignoring_conflict(
         insert(target)
         .values(**values)
         .on_conflict_do_nothing(index_elements=conflict_columns)
-        # The row inserted, read back: psycopg reports no rowcount (-1) for this
-        # statement when nothing else is returned, so rowcount cannot tell.
-        .returning(target.c[conflict_columns[0]])
+        .returning(target.c[returning])
     )
-    return session.execute(statement).first() is not None
+    return session.execute(statement).scalar()
 
 
 def insert_many_ignoring_conflict(
@@ -66,6 +81,30 @@ def insert_many_ignoring_conflict(
     session.execute(
         insert(table_of(table)).on_conflict_do_nothing(index_elements=conflict_columns), list(rows)
     )
+
+
+def insert_many_returning(
+    session: Session,
+    table: type[SQLModel],
+    rows: Sequence[dict[str, Any]],
+    *,
+    conflict_columns: list[str],
+    returning: str,
+) -> set[Any]:
+    """``insert_many_ignoring_conflict`` that returns the ``returning`` value of each row inserted.
+
+    SQLAlchemy sends the rows as multi-row INSERTs with RETURNING ("insertmanyvalues"),
+    so a batch takes a few round trips, not one per row.
+    """
+    if not rows:
+        return set()
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    target = table_of(table)
+    statement = (
+        insert(target).on_conflict_do_nothing(index_elements=conflict_columns).returning(target.c[returning])
+    )
+    return set(session.execute(statement, list(rows)).scalars())
 
 
 def chunks(items: Sequence[T], size: int = IN_LIST_CHUNK) -> Iterator[Sequence[T]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlmodel import Column, Field, Session, SQLModel, col, delete, select
@@ -9,6 +10,7 @@ from sqlmodel import Column, Field, Session, SQLModel, col, delete, select
 from models.errors import ResourceGroupRequired, UnknownResourceGroup, UnknownWorkspace
 from models.text import is_identifier
 from models.types import UTCDateTime, utc_now
+from models.upsert import chunks
 
 #: Longest identifier (contract, workspace, resource group, section), in characters.
 IDENTIFIER_MAX_LENGTH = 128
@@ -56,19 +58,37 @@ def set_workspace(session: Session, workspace_id: str, resource_group_ids: list[
 
 def resource_groups_of(session: Session, workspace_id: str) -> list[str] | None:
     """The resource group ids of a workspace, or None if it is not registered."""
-    if session.get(Workspace, workspace_id) is None:
-        return None
-    rows = session.exec(
-        select(ResourceGroup.id)
-        .where(ResourceGroup.workspace_id == workspace_id)
-        .order_by(col(ResourceGroup.id))
-    )
-    return list(rows)
+    return resource_groups_of_many(session, [workspace_id]).get(workspace_id)
+
+
+def resource_groups_of_many(session: Session, workspace_ids: Iterable[str]) -> dict[str, list[str]]:
+    """The resource group ids of each registered workspace, in one round trip; unregistered ones are absent.
+
+    The workspaces are outer-joined to their groups: a workspace without groups
+    still gives a row (its group is NULL).
+    """
+    groups: dict[str, list[str]] = {}
+    for chunk in chunks(sorted(set(workspace_ids))):
+        rows = session.exec(
+            select(Workspace.id, ResourceGroup.id)
+            .outerjoin(ResourceGroup, col(ResourceGroup.workspace_id) == col(Workspace.id))
+            .where(col(Workspace.id).in_(chunk))
+            .order_by(col(Workspace.id), col(ResourceGroup.id))
+        )
+        for workspace_id, group in rows:
+            found = groups.setdefault(workspace_id, [])
+            if group is not None:
+                found.append(group)
+    return groups
 
 
 def resolve_resource_group(session: Session, workspace_id: str, resource_group_id: str | None) -> str:
     """Rule 1: the client's resource group, required when the workspace has several."""
-    groups = resource_groups_of(session, workspace_id)
+    return choose_resource_group(workspace_id, resource_group_id, resource_groups_of(session, workspace_id))
+
+
+def choose_resource_group(workspace_id: str, resource_group_id: str | None, groups: list[str] | None) -> str:
+    """Rule 1 on a workspace's resource groups as read (None: the workspace is not registered)."""
     if groups is None:
         raise UnknownWorkspace(f"workspace {workspace_id!r} is not registered")
     if resource_group_id is None:

@@ -150,6 +150,11 @@ class TcpProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
+                if self._listener is not listener:
+                    # cut() ran while this connection was being set up: it must not survive the cut.
+                    client.close()
+                    upstream.close()
+                    return
                 self._connections += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
@@ -175,6 +180,10 @@ class TcpProxy:
         """Close every connection and refuse new ones (connection refused)."""
         with self._lock:
             if self._listener is not None:
+                # shutdown() wakes the thread blocked in accept(); close() alone
+                # would leave it accepting one more connection after the cut.
+                with contextlib.suppress(OSError):
+                    self._listener.shutdown(socket.SHUT_RDWR)
                 self._listener.close()
                 self._listener = None
             for sock in self._connections:

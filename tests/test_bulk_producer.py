@@ -98,3 +98,60 @@ def test_bulk_send_with_an_unknown_argument_writes_nothing(database, enqueue_cal
 def test_bulk_send_of_nothing_enqueues_nothing(database, enqueue_calls):
     assert send_contracts([]) == []
     assert enqueue_calls == []
+
+
+def test_bulk_send_of_one_contract_twice_reserves_it_once_and_refuses_a_changed_copy(database, enqueue_calls):
+    payload = contract_payload()
+    changed = {**payload, "title": "Another title"}
+    results = send_contracts([payload, payload, changed])
+
+    queued = Receipt(contract_id=payload["contract_id"], status="queued")
+    assert results[:2] == [queued, queued]
+    assert isinstance(results[2], Rejected) and results[2].code == "contract_conflict"
+    (call,) = enqueue_calls
+    # Both copies go out, as two send_contract calls would; the worker records it once.
+    assert [message.args[0]["contract_id"] for message in call] == [payload["contract_id"]] * 2
+    report = contract_status(payload["contract_id"])
+    assert report is not None and report.status == "queued"
+
+
+def test_bulk_send_queues_a_refused_contract_again(database, enqueue_calls):
+    from models.errors import UnknownWorkspace
+    from models.sending import record_send_rejection
+    from models.types import utc_now
+    from workers.database import session_scope
+
+    payload = contract_payload()
+    with session_scope() as session:
+        record_send_rejection(
+            session, payload["contract_id"], UnknownWorkspace("not yet"), message=None, now=utc_now()
+        )
+    report = contract_status(payload["contract_id"])
+    assert report is not None and report.status == "rejected"
+
+    assert send_contracts([payload]) == [Receipt(contract_id=payload["contract_id"], status="queued")]
+    report = contract_status(payload["contract_id"])
+    assert report is not None and report.status == "queued"
+    assert len(enqueue_calls) == 1
+
+
+def test_bulk_reservation_never_claims_a_row_another_producer_reserved_after_the_check(database):
+    """A contract reserved by someone else between the batch's read and its insert is not "created" here,
+    so a broker failure of this call cannot release it."""
+    from models.messages import SendContract, parse_message
+    from models.sending import SendChecks, reserve_contract, reserve_contracts
+    from models.types import utc_now
+    from workers.database import session_scope
+
+    ours, theirs = contract_payload(), contract_payload()
+    messages = [parse_message(SendContract, payload) for payload in (ours, theirs)]
+    with session_scope() as session:
+        checks = SendChecks(session, messages)
+        assert checks.read == {}
+        for message in messages:
+            checks.check(message)
+    with session_scope() as other_producer:
+        assert reserve_contract(other_producer, messages[1], now=utc_now())
+    with session_scope() as session:
+        created = reserve_contracts(session, messages, existing=checks.read, now=utc_now())
+    assert created == {ours["contract_id"]}

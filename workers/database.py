@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session, SQLModel, create_engine
 
 # Importing the tables registers them on SQLModel.metadata.
@@ -18,6 +20,9 @@ from workers.settings import get_settings
 
 #: How long SQLite waits for another writer before giving up, in seconds.
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+
+#: A pooled PostgreSQL connection unused for longer than this is pinged before use, in seconds.
+PING_AFTER_IDLE_SECONDS = 1.0
 
 #: Serialises table creation between processes on PostgreSQL.
 _SCHEMA_LOCK_KEY = 0x636F6E7472616374  # "contract"
@@ -64,6 +69,31 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection before use only when it sat unused for a while.
+
+    A connection used a moment ago is alive; pinging it (``pool_pre_ping``)
+    would add a round trip to every transaction of a busy worker. One that sat
+    idle may have been cut by a database restart or a proxy: it is pinged, and
+    a dead one is replaced by a fresh connection before anyone uses it.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is not None and time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool discards this connection and checks out a fresh one.
+            raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
+
+
 def get_engine(url: str | None = None) -> Engine:
     """The engine for ``url`` (DATABASE_URL by default), created once per process."""
     url = normalize_database_url(url or get_settings().effective_database_url)
@@ -73,7 +103,8 @@ def get_engine(url: str | None = None) -> Engine:
             if url.startswith("sqlite"):
                 engine = _sqlite_engine(url)
             else:
-                engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+                engine = create_engine(url, pool_size=10, max_overflow=10)
+                _ping_when_idle(engine)
             _engines[url] = engine
     if url not in _ready:
         create_tables(engine)

@@ -16,8 +16,8 @@ import time
 from datetime import timedelta
 from urllib.parse import quote
 
-from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlmodel import Session, col, select
 
 from models.access_codes import current_access_code
 from models.account import Account
@@ -75,9 +75,10 @@ def _contract_label(contract: Contract, locale: str) -> str:
     return f"contract {contract.id}" if locale == "en" else f"contrat {contract.id}"
 
 
-def compose(session: Session, delivery: EmailDelivery, settings: Settings) -> OutgoingEmail:
-    """Render a delivery from what the database holds now."""
-    contract = session.get(Contract, delivery.contract_id)
+def compose(
+    delivery: EmailDelivery, contract: Contract | None, account: Account | None, settings: Settings
+) -> OutgoingEmail:
+    """Render a delivery from its contract and the contract's account, as the database holds them now."""
     if contract is None:
         raise RenderError(f"delivery {delivery.id} names a missing contract")
     locale = delivery.locale
@@ -91,7 +92,6 @@ def compose(session: Session, delivery: EmailDelivery, settings: Settings) -> Ou
         "step": delivery.step,
     }
     if delivery.kind in (EmailKind.INVITATION, EmailKind.REMINDER):
-        account = session.get(Account, contract.account_id) if contract.account_id is not None else None
         access_code = None
         expires = ""
         # Codes only while the client has never logged in: after that they are useless.
@@ -143,46 +143,81 @@ def _mark_sent_patiently(delivery_id: int, provider_message_id: str) -> None:
             pause = min(pause * 2, 5.0)
 
 
+def _load_contract(session: Session, delivery: EmailDelivery) -> tuple[Contract | None, Account | None]:
+    """The delivery's contract and the contract's account, in one round trip."""
+    row = session.exec(
+        select(Contract, Account)
+        .outerjoin(Account, col(Account.id) == col(Contract.account_id))
+        .where(col(Contract.id) == delivery.contract_id)
+    ).first()
+    return (row[0], row[1]) if row is not None else (None, None)
+
+
+def _record_failure(delivery_id: int, kind: str | None, exc: Exception) -> None:
+    """Keep the attempt's error on the delivery (a permanent one fails it for good)."""
+    permanent = isinstance(exc, PermanentError)
+    with session_scope() as session:
+        changed = record_attempt_error(
+            session,
+            delivery_id,
+            error=f"{type(exc).__name__}: {exc}",
+            now=utc_now(),
+            permanent=permanent,
+        )
+    if changed and kind is not None:
+        count_email(kind, "failed" if permanent else "retried")
+
+
 def deliver(
     delivery_id: int, *, settings: Settings | None = None, backend: EmailBackend | None = None
 ) -> Claim:
-    """Send one delivery unless it is already sent or failed; returns what the claim found."""
+    """Send one delivery unless it is already sent or failed; returns what the claim found.
+
+    Two short transactions around the provider call: the claim with the reads
+    the email needs, then the record of the send.
+    """
     settings = settings or get_settings()
     lease = timedelta(seconds=settings.send_lease_seconds)
+    email: OutgoingEmail | None = None
+    cancelled = False
+    failure: Exception | None = None
     with session_scope() as session:
         now = utc_now()
-        claim = claim_delivery(session, delivery_id, now=now, lease=lease)
-        remaining = lease_remaining(session, delivery_id, now=now) if claim is Claim.LEASED else lease
-        # Any claim but CLAIMED loaded the row already: its contract names this message's log line.
-        known = session.get(EmailDelivery, delivery_id) if claim is not Claim.CLAIMED else None
-        if known is not None:
-            note_contract_id(known.contract_id)
+        claim, delivery = claim_delivery(session, delivery_id, now=now, lease=lease)
+        if delivery is not None:
+            note_contract_id(delivery.contract_id)
+        if claim is Claim.CLAIMED:
+            assert delivery is not None
+            try:
+                contract, account = _load_contract(session, delivery)
+                unwanted = unwanted_reason(contract, delivery.kind) if contract is not None else None
+                # Cancelled, or signed before its reminder went out: drop it, quietly.
+                cancelled = unwanted is not None and cancel_delivery(
+                    session, delivery_id, reason=unwanted, now=now
+                )
+                email = compose(delivery, contract, account, settings) if unwanted is None else None
+            except SQLAlchemyError:
+                raise
+            except Exception as exc:
+                # The claim still commits (it counts as an attempt); the error is kept below.
+                failure = exc
     if claim is Claim.MISSING:
         raise UnknownDelivery(f"no email delivery has id {delivery_id}")
     if claim is Claim.LEASED:
+        assert delivery is not None
         # Come back when the holder's lease ends: by then it has recorded the
         # send, or it died and its lease is free to take over.
         raise DeliveryBusy(
             f"delivery {delivery_id} is being sent by another attempt",
-            retry_after_ms=int(remaining.total_seconds() * 1000) + LEASE_MARGIN_MS,
+            retry_after_ms=int(lease_remaining(delivery, now=now).total_seconds() * 1000) + LEASE_MARGIN_MS,
         )
     if claim is not Claim.CLAIMED:
         return claim
-
-    kind: str | None = None
+    assert delivery is not None
+    kind = delivery.kind
     try:
-        with session_scope() as session:
-            delivery = session.get(EmailDelivery, delivery_id)
-            assert delivery is not None
-            note_contract_id(delivery.contract_id)
-            kind = delivery.kind
-            contract = session.get(Contract, delivery.contract_id)
-            unwanted = unwanted_reason(contract, delivery.kind) if contract is not None else None
-            # Cancelled, or signed before its reminder went out: drop it, quietly.
-            cancelled = unwanted is not None and cancel_delivery(
-                session, delivery_id, reason=unwanted, now=utc_now()
-            )
-            email = compose(session, delivery, settings) if unwanted is None else None
+        if failure is not None:
+            raise failure
         if email is None:
             # Counted once committed, like every outcome below.
             if cancelled:
@@ -190,17 +225,7 @@ def deliver(
             return Claim.CANCELLED
         provider_message_id = _send(backend or backend_for(settings), email)
     except Exception as exc:
-        permanent = isinstance(exc, PermanentError)
-        with session_scope() as session:
-            changed = record_attempt_error(
-                session,
-                delivery_id,
-                error=f"{type(exc).__name__}: {exc}",
-                now=utc_now(),
-                permanent=permanent,
-            )
-        if changed and kind is not None:
-            count_email(kind, "failed" if permanent else "retried")
+        _record_failure(delivery_id, kind, exc)
         raise
     _mark_sent_patiently(delivery_id, provider_message_id)
     count_email(kind, "sent")
