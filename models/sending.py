@@ -76,10 +76,11 @@ def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -
     return contract
 
 
-def _check_same_content(contract: Contract, message: SendContract) -> None:
-    if contract.content_hash and contract.content_hash != message.content_hash():
+def _check_same_content(stored_hash: str | None, message: SendContract) -> None:
+    """Refuse a message whose contract id was recorded with other content (``stored_hash``)."""
+    if stored_hash and stored_hash != message.content_hash():
         raise ContractConflict(
-            f"contract {contract.id!r} was already sent with different content; "
+            f"contract {message.contract_id!r} was already sent with different content; "
             "use a new contract id for a different contract"
         )
 
@@ -99,7 +100,7 @@ def record_contract(
     that died between commit and enqueue loses nothing when the message comes back.
     """
     contract = _lock_or_create(session, message, now=now)
-    _check_same_content(contract, message)
+    _check_same_content(contract.content_hash, message)
     if contract.status not in OPEN_STATUSES:
         return pending_delivery_ids(session, contract.id, EmailKind.INVITATION)
     # A contract first recorded from a message too broken to parse has no content
@@ -174,11 +175,10 @@ def record_send_rejection(
 
 
 def _check_rules(
-    message: SendContract, *, existing: Contract | None, groups: list[str] | None, bound_company: str | None
+    message: SendContract, *, stored_hash: str | None, groups: list[str] | None, bound_company: str | None
 ) -> None:
     """The producer-side rules on what was read: the same for one contract or many."""
-    if existing is not None:
-        _check_same_content(existing, message)
+    _check_same_content(stored_hash, message)
     choose_resource_group(message.workspace_id, message.resource_group_id, groups)
     # Called for unknown addresses too: a known and an unknown address take the
     # same queries and the same steps, so the answer's timing tells nothing.
@@ -194,7 +194,7 @@ def check_send_contract(session: Session, message: SendContract) -> Contract | N
     account = find_account(session, message.email)
     _check_rules(
         message,
-        existing=existing,
+        stored_hash=existing.content_hash if existing is not None else None,
         groups=resource_groups_of(session, message.workspace_id),
         bound_company=account.company_name if account is not None else None,
     )
@@ -207,8 +207,8 @@ class SendChecks:
     def __init__(self, session: Session, messages: Sequence[SendContract]) -> None:
         #: The contracts already recorded, as read.
         self.read: dict[str, Contract] = {}
-        #: Contracts accepted earlier in this batch (not written yet), as queued.
-        self.accepted_here: dict[str, Contract] = {}
+        #: The content hash of each contract accepted earlier in this batch (not written yet).
+        self.accepted_here: dict[str, str] = {}
         self.bound: dict[str, str] = {}
         for ids in chunks(sorted({message.contract_id for message in messages})):
             self.read.update(
@@ -224,21 +224,22 @@ class SendChecks:
             )
 
     def check(self, message: SendContract) -> Contract | None:
-        """``check_send_contract`` on what was read; returns the existing contract."""
-        existing = self.accepted_here.get(message.contract_id) or self.read.get(message.contract_id)
+        """``check_send_contract`` on what was read; returns the existing contract as read."""
+        existing = self.read.get(message.contract_id)
+        stored_hash = self.accepted_here.get(message.contract_id)
+        if stored_hash is None and existing is not None:
+            stored_hash = existing.content_hash
         _check_rules(
             message,
-            existing=existing,
+            stored_hash=stored_hash,
             groups=self.groups.get(message.workspace_id),
             bound_company=self.bound.get(message.email),
         )
         return existing
 
     def accepted(self, message: SendContract) -> None:
-        """A later duplicate in the batch finds this one queued (not yet written)."""
-        self.accepted_here[message.contract_id] = Contract(
-            id=message.contract_id, status=ContractStatus.QUEUED, content_hash=message.content_hash()
-        )
+        """A later copy in the batch is checked against this one (not written yet)."""
+        self.accepted_here.setdefault(message.contract_id, message.content_hash())
 
 
 def reserve_contract(session: Session, message: SendContract, *, now: datetime) -> bool:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Table
+from sqlalchemy import CursorResult, Table, Text, column, func, literal, select
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Session, SQLModel
 
 T = TypeVar("T")
@@ -98,13 +102,54 @@ def insert_many_returning(
     """
     if not rows:
         return set()
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     target = table_of(table)
+    if session.get_bind().dialect.name == "postgresql":
+        return _insert_recordset_returning(
+            session, target, rows, conflict_columns=conflict_columns, returning=returning
+        )
     statement = (
-        insert(target).on_conflict_do_nothing(index_elements=conflict_columns).returning(target.c[returning])
+        sqlite.insert(target)
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+        .returning(target.c[returning])
     )
     return set(session.execute(statement, list(rows)).scalars())
+
+
+def _insert_recordset_returning(
+    session: Session,
+    target: Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    conflict_columns: list[str],
+    returning: str,
+) -> set[Any]:
+    """PostgreSQL: the rows as one JSON parameter, unpacked by ``jsonb_to_recordset``.
+
+    A multi-row VALUES list binds one parameter per cell, and psycopg parses
+    such a statement afresh each time (it is too long for its cache): for a batch
+    of 500 contracts that parsing cost more than the insert. One parameter keeps
+    the statement short, and PostgreSQL decodes the JSON in C.
+    """
+    names = list(rows[0])
+    records = (
+        func.jsonb_to_recordset(sql_cast(literal(json.dumps(list(rows), default=_json_value), Text), JSONB))
+        .table_valued(*(column(name, target.c[name].type) for name in names))
+        .render_derived(name="incoming", with_types=True)
+    )
+    statement = (
+        postgresql.insert(target)
+        .from_select(names, select(*(records.c[name] for name in names)))
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+        .returning(target.c[returning])
+    )
+    return set(session.execute(statement).scalars())
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        # A timezone-aware ISO 8601 timestamp, which timestamptz reads as it is.
+        return value.isoformat()
+    raise TypeError(f"cannot insert {type(value).__name__} through jsonb_to_recordset")
 
 
 def chunks(items: Sequence[T], size: int = IN_LIST_CHUNK) -> Iterator[Sequence[T]]:

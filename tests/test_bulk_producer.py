@@ -155,3 +155,25 @@ def test_bulk_reservation_never_claims_a_row_another_producer_reserved_after_the
     with session_scope() as session:
         created = reserve_contracts(session, messages, existing=checks.read, now=utc_now())
     assert created == {ours["contract_id"]}
+
+
+def test_bulk_send_records_each_contract_as_a_single_send_does(database):
+    from models.contract import Contract
+    from workers.database import session_scope
+
+    single = contract_payload(title="Bureau privatif", resource_group_id="rg-1")
+    bulk = {**single, "contract_id": single["contract_id"] + "-bulk"}
+    send_contract(**single)
+    assert send_contracts([bulk]) == [Receipt(contract_id=bulk["contract_id"], status="queued")]
+
+    with session_scope() as session:
+        rows = [session.get(Contract, payload["contract_id"]) for payload in (single, bulk)]
+    # The content hash covers the contract id, which differs.
+    first, second = (
+        row.model_dump(exclude={"id", "content_hash", "created_at", "updated_at"}) for row in rows if row
+    )
+    assert first == second
+    assert first["status"] == "queued" and first["sections"] and first["signatories"]
+    created = [row.created_at for row in rows if row]
+    assert all(moment.tzinfo is not None for moment in created)
+    assert abs((created[1] - created[0]).total_seconds()) < 60
