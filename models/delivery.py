@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import or_, update
+from sqlalchemy import bindparam, or_, update
 from sqlmodel import Column, Field, Session, SQLModel, UniqueConstraint, col, select
 
 from models.account import EMAIL_MAX_LENGTH
@@ -206,7 +206,63 @@ def pending_delivery_ids(session: Session, contract_id: str, kind: EmailKind) ->
     return [row for row in rows if row is not None]
 
 
-def lease_remaining(delivery: EmailDelivery, *, now: datetime) -> timedelta:
+@dataclass(frozen=True, kw_only=True)
+class DeliveryRow:
+    """A delivery as one send attempt reads it (plain values, no ORM state)."""
+
+    id: int
+    kind: str
+    contract_id: str
+    recipient: str
+    recipient_name: str | None
+    step: int
+    locale: str
+    includes_access_code: bool
+    status: str
+    lease_expires_at: datetime | None
+
+    @property
+    def idempotency_key(self) -> str:
+        """``kind:contract_id:recipient:step``, unique across all deliveries."""
+        return f"{self.kind}:{self.contract_id}:{self.recipient}:{self.step}"
+
+
+_deliveries = table_of(EmailDelivery)
+_row_columns = [_deliveries.c[field.name] for field in fields(DeliveryRow)]
+
+# Built once: a statement object reused keeps its SQLAlchemy cache key, so each
+# execution skips building and keying the statement (the hot path runs these
+# for every email).
+_CLAIM = (
+    update(_deliveries)
+    .where(
+        _deliveries.c.id == bindparam("delivery_id"),
+        _deliveries.c.status == DeliveryStatus.PENDING.value,
+        or_(_deliveries.c.lease_expires_at.is_(None), _deliveries.c.lease_expires_at < bindparam("now")),
+    )
+    .values(
+        attempts=_deliveries.c.attempts + 1,
+        lease_expires_at=bindparam("lease_until"),
+        updated_at=bindparam("claimed_at"),
+    )
+    .returning(*_row_columns)
+)
+_READ = select(*_row_columns).where(_deliveries.c.id == bindparam("delivery_id"))
+_MARK_SENT = (
+    update(_deliveries)
+    .where(_deliveries.c.id == bindparam("delivery_id"))
+    .values(
+        status=DeliveryStatus.SENT.value,
+        provider_message_id=bindparam("message_id"),
+        lease_expires_at=None,
+        sent_at=bindparam("sent_time"),
+        updated_at=bindparam("sent_time"),
+        last_error=None,
+    )
+)
+
+
+def lease_remaining(delivery: DeliveryRow, *, now: datetime) -> timedelta:
     """How long the current holder of a delivery's lease may still keep it."""
     expires = delivery.lease_expires_at
     return max(expires - now, timedelta(0)) if expires is not None else timedelta(0)
@@ -214,7 +270,7 @@ def lease_remaining(delivery: EmailDelivery, *, now: datetime) -> timedelta:
 
 def claim_delivery(
     session: Session, delivery_id: int, *, now: datetime, lease: timedelta
-) -> tuple[Claim, EmailDelivery | None]:
+) -> tuple[Claim, DeliveryRow | None]:
     """Take a pending delivery for one send attempt, in one statement (the caller commits).
 
     Returns what the claim found and the delivery as it is now (None if missing):
@@ -223,44 +279,29 @@ def claim_delivery(
     The lease keeps a concurrent duplicate message from sending the same email
     while this attempt is in flight; it expires on its own if the attempt dies.
     """
-    claimed = session.scalars(
-        update(EmailDelivery)
-        .where(
-            col(EmailDelivery.id) == delivery_id,
-            col(EmailDelivery.status) == DeliveryStatus.PENDING.value,
-            or_(col(EmailDelivery.lease_expires_at).is_(None), col(EmailDelivery.lease_expires_at) < now),
-        )
-        .values(attempts=col(EmailDelivery.attempts) + 1, lease_expires_at=now + lease, updated_at=now)
-        .returning(EmailDelivery),
-        execution_options={"populate_existing": True},
+    claimed = session.execute(
+        _CLAIM,
+        {"delivery_id": delivery_id, "now": now, "lease_until": now + lease, "claimed_at": now},
     ).first()
     if claimed is not None:
-        return Claim.CLAIMED, claimed
-    delivery = session.get(EmailDelivery, delivery_id)
-    if delivery is None:
+        return Claim.CLAIMED, DeliveryRow(**claimed._mapping)
+    found = session.execute(_READ, {"delivery_id": delivery_id}).first()
+    if found is None:
         return Claim.MISSING, None
-    found = {
+    delivery = DeliveryRow(**found._mapping)
+    claims = {
         DeliveryStatus.SENT: Claim.ALREADY_SENT,
         DeliveryStatus.FAILED: Claim.ALREADY_FAILED,
         DeliveryStatus.CANCELLED: Claim.CANCELLED,
     }
-    return found.get(DeliveryStatus(delivery.status), Claim.LEASED), delivery
+    return claims.get(DeliveryStatus(delivery.status), Claim.LEASED), delivery
 
 
 def mark_sent(session: Session, delivery_id: int, *, provider_message_id: str, now: datetime) -> None:
     """Record the provider's acceptance; from now on the email is never sent again."""
-    table = table_of(EmailDelivery)
     session.execute(
-        update(table)
-        .where(table.c.id == delivery_id)
-        .values(
-            status=DeliveryStatus.SENT.value,
-            provider_message_id=provider_message_id[:255],
-            lease_expires_at=None,
-            sent_at=now,
-            updated_at=now,
-            last_error=None,
-        )
+        _MARK_SENT,
+        {"delivery_id": delivery_id, "message_id": provider_message_id[:255], "sent_time": now},
     )
 
 

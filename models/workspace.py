@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
+from sqlalchemy import bindparam
 from sqlmodel import Column, Field, Session, SQLModel, col, delete, select
+from sqlmodel.sql.expression import Select
 
 from models.errors import ResourceGroupRequired, UnknownResourceGroup, UnknownWorkspace
 from models.text import is_identifier
@@ -56,29 +58,39 @@ def set_workspace(session: Session, workspace_id: str, resource_group_ids: list[
     return workspace
 
 
+def _workspace_groups() -> Select[str, str]:
+    # The workspaces outer-joined to their groups: a workspace without groups
+    # still gives a row (its group is NULL).
+    return (
+        select(Workspace.id, ResourceGroup.id)
+        .outerjoin(ResourceGroup, col(ResourceGroup.workspace_id) == col(Workspace.id))
+        .order_by(col(Workspace.id), col(ResourceGroup.id))
+    )
+
+
+# Built once: the hot path (every send_contract) reuses its cache key.
+_ONE_WORKSPACE = _workspace_groups().where(col(Workspace.id) == bindparam("workspace_id"))
+
+
+def _fold(rows: Iterable[tuple[str, str | None]], into: dict[str, list[str]]) -> dict[str, list[str]]:
+    for workspace_id, group in rows:
+        found = into.setdefault(workspace_id, [])
+        if group is not None:
+            found.append(group)
+    return into
+
+
 def resource_groups_of(session: Session, workspace_id: str) -> list[str] | None:
-    """The resource group ids of a workspace, or None if it is not registered."""
-    return resource_groups_of_many(session, [workspace_id]).get(workspace_id)
+    """The resource group ids of a workspace, or None if it is not registered (one round trip)."""
+    rows = session.exec(_ONE_WORKSPACE, params={"workspace_id": workspace_id})
+    return _fold(rows, {}).get(workspace_id)
 
 
 def resource_groups_of_many(session: Session, workspace_ids: Iterable[str]) -> dict[str, list[str]]:
-    """The resource group ids of each registered workspace, in one round trip; unregistered ones are absent.
-
-    The workspaces are outer-joined to their groups: a workspace without groups
-    still gives a row (its group is NULL).
-    """
+    """``resource_groups_of`` for many workspaces, one round trip per 500; unregistered ones are absent."""
     groups: dict[str, list[str]] = {}
     for chunk in chunks(sorted(set(workspace_ids))):
-        rows = session.exec(
-            select(Workspace.id, ResourceGroup.id)
-            .outerjoin(ResourceGroup, col(ResourceGroup.workspace_id) == col(Workspace.id))
-            .where(col(Workspace.id).in_(chunk))
-            .order_by(col(Workspace.id), col(ResourceGroup.id))
-        )
-        for workspace_id, group in rows:
-            found = groups.setdefault(workspace_id, [])
-            if group is not None:
-                found.append(group)
+        _fold(session.exec(_workspace_groups().where(col(Workspace.id).in_(chunk))), groups)
     return groups
 
 

@@ -16,7 +16,7 @@ from sqlmodel import Session, SQLModel, create_engine
 
 # Importing the tables registers them on SQLModel.metadata.
 from models import account, contract, dead_letter, delivery, reminders, workspace  # noqa: F401
-from workers.settings import get_settings
+from workers.settings import Settings, get_settings
 
 #: How long SQLite waits for another writer before giving up, in seconds.
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
@@ -29,6 +29,8 @@ _SCHEMA_LOCK_KEY = 0x636F6E7472616374  # "contract"
 
 _engines: dict[str, Engine] = {}
 _ready: set[str] = set()
+#: The engine of DATABASE_URL and the settings object it was looked up for.
+_default: tuple[Settings, Engine] | None = None
 _lock = threading.Lock()
 
 
@@ -96,10 +98,23 @@ def _ping_when_idle(engine: Engine) -> None:
 
 def get_engine(url: str | None = None) -> Engine:
     """The engine for ``url`` (DATABASE_URL by default), created once per process."""
-    url = normalize_database_url(url or get_settings().effective_database_url)
+    global _default
+    if url is None:
+        # Every transaction asks for the default engine: answer from the last
+        # lookup while the settings object is the same one.
+        settings = get_settings()
+        known = _default
+        if known is not None and known[0] is settings:
+            return known[1]
+        default_engine = get_engine(settings.effective_database_url)
+        _default = (settings, default_engine)
+        return default_engine
+    url = normalize_database_url(url)
     with _lock:
-        engine = _engines.get(url)
-        if engine is None:
+        found = _engines.get(url)
+        if found is not None:
+            engine = found
+        else:
             if url.startswith("sqlite"):
                 engine = _sqlite_engine(url)
             else:
@@ -150,11 +165,13 @@ def _add_missing_columns(connection: Connection) -> None:
 
 def dispose_engines() -> None:
     """Close every pooled connection (after a fork, or at the end of tests)."""
+    global _default
     with _lock:
         for engine in _engines.values():
             engine.dispose()
         _engines.clear()
         _ready.clear()
+        _default = None
 
 
 @contextmanager

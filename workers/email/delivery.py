@@ -16,6 +16,7 @@ import time
 from datetime import timedelta
 from urllib.parse import quote
 
+from sqlalchemy import bindparam
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -25,7 +26,7 @@ from models.cancelling import unwanted_reason
 from models.contract import Contract
 from models.delivery import (
     Claim,
-    EmailDelivery,
+    DeliveryRow,
     EmailKind,
     cancel_delivery,
     claim_delivery,
@@ -76,7 +77,7 @@ def _contract_label(contract: Contract, locale: str) -> str:
 
 
 def compose(
-    delivery: EmailDelivery, contract: Contract | None, account: Account | None, settings: Settings
+    delivery: DeliveryRow, contract: Contract | None, account: Account | None, settings: Settings
 ) -> OutgoingEmail:
     """Render a delivery from its contract and the contract's account, as the database holds them now."""
     if contract is None:
@@ -143,13 +144,17 @@ def _mark_sent_patiently(delivery_id: int, provider_message_id: str) -> None:
             pause = min(pause * 2, 5.0)
 
 
-def _load_contract(session: Session, delivery: EmailDelivery) -> tuple[Contract | None, Account | None]:
+# Built once: a reused statement keeps its cache key (this runs for every email).
+_CONTRACT_WITH_ACCOUNT = (
+    select(Contract, Account)
+    .outerjoin(Account, col(Account.id) == col(Contract.account_id))
+    .where(col(Contract.id) == bindparam("contract_id"))
+)
+
+
+def _load_contract(session: Session, delivery: DeliveryRow) -> tuple[Contract | None, Account | None]:
     """The delivery's contract and the contract's account, in one round trip."""
-    row = session.exec(
-        select(Contract, Account)
-        .outerjoin(Account, col(Account.id) == col(Contract.account_id))
-        .where(col(Contract.id) == delivery.contract_id)
-    ).first()
+    row = session.exec(_CONTRACT_WITH_ACCOUNT, params={"contract_id": delivery.contract_id}).first()
     return (row[0], row[1]) if row is not None else (None, None)
 
 
