@@ -10,7 +10,7 @@ from workers.broker import setup_broker
 broker = setup_broker()
 
 from actors.cancel_contract import cancel_contract  # noqa: E402
-from actors.deliver_email import deliver_email  # noqa: E402
+from actors.deliver_email import deliver_email, deliver_email_group  # noqa: E402
 from actors.housekeeping import broker_maintenance, expire_access_codes_job  # noqa: E402
 from actors.notify_signatories import notify_signatories  # noqa: E402
 from actors.send_contract import send_contract  # noqa: E402
@@ -21,6 +21,7 @@ __all__ = [
     "broker_maintenance",
     "cancel_contract",
     "deliver_email",
+    "deliver_email_group",
     "expire_access_codes_job",
     "notify_signatories",
     "send_contract",

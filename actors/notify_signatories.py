@@ -32,4 +32,4 @@ def notify_signatories(payload: dict[str, Any]) -> None:
             with session_scope() as session:
                 record_signature_rejection(session, contract_id, rejection, now=utc_now())
         raise
-    enqueue_deliveries(delivery_ids)
+    enqueue_deliveries(delivery_ids, in_one_request=True)

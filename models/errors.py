@@ -139,6 +139,10 @@ class UnknownDelivery(PermanentError):
     """A deliver_email message names a delivery that does not exist."""
 
 
+class DeliveryGroupMismatch(PermanentError):
+    """A deliver_email_group message names deliveries of different contracts or kinds."""
+
+
 class RenderError(PermanentError):
     """An email cannot be rendered safely (e.g. a header would hold a control character)."""
 

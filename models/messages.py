@@ -207,6 +207,40 @@ class DeliverEmail(WireMessage):
     delivery_id: int = Field(ge=1, le=SQL_INTEGER_MAX)
 
 
+#: Most deliveries in one deliver_email_group message (SendGrid takes 1,000 personalizations per request).
+GROUP_MAX_DELIVERIES = 1000
+
+
+class DeliverEmailGroup(WireMessage):
+    """Send several recorded deliveries of one event in one provider request (queue ``emails``; internal).
+
+    One contract's signed notifications: one SendGrid request with one
+    personalization per signatory, instead of one request each.
+    """
+
+    actor_name: ClassVar[str] = "deliver_email_group"
+    queue_name: ClassVar[str] = "emails"
+
+    delivery_ids: list[Annotated[int, Field(ge=1, le=SQL_INTEGER_MAX)]] = Field(
+        min_length=1, max_length=GROUP_MAX_DELIVERIES
+    )
+
+
+def delivery_ids_of(actor_name: str, payload: Any) -> list[int]:
+    """The deliveries a deliver_email or deliver_email_group payload names (none for other actors)."""
+    if not isinstance(payload, dict):
+        return []
+    if actor_name == DeliverEmail.actor_name:
+        named = [payload.get("delivery_id")]
+    elif actor_name == DeliverEmailGroup.actor_name:
+        listed = payload.get("delivery_ids")
+        named = listed if isinstance(listed, list) else []
+    else:
+        return []
+    # bool is an int too; a broken message names no delivery.
+    return [value for value in named if isinstance(value, int) and not isinstance(value, bool)]
+
+
 PUBLIC_MESSAGES: tuple[type[WireMessage], ...] = (SendContract, NotifySignatories, CancelContract)
 
 M = TypeVar("M", bound=WireMessage)

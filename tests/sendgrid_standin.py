@@ -52,7 +52,7 @@ class Incoming:
 
     @property
     def reference(self) -> str | None:
-        return (self.body.get("custom_args") or {}).get("reference")
+        return _reference(self.body)
 
 
 @dataclass
@@ -73,6 +73,9 @@ class Received:
     answered_at: float = 0.0
     #: Whether the client had already hung up when the answer was ready (it timed out or died).
     client_closed: bool = False
+    #: The HTTP request this email came in: a request with several personalizations
+    #: is kept as one ``Received`` per personalization (one email each), as SendGrid sends them.
+    request_id: str = ""
 
     @property
     def to(self) -> list[str]:
@@ -80,7 +83,7 @@ class Received:
 
     @property
     def reference(self) -> str | None:
-        return (self.body.get("custom_args") or {}).get("reference")
+        return _reference(self.body)
 
     def content(self, kind: str) -> str:
         for part in self.body.get("content", []):
@@ -195,20 +198,25 @@ class SendGridStandIn:
             time.sleep(answer.delay)
         message_id = uuid.uuid4().hex if answer.status == 202 else None
         client_closed = _peer_closed(handler.connection)
-        received = Received(
-            path=handler.path,
-            headers=headers,
-            body=body,
-            status=answer.status,
-            message_id=message_id,
-            answer=answer,
-            client_address=client_address,
-            received_at=received_at,
-            answered_at=time.time(),
-            client_closed=client_closed,
-        )
+        answered_at, request_id = time.time(), uuid.uuid4().hex
+        emails = [
+            Received(
+                path=handler.path,
+                headers=headers,
+                body=copy,
+                status=answer.status,
+                message_id=message_id,
+                answer=answer,
+                client_address=client_address,
+                received_at=received_at,
+                answered_at=answered_at,
+                client_closed=client_closed,
+                request_id=request_id,
+            )
+            for copy in _copies(body)
+        ]
         with self._lock:
-            self.requests.append(received)
+            self.requests.extend(emails)
         try:
             handler.send_response(answer.status)
             if message_id:
@@ -223,7 +231,40 @@ class SendGridStandIn:
             # The client gave up (timeout): exactly what a slow answer tests.
             pass
         if self.on_answer is not None:
-            self.on_answer(received)
+            for email in emails:
+                self.on_answer(email)
+
+
+def _reference(body: dict[str, Any]) -> str | None:
+    """The email's reference: its custom argument, or its (first) personalization's."""
+    personalizations = body.get("personalizations") or [{}]
+    merged = {**(body.get("custom_args") or {}), **(personalizations[0].get("custom_args") or {})}
+    reference = merged.get("reference")
+    return str(reference) if reference is not None else None
+
+
+def _copies(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """One body per personalization, its substitutions applied: the emails SendGrid would send."""
+    personalizations = body.get("personalizations")
+    if not isinstance(personalizations, list) or len(personalizations) < 2:
+        return [body]
+    copies = []
+    for personalization in personalizations:
+        substitutions = personalization.get("substitutions") or {}
+
+        def substitute(value: str, substitutions: dict[str, str] = substitutions) -> str:
+            for placeholder, replacement in substitutions.items():
+                value = value.replace(placeholder, replacement)
+            return value
+
+        copy = {**body, "personalizations": [personalization]}
+        if "subject" in copy:
+            copy["subject"] = substitute(str(copy["subject"]))
+        copy["content"] = [
+            {**part, "value": substitute(str(part["value"]))} for part in body.get("content", [])
+        ]
+        copies.append(copy)
+    return copies
 
 
 def _peer_closed(connection: socket.socket) -> bool:

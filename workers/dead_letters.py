@@ -27,7 +27,7 @@ from sqlmodel import select
 
 from models.dead_letter import DeadLetter, DeadLetterStatus, mark_retried, record_dead_letter
 from models.delivery import reopen_delivery
-from models.messages import contract_id_of
+from models.messages import contract_id_of, delivery_ids_of
 from models.types import utc_now
 from workers.coordination import coordination_client, coordination_namespace
 from workers.database import session_scope
@@ -358,16 +358,11 @@ def retry(broker: dramatiq.Broker, record_ids: Iterable[int]) -> list[DeadLetter
                 # Nothing to send again; its body stays in Redis for whoever wrote it.
                 logger.warning("Dead letter %s is not a Dramatiq message and cannot be retried.", record_id)
                 continue
-            if (
-                dead.actor_name == "deliver_email"
-                and dead.message_args
-                and isinstance(dead.message_args[0], dict)
-            ):
-                delivery_id = dead.message_args[0].get("delivery_id")
-                if isinstance(delivery_id, int):
-                    # Its death failed the delivery; a sent one stays sent, and
-                    # the message will find it so.
-                    reopen_delivery(session, delivery_id)
+            named = dead.message_args[0] if dead.message_args else None
+            for delivery_id in delivery_ids_of(dead.actor_name, named):
+                # Its death failed the delivery; a sent one stays sent, and
+                # the message will find it so.
+                reopen_delivery(session, delivery_id)
         if not isinstance(broker, RedisBroker):
             # RabbitMQ finds copies by message id, which the retried message keeps:
             # removed first, so a copy from a new death is never taken for the old one.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
-from workers.email.message import OutgoingEmail
+from workers.email.message import OutgoingEmail, OutgoingGroup
 from workers.settings import Settings
 
 
@@ -18,6 +18,21 @@ class EmailBackend(Protocol):
     name: str
 
     def send(self, email: OutgoingEmail) -> str: ...
+
+
+class GroupBackend(EmailBackend, Protocol):
+    """A backend that sends one email to several recipients in one request.
+
+    Returns the provider's message id, the same for every recipient. It sends
+    all the copies or none: the request is accepted or refused as a whole.
+    """
+
+    def send_group(self, group: OutgoingGroup) -> str: ...
+
+
+def sends_groups(backend: EmailBackend) -> TypeGuard[GroupBackend]:
+    """Whether ``backend`` sends an ``OutgoingGroup`` in one request (SendGrid does)."""
+    return callable(getattr(backend, "send_group", None))
 
 
 def build_backend(settings: Settings) -> EmailBackend:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from urllib.parse import quote
 
@@ -77,9 +78,18 @@ def _contract_label(contract: Contract, locale: str) -> str:
 
 
 def compose(
-    delivery: DeliveryRow, contract: Contract | None, account: Account | None, settings: Settings
+    delivery: DeliveryRow,
+    contract: Contract | None,
+    account: Account | None,
+    settings: Settings,
+    *,
+    name_placeholder: str | None = None,
 ) -> OutgoingEmail:
-    """Render a delivery from its contract and the contract's account, as the database holds them now."""
+    """Render a delivery from its contract and the contract's account, as the database holds them now.
+
+    With ``name_placeholder``, a recipient name is rendered as that placeholder
+    (the provider puts each recipient's name in: see ``workers.email.group_delivery``).
+    """
     if contract is None:
         raise RenderError(f"delivery {delivery.id} names a missing contract")
     locale = delivery.locale
@@ -89,7 +99,7 @@ def compose(
         "contract_label": _contract_label(contract, locale),
         "company_name": contract.company_name,
         "link": contract_link(settings, contract.id),
-        "recipient_name": delivery.recipient_name,
+        "recipient_name": (name_placeholder or delivery.recipient_name) if delivery.recipient_name else None,
         "step": delivery.step,
     }
     if delivery.kind in (EmailKind.INVITATION, EmailKind.REMINDER):
@@ -126,19 +136,23 @@ def compose(
     )
 
 
-def _mark_sent_patiently(delivery_id: int, provider_message_id: str) -> None:
+def mark_sent_patiently(delivery_ids: Sequence[int], provider_message_id: str) -> None:
+    """Record the provider's acceptance of these deliveries, retrying while the database is down."""
     deadline = time.monotonic() + MARK_SENT_PATIENCE_SECONDS
     pause = 0.2
     while True:
         try:
             with session_scope() as session:
-                mark_sent(session, delivery_id, provider_message_id=provider_message_id, now=utc_now())
+                now = utc_now()
+                for delivery_id in delivery_ids:
+                    mark_sent(session, delivery_id, provider_message_id=provider_message_id, now=now)
             return
         except OperationalError:
             if time.monotonic() > deadline:
                 raise
             logger.warning(
-                "Delivery %s was accepted by the provider; recording it failed, retrying.", delivery_id
+                "Deliveries %s were accepted by the provider; recording it failed, retrying.",
+                ", ".join(map(str, delivery_ids)),
             )
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
@@ -152,15 +166,21 @@ _CONTRACT_WITH_ACCOUNT = (
 )
 
 
-def _load_contract(session: Session, delivery: DeliveryRow) -> tuple[Contract | None, Account | None]:
+def load_contract(session: Session, delivery: DeliveryRow) -> tuple[Contract | None, Account | None]:
     """The delivery's contract and the contract's account, in one round trip."""
     row = session.exec(_CONTRACT_WITH_ACCOUNT, params={"contract_id": delivery.contract_id}).first()
     return (row[0], row[1]) if row is not None else (None, None)
 
 
-def _record_failure(delivery_id: int, kind: str | None, exc: Exception) -> None:
-    """Keep the attempt's error on the delivery (a permanent one fails it for good)."""
-    permanent = isinstance(exc, PermanentError)
+def record_failure(
+    delivery_id: int, kind: str | None, exc: Exception, *, permanent: bool | None = None
+) -> None:
+    """Keep the attempt's error on the delivery; a permanent one fails it for good.
+
+    ``permanent`` defaults to whether ``exc`` is a ``PermanentError``.
+    """
+    if permanent is None:
+        permanent = isinstance(exc, PermanentError)
     with session_scope() as session:
         changed = record_attempt_error(
             session,
@@ -194,7 +214,7 @@ def deliver(
         if claim is Claim.CLAIMED:
             assert delivery is not None
             try:
-                contract, account = _load_contract(session, delivery)
+                contract, account = load_contract(session, delivery)
                 unwanted = unwanted_reason(contract, delivery.kind) if contract is not None else None
                 # Cancelled, or signed before its reminder went out: drop it, quietly.
                 cancelled = unwanted is not None and cancel_delivery(
@@ -228,22 +248,23 @@ def deliver(
             if cancelled:
                 count_email(kind, "cancelled")
             return Claim.CANCELLED
-        provider_message_id = _send(backend or backend_for(settings), email)
+        chosen = backend or backend_for(settings)
+        provider_message_id = timed_send(chosen.name, lambda: chosen.send(email))
     except Exception as exc:
-        _record_failure(delivery_id, kind, exc)
+        record_failure(delivery_id, kind, exc)
         raise
-    _mark_sent_patiently(delivery_id, provider_message_id)
+    mark_sent_patiently([delivery_id], provider_message_id)
     count_email(kind, "sent")
     return Claim.CLAIMED
 
 
-def _send(backend: EmailBackend, email: OutgoingEmail) -> str:
-    """The backend's send, timed (seconds, by backend and outcome)."""
+def timed_send(backend_name: str, send: Callable[[], str]) -> str:
+    """``send()`` (a backend call), timed: seconds by backend and outcome."""
     started = time.monotonic()
     try:
-        provider_message_id = backend.send(email)
+        provider_message_id = send()
     except Exception as exc:
-        observe_provider(backend.name, exc, time.monotonic() - started)
+        observe_provider(backend_name, exc, time.monotonic() - started)
         raise
-    observe_provider(backend.name, None, time.monotonic() - started)
+    observe_provider(backend_name, None, time.monotonic() - started)
     return provider_message_id

@@ -17,10 +17,10 @@ from typing import Any
 
 import sendgrid
 from python_http_client import exceptions as http_errors
-from sendgrid.helpers.mail import Category, CustomArg, From, Mail, To
+from sendgrid.helpers.mail import Category, CustomArg, From, Mail, Personalization, Substitution, To
 
 from models.errors import ConfigurationError, ProviderRateLimited, ProviderRejected, ProviderUnavailable
-from workers.email.message import OutgoingEmail
+from workers.email.message import OutgoingEmail, OutgoingGroup
 from workers.logs import silence_sendgrid_debug
 from workers.settings import Settings
 
@@ -65,6 +65,30 @@ def build_request_body(email: OutgoingEmail) -> dict[str, Any]:
     return body
 
 
+def build_group_request_body(group: OutgoingGroup) -> dict[str, Any]:
+    """One request for a group: one personalization per recipient, each with its own reference.
+
+    A personalization's recipients see each other; one each keeps every
+    signatory's address private. Substitutions fill in each recipient's name.
+    """
+    mail = Mail(
+        from_email=From(group.from_email, group.from_name),
+        subject=group.subject,
+        plain_text_content=group.text,
+        html_content=group.html,
+    )
+    for recipient in group.recipients:
+        personalization = Personalization()
+        personalization.add_to(To(recipient.email, recipient.name))
+        personalization.add_custom_arg(CustomArg("reference", recipient.reference))
+        for placeholder, value in recipient.substitutions.items():
+            personalization.add_substitution(Substitution(placeholder, value))
+        mail.add_personalization(personalization)
+    mail.category = Category(group.kind)
+    body: dict[str, Any] = mail.get()
+    return body
+
+
 class SendGridBackend:
     """Sends through SendGrid's v3 API; the message id is the ``X-Message-Id`` header."""
 
@@ -100,7 +124,12 @@ class SendGridBackend:
         return client
 
     def send(self, email: OutgoingEmail) -> str:
-        body = build_request_body(email)
+        return self._post(build_request_body(email))
+
+    def send_group(self, group: OutgoingGroup) -> str:
+        return self._post(build_group_request_body(group))
+
+    def _post(self, body: dict[str, Any]) -> str:
         try:
             response = self._client().client.mail.send.post(request_body=body, timeout=self.timeout)
         except http_errors.HTTPError as exc:

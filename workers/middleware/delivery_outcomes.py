@@ -8,6 +8,8 @@ from typing import Any
 import dramatiq
 
 from models.delivery import EmailDelivery, record_attempt_error
+from models.errors import DeliveryGroupMismatch, UnknownDelivery
+from models.messages import delivery_ids_of
 from models.types import utc_now
 from workers.database import session_scope
 from workers.ops.metrics import count_email
@@ -16,31 +18,33 @@ logger = logging.getLogger(__name__)
 
 
 class DeliveryOutcomes(dramatiq.Middleware):
-    """When a deliver_email message fails for good, its delivery becomes ``failed``.
+    """When a deliver_email(_group) message fails for good, its deliveries become ``failed``.
 
     ``after_nack`` runs once the message is dead-lettered, whatever the reason:
     a permanent error, retries exhausted or an age limit.
     """
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
-        if message.actor_name != "deliver_email" or not message.args:
-            return
-        payload = message.args[0]
-        delivery_id = payload.get("delivery_id") if isinstance(payload, dict) else None
-        if not isinstance(delivery_id, int):
+        delivery_ids = delivery_ids_of(message.actor_name, message.args[0] if message.args else None)
+        if not delivery_ids:
             return
         exception = getattr(message, "_exception", None)
+        if isinstance(exception, UnknownDelivery | DeliveryGroupMismatch):
+            # The message named the wrong deliveries: they are not its to fail.
+            return
         reason = f"{type(exception).__name__}: {exception}" if exception is not None else "dead-lettered"
+        failed: dict[str, int] = {}
         try:
             with session_scope() as session:
-                failed = record_attempt_error(
-                    session, delivery_id, error=reason, now=utc_now(), permanent=True
-                )
-                delivery = session.get(EmailDelivery, delivery_id) if failed else None
-                kind = delivery.kind if delivery is not None else None
+                now = utc_now()
+                for delivery_id in delivery_ids:
+                    if record_attempt_error(session, delivery_id, error=reason, now=now, permanent=True):
+                        delivery = session.get(EmailDelivery, delivery_id)
+                        if delivery is not None:
+                            failed[delivery.kind] = failed.get(delivery.kind, 0) + 1
         except Exception:
-            logger.exception("Could not mark delivery %s as failed.", delivery_id)
+            logger.exception("Could not mark deliveries %s as failed.", delivery_ids)
             return
-        # Only when this made it failed: a permanent error already did and was counted then.
-        if kind is not None:
-            count_email(kind, "failed")
+        # Only those this made failed: a permanent error already did and was counted then.
+        for kind, amount in failed.items():
+            count_email(kind, "failed", amount)
