@@ -246,7 +246,9 @@ def _reference(body: dict[str, Any]) -> str | None:
 def _copies(body: dict[str, Any]) -> list[dict[str, Any]]:
     """One body per personalization, its substitutions applied: the emails SendGrid would send."""
     personalizations = body.get("personalizations")
-    if not isinstance(personalizations, list) or len(personalizations) < 2:
+    if not isinstance(personalizations, list) or not personalizations:
+        return [body]
+    if len(personalizations) == 1 and not personalizations[0].get("substitutions"):
         return [body]
     copies = []
     for personalization in personalizations:

@@ -15,6 +15,7 @@ refusal fails only the email it concerns.
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -76,17 +77,28 @@ def _fits_both_parts(name: str) -> bool:
 def group_emails(
     deliveries: list[DeliveryRow], contract: Contract, account: Account | None, settings: Settings
 ) -> list[tuple[OutgoingGroup, list[DeliveryRow]]]:
-    """The requests to make: recipients whose copies differ only by their name share one."""
+    """The requests to make: recipients whose copies differ only by their name share one.
+
+    A recipient left alone in a request gets their name written in, as when sent alone.
+    """
     placeholder = _placeholder()
+
+    def render(delivery: DeliveryRow) -> tuple[OutgoingEmail, bool]:
+        substitute = bool(delivery.recipient_name) and _fits_both_parts(delivery.recipient_name or "")
+        name_placeholder = placeholder if substitute else None
+        return compose(delivery, contract, account, settings, name_placeholder=name_placeholder), substitute
+
+    def key(email: OutgoingEmail) -> tuple[str, ...]:
+        return (email.subject, email.text, email.html, email.from_email, email.from_name or "", email.kind)
+
+    rendered = [(delivery, *render(delivery)) for delivery in deliveries]
+    sharing = Counter(key(email) for _, email, _ in rendered)
     groups: dict[tuple[str, ...], tuple[list[Recipient], list[DeliveryRow], OutgoingEmail]] = {}
-    for delivery in deliveries:
+    for delivery, email, substitute in rendered:
         name = delivery.recipient_name
-        substitute = bool(name) and _fits_both_parts(name or "")
-        email = compose(
-            delivery, contract, account, settings, name_placeholder=placeholder if substitute else None
-        )
-        key = (email.subject, email.text, email.html, email.from_email, email.from_name or "", email.kind)
-        recipients, members, _ = groups.setdefault(key, ([], [], email))
+        if substitute and sharing[key(email)] == 1:
+            email, substitute = compose(delivery, contract, account, settings), False
+        recipients, members, _ = groups.setdefault(key(email), ([], [], email))
         recipients.append(
             Recipient(
                 email=delivery.recipient,
