@@ -346,11 +346,11 @@ def argon2id_hash_seconds(repeat: int = 7) -> tuple[float, str]:
     for a core too, and the baseline is what the cores could do, not what they did.
     The hash runs in the calling thread (one lane), so its thread's CPU time is its cost.
     """
-    from models.access_codes import derive_code, password_hasher
+    from models.access_codes import argon2id_hasher, derive_code
     from workers.settings import get_settings
 
     parameters = get_settings().access_code_policy().hash_parameters
-    hasher = password_hasher(parameters)
+    hasher = argon2id_hasher(parameters)
     times = []
     for attempt in range(repeat):
         started = time.thread_time()

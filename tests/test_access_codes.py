@@ -509,16 +509,18 @@ def test_default_hash_parameters_are_the_owasp_minimum():
 
 
 class _ProbeHasher(PasswordHasher):
-    """A real argon2id hasher that records how many hashes ran at once."""
+    """A real argon2id hasher that records how many hashes ran at once, and on which threads."""
 
     def __init__(self) -> None:
         super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
         self.lock = threading.Lock()
         self.running = 0
         self.most = 0
+        self.threads: set[int] = set()
 
     def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
         with self.lock:
+            self.threads.add(threading.get_ident())
             self.running += 1
             self.most = max(self.most, self.running)
         try:
@@ -539,6 +541,9 @@ def test_hashes_run_at_most_slots_at_once(slots):
     for thread in threads:
         thread.join(timeout=30)
     assert probe.most == slots
+    # Always the hasher's own threads, never the callers': each keeps one memory block.
+    assert len(probe.threads) == slots
+    assert not probe.threads & {thread.ident for thread in threads}
 
 
 def test_worker_processes_share_the_cores_for_hashing(monkeypatch):
@@ -551,6 +556,6 @@ def test_worker_processes_share_the_cores_for_hashing(monkeypatch):
     assert "ARGON2_MAX_CONCURRENT" not in tuning_environment(Settings(argon2_max_concurrent=3), processes=2)
     tuned = tuning_environment(Settings(worker_timeout_ms=250), processes=2)
     assert tuned["dramatiq_worker_timeout"] == "250"
-    # Each freed argon2id block is unmapped, not kept in the hashing thread's arena.
-    assert int(tuned["MALLOC_MMAP_THRESHOLD_"]) <= Settings().argon2_memory_kib * 1024
+    # The hashing threads keep their blocks (see GatedHasher): no forced unmapping.
+    assert "MALLOC_MMAP_THRESHOLD_" not in tuned
     assert Settings(argon2_max_concurrent=3).access_code_policy().hash_parameters.concurrency == 3

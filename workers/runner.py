@@ -12,9 +12,6 @@ from workers.middleware.metrics import MULTIPROC_DIR_ENV
 from workers.ops.exporter import prepare_metrics_dir, start_endpoint
 from workers.settings import Settings, get_settings
 
-#: Allocations at least this large are mapped (and unmapped when freed), in bytes.
-MMAP_THRESHOLD_BYTES = 1024 * 1024
-
 
 def tuning_environment(settings: Settings, *, processes: int) -> dict[str, str]:
     """Variables the worker processes read at start-up to tune themselves."""
@@ -22,11 +19,6 @@ def tuning_environment(settings: Settings, *, processes: int) -> dict[str, str]:
         # Read by Dramatiq's worker module on import: a quiet queue is polled this often.
         "dramatiq_worker_timeout": str(settings.worker_timeout_ms),
     }
-    # glibc keeps a freed argon2id block (ARGON2_MEMORY_KIB) in the arena of the
-    # thread that hashed, so eight threads end up holding eight blocks even when
-    # they hash one at a time. Blocks of 1 MiB and more are mapped and unmapped
-    # instead: the memory goes back to the system after each hash.
-    env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
     if settings.argon2_max_concurrent is None:
         # One hash at a time per core across the worker processes: more only adds memory.
         env["ARGON2_MAX_CONCURRENT"] = str(max(1, (os.cpu_count() or 1) // processes))
