@@ -94,8 +94,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "--worker-timeout-ms",
         type=int,
         default=None,
-        help="the service's workers only: Dramatiq's worker timeout (longest idle poll), in ms "
-        "(default: Dramatiq's own, 1000); the no-op baseline keeps Dramatiq's defaults",
+        help="the service's workers only: WORKER_TIMEOUT_MS, Dramatiq's longest idle poll, in ms "
+        "(default: the service's, 100); the no-op baseline keeps Dramatiq's defaults (1000)",
     )
     for name, (default, quick) in SIZES.items():
         group.add_argument(
@@ -387,8 +387,8 @@ class ServiceRun:
             log_path=self.workbench.root / f"service-worker-{self.runs}.log",
         )
         if self.options.worker_timeout_ms is not None:
-            # Read by Dramatiq when it is imported, in every worker process.
-            worker.env["dramatiq_worker_timeout"] = str(self.options.worker_timeout_ms)
+            # The service's setting: `contract-dispatch worker` passes it on to Dramatiq.
+            worker.env["WORKER_TIMEOUT_MS"] = str(self.options.worker_timeout_ms)
         with worker:
             redis = self.workbench.redis_client()
             worker.wait_registered(redis, self.workbench.namespace)
