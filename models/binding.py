@@ -6,7 +6,8 @@ from __future__ import annotations
 import hmac
 
 from email_validator import EmailNotValidError, validate_email
-from sqlmodel import Session, select
+from sqlalchemy import bindparam
+from sqlmodel import Session, col, select
 
 from models.account import COMPANY_NAME_MAX_LENGTH, Account
 from models.errors import EmailBoundToOtherCompany
@@ -82,6 +83,10 @@ def find_account(session: Session, email: str) -> Account | None:
     return session.exec(select(Account).where(Account.email == email)).first()
 
 
+# Built once: a reused statement keeps its cache key (every send_contract runs it).
+_ACCOUNT_FOR_UPDATE = select(Account).where(col(Account.email) == bindparam("email")).with_for_update()
+
+
 def bind_account(session: Session, *, email: str, company_name: str) -> tuple[Account, bool]:
     """Get or create the account of ``email`` bound to ``company_name``, locked for update.
 
@@ -90,8 +95,7 @@ def bind_account(session: Session, *, email: str, company_name: str) -> tuple[Ac
     new address both insert-or-ignore: the database's unique index lets exactly
     one win, and the loser then reads and compares the winner's name.
     """
-    locked = select(Account).where(Account.email == email).with_for_update()
-    account = session.exec(locked).first()
+    account = session.exec(_ACCOUNT_FOR_UPDATE, params={"email": email}).first()
     created = False
     if account is None:
         created = insert_ignoring_conflict(
@@ -100,6 +104,6 @@ def bind_account(session: Session, *, email: str, company_name: str) -> tuple[Ac
             {"email": email, "company_name": company_name, "created_at": utc_now()},
             conflict_columns=["email"],
         )
-        account = session.exec(locked).one()
+        account = session.exec(_ACCOUNT_FOR_UPDATE, params={"email": email}).one()
     check_binding(bound_company=account.company_name, requested_company=company_name)
     return account, created

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func
 from sqlmodel import Session, col, select
 
 from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
@@ -56,7 +56,7 @@ def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -
     The producer usually reserved the row already, so it is looked for first:
     one statement instead of an insert that conflicts and a read.
     """
-    contract = session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True)
+    contract = _locked_contract(session, message.contract_id)
     if contract is not None:
         return contract
     insert_ignoring_conflict(
@@ -71,9 +71,23 @@ def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -
         },
         conflict_columns=["id"],
     )
-    contract = session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True)
+    contract = _locked_contract(session, message.contract_id)
     assert contract is not None
     return contract
+
+
+# Built once: a reused statement keeps its cache key (every send_contract runs it).
+_CONTRACT_FOR_UPDATE = (
+    select(Contract)
+    .where(col(Contract.id) == bindparam("contract_id"))
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
+
+
+def _locked_contract(session: Session, contract_id: str) -> Contract | None:
+    """The contract row, locked for this transaction and read afresh, or None."""
+    return session.exec(_CONTRACT_FOR_UPDATE, params={"contract_id": contract_id}).first()
 
 
 def _check_same_content(stored_hash: str | None, message: SendContract) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -58,16 +59,22 @@ def insert_returning(
     returning: str,
 ) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING RETURNING returning``: the new row's value, or None."""
-    dialect = session.get_bind().dialect.name
+    statement = _insert_statement(
+        session.get_bind().dialect.name, table_of(table), tuple(conflict_columns), returning
+    )
+    return session.execute(statement, values).scalar()
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_statement(dialect: str, target: Table, conflict_columns: tuple[str, ...], returning: str) -> Any:
+    # Built once per table and shape, the values bound at execution: a reused
+    # statement keeps its cache key (the hot path inserts for every contract).
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    target = table_of(table)
-    statement = (
+    return (
         insert(target)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=conflict_columns)
+        .on_conflict_do_nothing(index_elements=list(conflict_columns))
         .returning(target.c[returning])
     )
-    return session.execute(statement).scalar()
 
 
 def insert_many_ignoring_conflict(
