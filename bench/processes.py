@@ -85,19 +85,9 @@ class WorkerRun:
 
     def worker_pids(self) -> list[int]:
         """The worker processes under the supervisor (from /proc)."""
-        if self.process is None:
-            return []
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid:
-                found.append(int(entry.name))
-        return sorted(found)
+        from tests.processes import child_pids
+
+        return child_pids(self.process.pid) if self.process is not None else []
 
     def peak_rss_bytes(self) -> dict[int, int]:
         """Each worker process's peak resident set size so far (VmHWM), in bytes."""

@@ -40,6 +40,11 @@ class DeliveryStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+def idempotency_key(kind: str, contract_id: str, recipient: str, step: int) -> str:
+    """A delivery's key: ``kind:contract_id:recipient:step``, unique across all deliveries."""
+    return f"{kind}:{contract_id}:{recipient}:{step}"
+
+
 class EmailDelivery(SQLModel, table=True):
     """One email to one recipient, unique by (kind, contract, recipient, step)."""
 
@@ -71,7 +76,7 @@ class EmailDelivery(SQLModel, table=True):
     @property
     def idempotency_key(self) -> str:
         """``kind:contract_id:recipient:step``, unique across all deliveries."""
-        return f"{self.kind}:{self.contract_id}:{self.recipient}:{self.step}"
+        return idempotency_key(self.kind, self.contract_id, self.recipient, self.step)
 
 
 class Claim(StrEnum):
@@ -224,7 +229,7 @@ class DeliveryRow:
     @property
     def idempotency_key(self) -> str:
         """``kind:contract_id:recipient:step``, unique across all deliveries."""
-        return f"{self.kind}:{self.contract_id}:{self.recipient}:{self.step}"
+        return idempotency_key(self.kind, self.contract_id, self.recipient, self.step)
 
 
 _deliveries = table_of(EmailDelivery)

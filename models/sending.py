@@ -50,6 +50,24 @@ def _set_content(contract: Contract, message: SendContract) -> None:
         setattr(contract, name, value)
 
 
+def _queued_row(contract_id: str, fields: dict[str, object], *, now: datetime) -> dict[str, object]:
+    """A contract row as the producer reserves it: queued, with the message's content."""
+    return {
+        "id": contract_id,
+        "status": ContractStatus.QUEUED.value,
+        "created_at": now,
+        "updated_at": now,
+        **fields,
+    }
+
+
+def _insert_queued(session: Session, contract_id: str, fields: dict[str, object], *, now: datetime) -> bool:
+    """Insert the queued row unless the contract exists; True if this call inserted it."""
+    return insert_ignoring_conflict(
+        session, Contract, _queued_row(contract_id, fields, now=now), conflict_columns=["id"]
+    )
+
+
 def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -> Contract:
     """The contract row, created as queued if absent, locked for this transaction.
 
@@ -59,18 +77,7 @@ def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -
     contract = _locked_contract(session, message.contract_id)
     if contract is not None:
         return contract
-    insert_ignoring_conflict(
-        session,
-        Contract,
-        {
-            "id": message.contract_id,
-            "status": ContractStatus.QUEUED.value,
-            "created_at": now,
-            "updated_at": now,
-            **_contract_fields(message),
-        },
-        conflict_columns=["id"],
-    )
+    _insert_queued(session, message.contract_id, _contract_fields(message), now=now)
     contract = _locked_contract(session, message.contract_id)
     assert contract is not None
     return contract
@@ -166,19 +173,8 @@ def record_send_rejection(
         return
     # A message too broken to parse still needs the NOT NULL JSON columns filled.
     fields = _contract_fields(message) if message is not None else {"sections": [], "signatories": []}
-    insert_ignoring_conflict(
-        session,
-        Contract,
-        {
-            "id": contract_id,
-            "status": ContractStatus.QUEUED.value,
-            "created_at": now,
-            "updated_at": now,
-            **fields,
-        },
-        conflict_columns=["id"],
-    )
-    contract = session.get(Contract, contract_id, with_for_update=True, populate_existing=True)
+    _insert_queued(session, contract_id, fields, now=now)
+    contract = _locked_contract(session, contract_id)
     if contract is None or contract.status not in OPEN_STATUSES:
         return
     contract.status = ContractStatus.REJECTED
@@ -263,21 +259,10 @@ def reserve_contract(session: Session, message: SendContract, *, now: datetime) 
     rules are evaluated afresh (the workspace may have been fixed since). Returns
     whether the row was created by this call.
     """
-    created = insert_ignoring_conflict(
-        session,
-        Contract,
-        {
-            "id": message.contract_id,
-            "status": ContractStatus.QUEUED.value,
-            "created_at": now,
-            "updated_at": now,
-            **_contract_fields(message),
-        },
-        conflict_columns=["id"],
-    )
+    created = _insert_queued(session, message.contract_id, _contract_fields(message), now=now)
     if created:
         return True
-    contract = session.get(Contract, message.contract_id, with_for_update=True, populate_existing=True)
+    contract = _locked_contract(session, message.contract_id)
     if contract is not None and contract.status == ContractStatus.REJECTED:
         _set_content(contract, message)
         contract.status = ContractStatus.QUEUED
@@ -299,22 +284,11 @@ def reserve_contracts(
     left as it is, as ``reserve_contract`` would.
     """
     # A contract sent twice in the batch is inserted once.
-    new = {
-        message.contract_id: message for message in reversed(messages) if message.contract_id not in existing
-    }
+    new = {message.contract_id: message for message in messages if message.contract_id not in existing}
     created = insert_many_returning(
         session,
         Contract,
-        [
-            {
-                "id": message.contract_id,
-                "status": ContractStatus.QUEUED.value,
-                "created_at": now,
-                "updated_at": now,
-                **_contract_fields(message),
-            }
-            for message in new.values()
-        ],
+        [_queued_row(message.contract_id, _contract_fields(message), now=now) for message in new.values()],
         conflict_columns=["id"],
         returning="id",
     )
@@ -347,9 +321,7 @@ def resend_invitation(
     one stops working): a resend usually means the first email was lost or
     its code expired.
     """
-    contract = check_resend_invitation(
-        session.get(Contract, contract_id, with_for_update=True, populate_existing=True), contract_id
-    )
+    contract = check_resend_invitation(_locked_contract(session, contract_id), contract_id)
     account = (
         session.get(Account, contract.account_id, with_for_update=True)
         if contract.account_id is not None

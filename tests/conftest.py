@@ -212,3 +212,18 @@ def root_at_debug() -> Iterator[CapturingHandler]:
     finally:
         root.setLevel(level)
         root.removeHandler(handler)
+
+
+@pytest.fixture
+def private_standin() -> Iterator[SendGridStandIn]:
+    """A stand-in only this test's worker talks to: its scripted answers go to its own emails."""
+    server = SendGridStandIn().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sqlite_database(tmp_path: Path) -> Iterator[str]:
+    """An SQLite file of this test's own, this process's DATABASE_URL while the test runs."""
+    with database_of_its_own("sqlite", tmp_path / "own.db") as url:
+        yield url

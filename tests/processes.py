@@ -79,17 +79,7 @@ class WorkerProcess:
 
     def children(self) -> list[int]:
         """The worker processes under the supervisor (from /proc)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.pid:
-                found.append(int(entry.name))
-        return found
+        return child_pids(self.pid)
 
     def kill(self) -> None:
         """SIGKILL the whole group: nothing gets to clean up."""
@@ -112,6 +102,21 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc), in pid order."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 class TcpProxy:

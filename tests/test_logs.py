@@ -351,21 +351,6 @@ class Subprocess(Driver):
         return report
 
 
-@pytest.fixture
-def private_standin() -> Iterator[SendGridStandIn]:
-    """A stand-in only this test's worker talks to: its scripted answers go to the journey's emails."""
-    server = SendGridStandIn().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sqlite_database(tmp_path: Path) -> Iterator[str]:
-    """An SQLite file of this test's own, made this process's database."""
-    with database_of_its_own("sqlite", tmp_path / "worker-logs.db") as url:
-        yield url
-
-
 def parse_json_lines(text: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Every line, and those that are JSON objects."""
     lines = text.splitlines()
@@ -380,22 +365,42 @@ def parse_json_lines(text: str) -> tuple[list[str], list[dict[str, Any]]]:
     return lines, objects
 
 
-def test_worker_subprocess_json_lines_one_per_message_and_no_secret(
-    test_environment, redis_server, sqlite_database, private_standin, tmp_path
-):
-    namespace = unique("logs")
-    env = {
+def debug_worker_env(
+    test_environment: dict[str, str],
+    tmp_path: Path,
+    *,
+    namespace: str,
+    database_url: str,
+    standin: SendGridStandIn,
+    log_format: str,
+) -> dict[str, str]:
+    """A worker's environment at DEBUG on a namespace, database and stand-in of the test's own."""
+    return {
         **os.environ,
         **test_environment,
         "DATA_DIR": str(tmp_path / "data"),
         "REDIS_NAMESPACE": namespace,
-        "DATABASE_URL": sqlite_database,
-        "SENDGRID_API_HOST": private_standin.url,
-        "LOG_FORMAT": "json",
+        "DATABASE_URL": database_url,
+        "SENDGRID_API_HOST": standin.url,
+        "LOG_FORMAT": log_format,
         "LOG_LEVEL": "DEBUG",
         # No metrics endpoint: its fixed port may be taken by another test's worker.
         "METRICS_PORT": "0",
     }
+
+
+def test_worker_subprocess_json_lines_one_per_message_and_no_secret(
+    test_environment, redis_server, sqlite_database, private_standin, tmp_path
+):
+    namespace = unique("logs")
+    env = debug_worker_env(
+        test_environment,
+        tmp_path,
+        namespace=namespace,
+        database_url=sqlite_database,
+        standin=private_standin,
+        log_format="json",
+    )
     client = redis_server.client()
     worker = WorkerProcess(env, log_path=tmp_path / "worker.log", processes=1, threads=2).start()
     driver = Subprocess(env, client, namespace)

@@ -31,7 +31,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from tests.test_logs import (
     Journey,
     Subprocess,
     count_mine,
+    debug_worker_env,
     run_journey,
     secrets_sent,
 )
@@ -314,21 +314,6 @@ def test_in_process_flow_at_debug_leaves_no_secret_anywhere(
 # -- the whole flow, on a real worker process -------------------------------------------------
 
 
-@pytest.fixture
-def private_standin() -> Iterator[SendGridStandIn]:
-    """A stand-in only this test's worker talks to: its scripted answers go to the journey's emails."""
-    server = SendGridStandIn().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sqlite_database(tmp_path: Path) -> Iterator[str]:
-    """A fresh SQLite file, this process's DATABASE_URL while the test runs (the worker's too)."""
-    with database_of_its_own("sqlite", tmp_path / "worker-secrets.db") as url:
-        yield url
-
-
 def test_worker_process_flow_at_debug_leaves_no_secret_anywhere(
     test_environment: dict[str, str],
     redis_server: Any,
@@ -337,17 +322,14 @@ def test_worker_process_flow_at_debug_leaves_no_secret_anywhere(
     tmp_path: Path,
 ) -> None:
     namespace = unique("secrets")
-    env = {
-        **os.environ,
-        **test_environment,
-        "DATA_DIR": str(tmp_path / "data"),
-        "REDIS_NAMESPACE": namespace,
-        "DATABASE_URL": sqlite_database,
-        "SENDGRID_API_HOST": private_standin.url,
-        "LOG_LEVEL": "DEBUG",
-        "LOG_FORMAT": "text",
-        "METRICS_PORT": "0",
-    }
+    env = debug_worker_env(
+        test_environment,
+        tmp_path,
+        namespace=namespace,
+        database_url=sqlite_database,
+        standin=private_standin,
+        log_format="text",
+    )
     client = redis_server.client()
     worker = WorkerProcess(env, log_path=tmp_path / "worker.log", processes=1, threads=2).start()
     driver = Subprocess(env, client, namespace)
