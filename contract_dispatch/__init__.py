@@ -19,6 +19,7 @@ from contract_dispatch.producer import (
     set_workspace,
     submit_notify_signatories,
     submit_send_contract,
+    submit_send_contracts,
 )
 from models.errors import BrokerUnavailable, DispatchError, Rejected
 from models.first_login import AccessCodeRefused, PasswordRefused
@@ -44,6 +45,7 @@ __all__ = [
     "set_workspace",
     "submit_notify_signatories",
     "submit_send_contract",
+    "submit_send_contracts",
     "verify_code",
     "verify_password",
 ]

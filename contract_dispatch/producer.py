@@ -221,12 +221,22 @@ def send_contracts(contracts: Iterable[Mapping[str, Any]]) -> list[Receipt | Rej
     """
     # Parsed first: a malformed item is refused without a database round trip,
     # and a programming error (TypeError) surfaces before anything is written.
-    results: list[Receipt | Rejected | SendContract] = []
+    parsed: list[SendContract | Rejected] = []
     for item in contracts:
         try:
-            results.append(parse_message(SendContract, _send_contract_payload(**item)))
+            parsed.append(parse_message(SendContract, _send_contract_payload(**item)))
         except Rejected as refusal:
-            results.append(refusal)
+            parsed.append(refusal)
+    return submit_send_contracts(parsed)
+
+
+def submit_send_contracts(parsed: Sequence[SendContract | Rejected]) -> list[Receipt | Rejected]:
+    """``send_contracts`` for messages already parsed; a refusal given stays in its place.
+
+    The bulk counterpart of ``submit_send_contract`` (the ``send-contracts``
+    command parses JSON lines with ``parse_message`` and calls this).
+    """
+    results: list[Receipt | Rejected | SendContract] = list(parsed)
     messages = [message for message in results if isinstance(message, SendContract)]
     to_enqueue: list[SendContract] = []
     limit = refusal_limit()

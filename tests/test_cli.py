@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from tests.processes import describe, run_cli
+from tests.processes import CLI, describe, run_cli
 from tests.support import (
     all_emails_sent,
     contract_payload,
@@ -45,8 +45,8 @@ class Cli:
 
     env: dict[str, str]
 
-    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(self.env, *args)
+    def __call__(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return run_cli(self.env, *args, stdin=stdin)
 
     def status(self, contract_id: str) -> dict[str, Any] | None:
         """``contract-status ID --json``, or None when the contract is unknown."""
@@ -437,6 +437,190 @@ def test_send_contract_to_an_unreachable_broker_leaves_no_contract(cli):
     assert result.stderr.startswith("unavailable: the message broker cannot be reached"), describe(result)
     status = cli("contract-status", payload["contract_id"])
     assert status.returncode == 1, describe(status)
+
+
+# -- send-contracts ------------------------------------------------------------------
+
+
+def json_lines(*items: Any) -> str:
+    """Input for ``send-contracts``: each item one line (a str is written as it is)."""
+    return "".join(
+        (item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)) + "\n" for item in items
+    )
+
+
+def answers(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """``send-contracts --json`` output: one object per non-blank input line."""
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+class _AnyText:
+    """Equal to any string long enough to explain something."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and len(other) > 5
+
+    def __repr__(self) -> str:
+        return "<any text>"
+
+
+ANY_TEXT: Any = _AnyText()
+
+
+def test_send_contracts_answers_every_line_in_order_and_sends_the_accepted(cli, worker, standin):
+    bound = contract_payload(company_name="Lefebvre Studio SARL")
+    assert_receipt(cli(*send_args(bound)), bound["contract_id"])
+    wait_for_invitation(bound["contract_id"])
+
+    good = [contract_payload() for _ in range(3)]
+    conflicting = contract_payload(email=bound["email"], company_name="Autre Société SA")
+    bad_email = contract_payload(email="not-an-email")
+    stdin = json_lines(
+        good[0],
+        "{not json",
+        good[1],
+        "",
+        [good[2]],
+        conflicting,
+        bad_email,
+        good[2],
+    )
+    result = cli("send-contracts", "--json", "--batch-size", "3", stdin=stdin)
+
+    assert result.returncode == 2, describe(result)
+    assert answers(result) == [
+        {"line": 1, "contract_id": good[0]["contract_id"], "status": "queued"},
+        {"line": 2, "contract_id": None, "error": {"code": "invalid_payload", "message": ANY_TEXT}},
+        {"line": 3, "contract_id": good[1]["contract_id"], "status": "queued"},
+        {"line": 5, "contract_id": None, "error": {"code": "invalid_payload", "message": ANY_TEXT}},
+        {
+            "line": 6,
+            "contract_id": conflicting["contract_id"],
+            "error": {"code": "email_bound_to_other_company", "message": ANY_TEXT},
+        },
+        {
+            "line": 7,
+            "contract_id": bad_email["contract_id"],
+            "error": {"code": "invalid_email", "message": ANY_TEXT},
+        },
+        {"line": 8, "contract_id": good[2]["contract_id"], "status": "queued"},
+    ], describe(result)
+    # Each refusal on stderr with its line, then the summary.
+    for line, code in ((2, "invalid_payload"), (5, "invalid_payload"), (6, "email_bound_to_other_company")):
+        assert f"line {line}: " in result.stderr and f": {code}: " in result.stderr, describe(result)
+    assert "7 contracts: 3 queued, 4 refused" in result.stderr, describe(result)
+    assert "Lefebvre" not in result.stderr + result.stdout
+
+    for payload in good:
+        wait_for_invitation(payload["contract_id"])
+        assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
+    assert_not_queued(conflicting["contract_id"])
+    assert_not_queued(bad_email["contract_id"])
+
+
+def test_send_contracts_from_a_file_again_sends_nothing_twice(cli, worker, standin, tmp_path):
+    payloads = [contract_payload() for _ in range(5)]
+    path = tmp_path / "contracts.jsonl"
+    path.write_text(json_lines(*payloads), encoding="utf-8")
+
+    first = cli("send-contracts", str(path), "--batch-size", "2")
+    assert first.returncode == 0, describe(first)
+    assert first.stdout == "", describe(first)
+    assert "5 contracts: 5 queued, 0 refused" in first.stderr, describe(first)
+    for payload in payloads:
+        wait_for_invitation(payload["contract_id"])
+
+    again = cli("send-contracts", str(path), "--json")
+    assert again.returncode == 0, describe(again)
+    assert [answer["status"] for answer in answers(again)] == ["sent"] * 5, describe(again)
+    assert "5 contracts: 5 sent, 0 refused" in again.stderr, describe(again)
+    for payload in payloads:
+        assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
+
+
+def test_send_contracts_refuses_a_line_that_is_not_utf8_alone(cli, worker):
+    payload = contract_payload()
+    stdin_bytes = b"\xff\xfe{}\n" + json_lines(payload).encode()
+    result = subprocess.run(
+        [CLI, "send-contracts", "--json"],
+        env=cli.env,
+        input=stdin_bytes,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    output = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert result.returncode == 2, result
+    assert output[0]["line"] == 1 and output[0]["error"]["code"] == "invalid_payload", output
+    assert "UTF-8" in output[0]["error"]["message"], output
+    assert output[1] == {"line": 2, "contract_id": payload["contract_id"], "status": "queued"}, output
+    wait_for_invitation(payload["contract_id"])
+
+
+def test_send_contracts_to_an_unreachable_broker_says_what_was_not_sent(cli):
+    unreachable = Cli({**cli.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"})
+    payloads = [contract_payload() for _ in range(3)]
+    result = unreachable("send-contracts", "--json", stdin=json_lines(*payloads))
+    assert result.returncode == 3, describe(result)
+    assert result.stdout == "", describe(result)
+    assert result.stderr.startswith("unavailable: the message broker cannot be reached"), describe(result)
+    assert "line 1 and those after it were not sent" in result.stderr, describe(result)
+    assert "Traceback" not in result.stderr
+    for payload in payloads:
+        status = cli("contract-status", payload["contract_id"])
+        assert status.returncode == 1, describe(status)
+
+
+def test_send_commands_with_an_unreachable_database_exit_3_without_a_traceback(cli):
+    port = closed_port()
+    url = f"postgresql://postgres:do-not-print@127.0.0.1:{port}/test"
+    unreachable = Cli({**cli.env, "DATABASE_URL": url})
+    payload = contract_payload()
+    for result in (
+        unreachable(*send_args(payload)),
+        unreachable("send-contracts", stdin=json_lines(payload)),
+    ):
+        assert result.returncode == 3, describe(result)
+        assert result.stderr.startswith("unavailable: the database cannot be reached"), describe(result)
+        assert "Traceback" not in result.stderr
+        assert "do-not-print" not in result.stderr + result.stdout
+
+
+def test_send_contracts_refuses_an_unreadable_file_and_a_bad_batch_size(cli_without_database, tmp_path):
+    missing = cli_without_database("send-contracts", str(tmp_path / "missing.jsonl"))
+    assert missing.returncode == 2, describe(missing)
+    assert "cannot read" in missing.stderr and "missing.jsonl" in missing.stderr, describe(missing)
+    for size in ("0", "5001", "many"):
+        result = cli_without_database("send-contracts", "--batch-size", size, stdin="")
+        assert result.returncode == 2, describe(result)
+        assert "--batch-size" in result.stderr, describe(result)
+
+
+def test_send_contracts_progress_rewrites_one_line_on_a_terminal():
+    import io
+
+    from workers.cli_bulk import Progress, Tally
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    progress, tally = Progress(terminal), Tally()
+    for number in range(1, 4):
+        tally.add(number, "queued")
+        progress.update(tally)
+    progress.finish()
+    shown = terminal.getvalue()
+    assert shown.count("\r") == 3 and shown.endswith("\n"), repr(shown)
+    assert "3 contracts: 3 queued, 0 refused" in shown
 
 
 # -- schema --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ``contract-dispatch`` command line.
 
 Exit codes: 0 success, 1 not found or unhealthy, 2 a refusal (the error code and
-a message on stderr) or a usage error, 3 the broker or configuration is unusable.
+a message on stderr) or a usage error, 3 the broker, the database or the configuration is unusable.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 
 from models.errors import ConfigurationError, DispatchError, Rejected, TransientError
 from models.status import ContractReport
@@ -32,6 +33,13 @@ DEFAULT_WORKER_THREADS = 8
 
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def unavailable_reason(error: Exception) -> str:
+    """What to say when the broker or the database cannot be used (no URL, so no password)."""
+    if isinstance(error, OperationalError):
+        return f"the database cannot be reached ({type(error.orig).__name__}); nothing more was done"
+    return str(error)
 
 
 def _refuse(error: Rejected) -> int:
@@ -287,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--locale", choices=["fr", "en"], default="fr")
     send.set_defaults(handler=cmd_send_contract)
 
+    from workers.cli_bulk import add_commands as add_bulk_commands
+
+    add_bulk_commands(commands)
+
     notify = commands.add_parser("notify-signatories", help="record a signature and tell the signatories")
     notify.add_argument("--contract-id", required=True, metavar="ID")
     notify.add_argument("--legal-name", required=True, metavar="NAME")
@@ -388,8 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except Rejected as error:
         return _refuse(error)
-    except (TransientError, ConfigurationError) as error:
-        sys.stderr.write(f"unavailable: {error}\n")
+    except (TransientError, ConfigurationError, OperationalError) as error:
+        sys.stderr.write(f"unavailable: {unavailable_reason(error)}\n")
         return EXIT_UNAVAILABLE
     except DispatchError as error:
         sys.stderr.write(f"error: {error}\n")

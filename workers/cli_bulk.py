@@ -1,0 +1,222 @@
+"""``contract-dispatch send-contracts``: many contracts from JSON Lines, through the bulk producer.
+
+Each input line is one send_contract message payload in the wire format (the
+object ``contract-dispatch schema`` describes). Lines go to ``send_contracts``
+in batches: one transaction for the checks and one broker round trip per batch.
+A bad line is refused on its own; the others still go.
+
+Exit codes: 0 every line accepted, 2 at least one line refused, 3 the broker or
+the database became unusable (the lines already reported were handled; the
+rest were not sent, and running the same input again is safe: an accepted
+contract is answered with its status, never sent twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TextIO
+
+from sqlalchemy.exc import OperationalError
+
+from models.errors import InvalidPayload, Rejected, TransientError
+from models.messages import SendContract, contract_id_of, parse_message
+from workers.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, unavailable_reason
+
+#: Contracts per ``send_contracts`` call: one transaction and one broker round trip each.
+DEFAULT_BATCH_SIZE = 500
+
+#: Largest batch accepted: a transaction holding more locks for longer gains nothing.
+MAX_BATCH_SIZE = 5000
+
+#: Off a terminal, a progress line at most this often, in seconds.
+PROGRESS_INTERVAL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Line:
+    """One non-blank input line: its number (from 1) and its message or refusal."""
+
+    number: int
+    parsed: SendContract | Rejected
+    contract_id: str | None
+
+
+def parse_line(number: int, raw: bytes) -> Line:
+    """A JSON line as a parsed send_contract message, or its ``invalid_payload`` refusal."""
+    try:
+        payload: Any = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return Line(number, InvalidPayload(f"not UTF-8 (byte {error.start + 1})"), None)
+    except json.JSONDecodeError as error:
+        refusal = InvalidPayload(f"not JSON: {error.msg} (column {error.colno})")
+        return Line(number, refusal, None)
+    try:
+        message = parse_message(SendContract, payload)
+    except Rejected as refusal:
+        return Line(number, refusal, contract_id_of(payload))
+    return Line(number, message, message.contract_id)
+
+
+def read_lines(stream: BinaryIO) -> Iterator[Line]:
+    """The input's non-blank lines, parsed one at a time (the input is never held whole).
+
+    Read as bytes: a line that is not UTF-8 is refused alone instead of
+    stopping the whole input.
+    """
+    for number, raw in enumerate(stream, start=1):
+        if raw.strip():
+            yield parse_line(number, raw)
+
+
+def batches(lines: Iterator[Line], size: int) -> Iterator[list[Line]]:
+    batch: list[Line] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class Tally:
+    """What has been answered so far, for the progress line and the summary."""
+
+    started: float = field(default_factory=time.monotonic)
+    lines: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    last_line: int = 0
+
+    def add(self, number: int, outcome: str) -> None:
+        self.lines += 1
+        self.last_line = number
+        self.outcomes[outcome] += 1
+
+    @property
+    def refused(self) -> int:
+        return self.outcomes["refused"]
+
+    def describe(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        accepted = ", ".join(
+            f"{count} {status}" for status, count in sorted(self.outcomes.items()) if status != "refused"
+        )
+        return (
+            f"{self.lines} contracts: {accepted or '0 queued'}, {self.refused} refused "
+            f"({self.lines / elapsed:.0f}/s)"
+        )
+
+
+class Progress:
+    """A progress line on stderr: rewritten in place on a terminal, every few seconds otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.terminal = stream.isatty()
+        self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, tally: Tally) -> None:
+        if self.terminal:
+            self.stream.write(f"\r{tally.describe()}")
+            self.stream.flush()
+            self.shown = True
+        elif time.monotonic() - self.last >= PROGRESS_INTERVAL_SECONDS:
+            self.stream.write(f"{tally.describe()}\n")
+            self.stream.flush()
+            self.last = time.monotonic()
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+
+
+def _report(args: argparse.Namespace, line: Line, result: Any, tally: Tally) -> None:
+    from contract_dispatch import Receipt
+
+    if isinstance(result, Receipt):
+        tally.add(line.number, result.status)
+        answer: dict[str, Any] = {"line": line.number, **result.model_dump()}
+    else:
+        tally.add(line.number, "refused")
+        answer = {"line": line.number, "contract_id": line.contract_id, "error": result.as_dict()}
+        sys.stderr.write(f"line {line.number}: {line.contract_id or '-'}: {result.code}: {result.message}\n")
+    if args.json:
+        sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
+
+
+def cmd_send_contracts(args: argparse.Namespace) -> int:
+    from contract_dispatch import submit_send_contracts
+
+    try:
+        stream: BinaryIO = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    except OSError as error:
+        sys.stderr.write(f"cannot read {args.file}: {error.strerror}\n")
+        return EXIT_REFUSED
+    tally = Tally()
+    progress = Progress(sys.stderr)
+    try:
+        for batch in batches(read_lines(stream), args.batch_size):
+            try:
+                results = submit_send_contracts([line.parsed for line in batch])
+            except (TransientError, OperationalError) as error:
+                progress.finish()
+                sys.stderr.write(
+                    f"unavailable: {unavailable_reason(error)}\n"
+                    f"{tally.describe()} before it; line {batch[0].number} and those after it "
+                    "were not sent (sending the same input again is safe)\n"
+                )
+                return EXIT_UNAVAILABLE
+            for line, result in zip(batch, results, strict=True):
+                _report(args, line, result, tally)
+            sys.stdout.flush()
+            progress.update(tally)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    progress.finish()
+    sys.stderr.write(f"{tally.describe()}\n")
+    return EXIT_REFUSED if tally.refused else EXIT_OK
+
+
+def _batch_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not 1 <= size <= MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_BATCH_SIZE}")
+    return size
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``send-contracts``."""
+    bulk = commands.add_parser(
+        "send-contracts",
+        help="check and enqueue many contracts: one send_contract payload per JSON line",
+    )
+    bulk.add_argument(
+        "file",
+        nargs="?",
+        default="-",
+        metavar="FILE",
+        help="JSON Lines file, one send_contract payload per line (default: stdin)",
+    )
+    bulk.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"contracts per transaction and broker round trip (default {DEFAULT_BATCH_SIZE})",
+    )
+    bulk.add_argument(
+        "--json", action="store_true", help="one JSON object per input line on stdout, in input order"
+    )
+    bulk.set_defaults(handler=cmd_send_contracts)
