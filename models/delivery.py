@@ -284,13 +284,17 @@ def claim_delivery(
     The lease keeps a concurrent duplicate message from sending the same email
     while this attempt is in flight; it expires on its own if the attempt dies.
     """
-    claimed = session.execute(
-        _CLAIM,
-        {"delivery_id": delivery_id, "now": now, "lease_until": now + lease, "claimed_at": now},
-    ).first()
+    claimed = (
+        session.connection()
+        .execute(
+            _CLAIM,
+            {"delivery_id": delivery_id, "now": now, "lease_until": now + lease, "claimed_at": now},
+        )
+        .first()
+    )
     if claimed is not None:
         return Claim.CLAIMED, DeliveryRow(**claimed._mapping)
-    found = session.execute(_READ, {"delivery_id": delivery_id}).first()
+    found = session.connection().execute(_READ, {"delivery_id": delivery_id}).first()
     if found is None:
         return Claim.MISSING, None
     delivery = DeliveryRow(**found._mapping)
@@ -304,7 +308,7 @@ def claim_delivery(
 
 def mark_sent(session: Session, delivery_id: int, *, provider_message_id: str, now: datetime) -> None:
     """Record the provider's acceptance; from now on the email is never sent again."""
-    session.execute(
+    session.connection().execute(
         _MARK_SENT,
         {"delivery_id": delivery_id, "message_id": provider_message_id[:255], "sent_time": now},
     )

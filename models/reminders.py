@@ -72,11 +72,23 @@ class ReminderPolicy:
         return self.next_in_window(planned)
 
 
+#: The contract columns a reminder cycle (re)start sets.
+CYCLE_FIELDS = ("reminder_cycle_started_at", "reminder_count", "next_reminder_at")
+
+
+def cycle_start(*, now: datetime, policy: ReminderPolicy) -> dict[str, object]:
+    """The values of ``CYCLE_FIELDS`` for a cycle (re)started at ``now``."""
+    return {
+        "reminder_cycle_started_at": now,
+        "reminder_count": 0,
+        "next_reminder_at": policy.due_at(now, 0, now=now),
+    }
+
+
 def start_cycle(contract: Contract, *, now: datetime, policy: ReminderPolicy) -> None:
     """(Re)start a contract's reminders from ``now`` (the invitation, or a resend)."""
-    contract.reminder_cycle_started_at = now
-    contract.reminder_count = 0
-    contract.next_reminder_at = policy.due_at(now, 0, now=now)
+    for name, value in cycle_start(now=now, policy=policy).items():
+        setattr(contract, name, value)
 
 
 def stop_reminders(contract: Contract) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, func
+from sqlalchemy import bindparam, func, update
 from sqlmodel import Session, col, select
 
 from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
@@ -15,8 +15,8 @@ from models.contract import Contract, ContractStatus
 from models.delivery import EmailDelivery, EmailKind, add_delivery, pending_delivery_ids
 from models.errors import ContractClosed, ContractConflict, Rejected, UnknownContract
 from models.messages import SendContract
-from models.reminders import ReminderPolicy, start_cycle
-from models.upsert import chunks, insert_ignoring_conflict, insert_many_returning
+from models.reminders import CYCLE_FIELDS, ReminderPolicy, cycle_start, start_cycle
+from models.upsert import chunks, insert_ignoring_conflict, insert_many_returning, table_of
 from models.workspace import (
     choose_resource_group,
     resolve_resource_group,
@@ -68,21 +68,6 @@ def _insert_queued(session: Session, contract_id: str, fields: dict[str, object]
     )
 
 
-def _lock_or_create(session: Session, message: SendContract, *, now: datetime) -> Contract:
-    """The contract row, created as queued if absent, locked for this transaction.
-
-    The producer usually reserved the row already, so it is looked for first:
-    one statement instead of an insert that conflicts and a read.
-    """
-    contract = _locked_contract(session, message.contract_id)
-    if contract is not None:
-        return contract
-    _insert_queued(session, message.contract_id, _contract_fields(message), now=now)
-    contract = _locked_contract(session, message.contract_id)
-    assert contract is not None
-    return contract
-
-
 # Built once: a reused statement keeps its cache key (every send_contract runs it).
 _CONTRACT_FOR_UPDATE = (
     select(Contract)
@@ -106,6 +91,43 @@ def _check_same_content(stored_hash: str | None, message: SendContract) -> None:
         )
 
 
+# Built once: the state record_contract decides on, locked, as plain values.
+_CONTRACT_STATE_FOR_UPDATE = (
+    select(col(Contract.id), col(Contract.status), col(Contract.content_hash))
+    .where(col(Contract.id) == bindparam("contract_id"))
+    .with_for_update()
+)
+_RECORD_SENT = (
+    update(table_of(Contract))
+    .where(table_of(Contract).c.id == bindparam("contract_id"))
+    .values(
+        status=ContractStatus.SENT.value,
+        resource_group_id=bindparam("resource_group_id"),
+        account_id=bindparam("account_id"),
+        access_code_issued=bindparam("access_code_issued"),
+        sent_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        error_code=None,
+        error_message=None,
+        **{name: bindparam(name) for name in CYCLE_FIELDS},
+    )
+)
+
+
+def _locked_state(session: Session, message: SendContract, *, now: datetime) -> tuple[str, str]:
+    """The contract's status and content hash, the row created as queued if absent and locked.
+
+    Plain values, not an ORM object: this runs for every send_contract, and the
+    row is then changed by one UPDATE rather than through the unit of work.
+    """
+    params = {"contract_id": message.contract_id}
+    row = session.connection().execute(_CONTRACT_STATE_FOR_UPDATE, params).first()
+    if row is None:
+        _insert_queued(session, message.contract_id, _contract_fields(message), now=now)
+        row = session.connection().execute(_CONTRACT_STATE_FOR_UPDATE, params).one()
+    return str(row.status), str(row.content_hash or "")
+
+
 def record_contract(
     session: Session,
     message: SendContract,
@@ -120,13 +142,10 @@ def record_contract(
     repeated identical message returns the still-pending deliveries, so a worker
     that died between commit and enqueue loses nothing when the message comes back.
     """
-    contract = _lock_or_create(session, message, now=now)
-    _check_same_content(contract.content_hash, message)
-    if contract.status not in OPEN_STATUSES:
-        return pending_delivery_ids(session, contract.id, EmailKind.INVITATION)
-    # A contract first recorded from a message too broken to parse has no content
-    # (and no content hash): the first valid message gives it its content.
-    _set_content(contract, message)
+    status, content_hash = _locked_state(session, message, now=now)
+    _check_same_content(content_hash, message)
+    if status not in OPEN_STATUSES:
+        return pending_delivery_ids(session, message.contract_id, EmailKind.INVITATION)
 
     resource_group_id = resolve_resource_group(session, message.workspace_id, message.resource_group_id)
     account, _ = bind_account(session, email=message.email, company_name=message.company_name)
@@ -135,24 +154,29 @@ def record_contract(
         issue_access_code(account, policy=policy, now=now)
         session.add(account)
 
-    contract.resource_group_id = resource_group_id
-    contract.account_id = account.id
-    contract.access_code_issued = issue_codes
-    contract.status = ContractStatus.SENT
-    contract.sent_at = now
-    start_cycle(contract, now=now, policy=reminders)
-    contract.updated_at = now
-    contract.error_code = None
-    contract.error_message = None
-    session.add(contract)
-    session.flush()
+    statement = _RECORD_SENT
+    if not content_hash:
+        # A contract first recorded from a message too broken to parse has no
+        # content (and no content hash): the first valid message gives it its content.
+        statement = statement.values(_contract_fields(message))
+    session.connection().execute(
+        statement,
+        {
+            "contract_id": message.contract_id,
+            "resource_group_id": resource_group_id,
+            "account_id": account.id,
+            "access_code_issued": issue_codes,
+            "now": now,
+            **cycle_start(now=now, policy=reminders),
+        },
+    )
     # The contract was open, so it has had no invitation yet: this one is the
     # only one pending.
     return [
         add_delivery(
             session,
             kind=EmailKind.INVITATION,
-            contract_id=contract.id,
+            contract_id=message.contract_id,
             recipient=message.email,
             recipient_name=None,
             locale=message.locale,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import bindparam
 from sqlmodel import Column, Field, Session, SQLModel, col, delete, select
@@ -82,8 +83,9 @@ def _fold(rows: Iterable[tuple[str, str | None]], into: dict[str, list[str]]) ->
 
 def resource_groups_of(session: Session, workspace_id: str) -> list[str] | None:
     """The resource group ids of a workspace, or None if it is not registered (one round trip)."""
-    rows = session.exec(_ONE_WORKSPACE, params={"workspace_id": workspace_id})
-    return _fold(rows, {}).get(workspace_id)
+    # On the connection: plain rows, without the ORM's result processing.
+    rows = session.connection().execute(_ONE_WORKSPACE, {"workspace_id": workspace_id})
+    return _fold(cast(Iterable[tuple[str, str | None]], rows), {}).get(workspace_id)
 
 
 def resource_groups_of_many(session: Session, workspace_ids: Iterable[str]) -> dict[str, list[str]]:

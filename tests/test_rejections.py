@@ -563,14 +563,19 @@ def test_rejected_send_succeeds_unchanged_once_the_workspace_exists(worker, stan
     assert invitation.to == [payload["email"]]
 
 
-def test_contract_rejected_as_malformed_can_be_sent_properly_later(worker, standin, redis_server):
+@pytest.mark.parametrize("via", ["producer", "raw message"])
+def test_contract_rejected_as_malformed_can_be_sent_properly_later(worker, standin, redis_server, via):
     payload = contract_payload(lead_source="bap")
     broken = {k: v for k, v in payload.items() if k != "email"}
     actors.send_contract.send(broken)
     report = wait_for_contract(payload["contract_id"], _rejected, what="the malformed send to be rejected")
     assert report.error is not None and report.error.code == "invalid_payload"
 
-    assert send_contract(**payload).status == "queued"
+    if via == "producer":
+        assert send_contract(**payload).status == "queued"
+    else:
+        # Straight to the actor: the row it finds has no content yet, and gets the message's.
+        actors.send_contract.send(payload)
     report = wait_for_contract(payload["contract_id"], _sent_with_invitation, what="the proper send")
     assert report.lead_source == "bap"
     contract = _contract(payload["contract_id"])
