@@ -7,6 +7,9 @@ same run:
   contract reserved in SQL, one enqueue), one call per contract;
 - bulk: ``contract_dispatch.send_contracts`` in batches (the checks and
   reservations in one transaction, the messages in one Redis round trip);
+- the command line: ``contract-dispatch send-contracts FILE`` on the same number
+  of contracts as JSON lines, timed from the command's start to its exit (its
+  interpreter start-up and imports included);
 - the baseline: Dramatiq's own ``RedisBroker.enqueue`` (default middleware) of a
   message with the same payload, one call per message; and, for the bulk figure's
   sake, the same messages pipelined (``workers.redis_dispatch.enqueue_many``).
@@ -19,7 +22,9 @@ the baseline's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -88,6 +93,7 @@ class ProducerRun:
         self.raw_namespace = f"{workbench.namespace}-raw"
         self.raw = RedisBroker(url=workbench.redis_url, namespace=self.raw_namespace)  # type: ignore[no-untyped-call]
         self.raw.declare_queue("contracts")
+        self.root = workbench.root
 
     def flush(self) -> None:
         self.service_broker.flush_all()
@@ -119,6 +125,25 @@ class ProducerRun:
             if not all(isinstance(result, Receipt) for result in results):
                 raise SystemExit("the producer refused bench contracts")
         elapsed = time.perf_counter() - started
+        self.check_queued(self.service_broker.namespace, count)
+        return elapsed
+
+    def cli_bulk(self, count: int) -> float:
+        """Seconds ``contract-dispatch send-contracts FILE`` takes for ``count`` contracts."""
+        from bench.processes import CLI
+
+        path = self.root / "contracts.jsonl"
+        path.write_text(
+            "".join(json.dumps(payload, ensure_ascii=False) + "\n" for payload in payloads(count)),
+            encoding="utf-8",
+        )
+        self.flush()
+        started = time.perf_counter()
+        # The workbench's environment: its Redis, namespace and database.
+        done = subprocess.run([CLI, "send-contracts", str(path)], capture_output=True, text=True, check=False)
+        elapsed = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(f"send-contracts exited {done.returncode}: {done.stderr[-2000:]}")
         self.check_queued(self.service_broker.namespace, count)
         return elapsed
 
@@ -188,7 +213,13 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
             run.bulk(WARM_UP)
             run.raw_single(WARM_UP)
             load_before = round(os.getloadavg()[0], 2)
-            times: dict[str, list[float]] = {"single": [], "bulk": [], "raw": [], "raw_pipelined": []}
+            times: dict[str, list[float]] = {
+                "single": [],
+                "bulk": [],
+                "cli_bulk": [],
+                "raw": [],
+                "raw_pipelined": [],
+            }
             memory: dict[str, list[int]] = {"service": [], "raw": []}
             # Interleaved: a burst of other work on the machine slows every kind alike.
             for _ in range(REPEAT):
@@ -199,6 +230,7 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
                 times["raw"].append(elapsed)
                 memory["raw"].append(grown)
                 times["bulk"].append(run.bulk(bulks))
+                times["cli_bulk"].append(run.cli_bulk(bulks))
                 times["raw_pipelined"].append(run.raw_pipelined(bulks))
             load_after = round(os.getloadavg()[0], 2)
         finally:
@@ -207,6 +239,7 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
         "single_per_s": singles / min(times["single"]),
         "raw_per_s": singles / min(times["raw"]),
         "bulk_per_s": bulks / min(times["bulk"]),
+        "cli_bulk_per_s": bulks / min(times["cli_bulk"]),
         "raw_pipelined_per_s": bulks / min(times["raw_pipelined"]),
     }
     return {
@@ -221,6 +254,7 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
         "ratios": {
             "single_vs_raw": rates["single_per_s"] / rates["raw_per_s"],
             "bulk_vs_raw": rates["bulk_per_s"] / rates["raw_per_s"],
+            "cli_bulk_vs_raw": rates["cli_bulk_per_s"] / rates["raw_per_s"],
             "bulk_vs_raw_pipelined": rates["bulk_per_s"] / rates["raw_pipelined_per_s"],
         },
         "redis_bytes_per_message": {
@@ -257,6 +291,13 @@ def summary(figures: dict[str, Any]) -> list[str]:
                     if key == "bulk_per_s"
                     else ""
                 )
+            )
+        if "cli_bulk_vs_raw" in ratios:
+            # Informational: the same goal, for producers that are scripts rather than Python.
+            lines.append(
+                f"       send-contracts CLI {ratios['cli_bulk_vs_raw']:.2f} x raw: "
+                f"{result['cli_bulk_per_s']:.0f}/s for {result['bulk_messages']} contracts in one "
+                "command (its start-up included)"
             )
         lines.append(
             f"       Redis per queued message {memory['send_contract']:.0f} bytes (send_contract), "
