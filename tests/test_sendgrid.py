@@ -310,6 +310,46 @@ def test_each_thread_gets_its_own_client():
     assert clients[0] is not backend._client()
 
 
+def test_each_thread_builds_one_opener_and_every_request_still_goes_out(standin, monkeypatch):
+    """python_http_client builds a urllib opener per request; each thread builds one, once."""
+    import urllib.request
+
+    built: list[str] = []
+    real_build_opener = urllib.request.build_opener
+
+    def counting_build_opener(*handlers: Any) -> Any:
+        built.append(threading.current_thread().name)
+        return real_build_opener(*handlers)
+
+    monkeypatch.setattr(urllib.request, "build_opener", counting_build_opener)
+    backend = _backend(standin.url)
+    emails = [_email() for _ in range(6)]
+
+    def send_all(batch: list[OutgoingEmail]) -> None:
+        for email in batch:
+            backend.send(email)
+
+    threads = [
+        threading.Thread(target=send_all, args=(emails[:3],), name="sender-1"),
+        threading.Thread(target=send_all, args=(emails[3:],), name="sender-2"),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(built) == ["sender-1", "sender-2"]
+    received = {r.reference for r in standin.accepted}
+    assert {email.reference for email in emails} <= received
+    # Installing it again changes nothing.
+    from workers.email.sendgrid_backend import reuse_openers
+
+    reuse_openers()
+    again = threading.Thread(target=send_all, args=([_email(), _email()],), name="sender-3")
+    again.start()
+    again.join()
+    assert sorted(built) == ["sender-1", "sender-2", "sender-3"]
+
+
 # -- secrets ------------------------------------------------------------------------
 
 

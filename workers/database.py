@@ -32,6 +32,8 @@ _ready: set[str] = set()
 #: The engine of DATABASE_URL and the settings object it was looked up for.
 _default: tuple[Settings, Engine] | None = None
 _lock = threading.Lock()
+#: Serialises table creation between the threads of this process.
+_schema_lock = threading.Lock()
 
 
 def normalize_database_url(url: str) -> str:
@@ -122,8 +124,12 @@ def get_engine(url: str | None = None) -> Engine:
                 _ping_when_idle(engine)
             _engines[url] = engine
     if url not in _ready:
-        create_tables(engine)
-        _ready.add(url)
+        # One thread creates the schema; the others (every worker thread asks at
+        # start) wait for it instead of each inspecting the whole schema again.
+        with _schema_lock:
+            if url not in _ready:
+                create_tables(engine)
+                _ready.add(url)
     return engine
 
 
