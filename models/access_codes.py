@@ -18,6 +18,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from argon2 import PasswordHasher, Type
 
@@ -144,7 +145,14 @@ def issue_access_code(account: Account, *, policy: AccessCodePolicy, now: dateti
     account.access_code_failed_attempts = 0
 
 
-def current_access_code(account: Account, *, secret_key: bytes) -> str | None:
+class HasCodeNonce(Protocol):
+    """An account, or what an email read of one: the nonce of its current code."""
+
+    @property
+    def access_code_nonce(self) -> str | None: ...
+
+
+def current_access_code(account: HasCodeNonce, *, secret_key: bytes) -> str | None:
     """The plaintext of the account's current code, for the email that carries it."""
     if account.access_code_nonce is None:
         return None

@@ -62,10 +62,10 @@ def check_cancel_contract(session: Session, message: CancelContract) -> None:
     _check_cancellable(session.get(Contract, message.contract_id), message.contract_id)
 
 
-def unwanted_reason(contract: Contract, kind: str) -> str | None:
-    """Why an email of ``kind`` must not go out any more for this contract, if it must not."""
-    if kind in CANCELLED_KINDS and contract.status == ContractStatus.CANCELLED:
+def unwanted_reason(status: str, kind: str) -> str | None:
+    """Why an email of ``kind`` must not go out any more for a contract in ``status``, if it must not."""
+    if kind in CANCELLED_KINDS and status == ContractStatus.CANCELLED:
         return "the contract was cancelled"
-    if kind == EmailKind.REMINDER and contract.status != ContractStatus.SENT:
-        return f"the contract is {contract.status}: no reminder"
+    if kind == EmailKind.REMINDER and status != ContractStatus.SENT:
+        return f"the contract is {status}: no reminder"
     return None

@@ -14,12 +14,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
 from urllib.parse import quote
 
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, sql
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from models.access_codes import current_access_code
 from models.account import Account
@@ -37,6 +38,7 @@ from models.delivery import (
 )
 from models.errors import DeliveryBusy, PermanentError, RenderError, UnknownDelivery
 from models.types import utc_now
+from models.upsert import table_of
 from workers.database import session_scope
 from workers.email.backend import EmailBackend, build_backend
 from workers.email.message import OutgoingEmail
@@ -71,7 +73,7 @@ def contract_link(settings: Settings, contract_id: str) -> str:
     return f"{settings.app_base_url}/contracts/{quote(contract_id, safe='')}"
 
 
-def _contract_label(contract: Contract, locale: str) -> str:
+def _contract_label(contract: ContractFacts, locale: str) -> str:
     if contract.title:
         return contract.title
     return f"contract {contract.id}" if locale == "en" else f"contrat {contract.id}"
@@ -79,8 +81,8 @@ def _contract_label(contract: Contract, locale: str) -> str:
 
 def compose(
     delivery: DeliveryRow,
-    contract: Contract | None,
-    account: Account | None,
+    contract: ContractFacts | None,
+    account: AccountFacts | None,
     settings: Settings,
     *,
     name_placeholder: str | None = None,
@@ -158,18 +160,59 @@ def mark_sent_patiently(delivery_ids: Sequence[int], provider_message_id: str) -
             pause = min(pause * 2, 5.0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ContractFacts:
+    """What an email says about its contract: the columns read with the claim."""
+
+    id: str
+    status: str
+    title: str | None
+    company_name: str
+    email: str
+    signed_at: datetime | None
+    legal_name: str | None
+    registration_number: str | None
+    signer_name: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountFacts:
+    """What an email needs of the client's account: whether, and which, access code it carries."""
+
+    first_login_at: datetime | None
+    access_code_nonce: str | None
+    access_code_expires_at: datetime | None
+
+
+_CONTRACT_FIELDS = tuple(field.name for field in fields(ContractFacts))
+_ACCOUNT_FIELDS = tuple(field.name for field in fields(AccountFacts))
+
 # Built once: a reused statement keeps its cache key (this runs for every email).
+# Plain columns, not ORM objects: an email reads a dozen of the two rows' columns.
+_CONTRACTS, _ACCOUNTS = table_of(Contract), table_of(Account)
 _CONTRACT_WITH_ACCOUNT = (
-    select(Contract, Account)
-    .outerjoin(Account, col(Account.id) == col(Contract.account_id))
-    .where(col(Contract.id) == bindparam("contract_id"))
+    sql.select(
+        *(_CONTRACTS.c[name] for name in _CONTRACT_FIELDS),
+        _ACCOUNTS.c.id.label("found_account_id"),
+        *(_ACCOUNTS.c[name] for name in _ACCOUNT_FIELDS),
+    )
+    .select_from(_CONTRACTS.outerjoin(_ACCOUNTS, _ACCOUNTS.c.id == _CONTRACTS.c.account_id))
+    .where(_CONTRACTS.c.id == bindparam("contract_id"))
 )
 
 
-def load_contract(session: Session, delivery: DeliveryRow) -> tuple[Contract | None, Account | None]:
+def load_contract(
+    session: Session, delivery: DeliveryRow
+) -> tuple[ContractFacts | None, AccountFacts | None]:
     """The delivery's contract and the contract's account, in one round trip."""
-    row = session.exec(_CONTRACT_WITH_ACCOUNT, params={"contract_id": delivery.contract_id}).first()
-    return (row[0], row[1]) if row is not None else (None, None)
+    row = session.connection().execute(_CONTRACT_WITH_ACCOUNT, {"contract_id": delivery.contract_id}).first()
+    if row is None:
+        return None, None
+    values = row._mapping
+    contract = ContractFacts(**{name: values[name] for name in _CONTRACT_FIELDS})
+    if values["found_account_id"] is None:
+        return contract, None
+    return contract, AccountFacts(**{name: values[name] for name in _ACCOUNT_FIELDS})
 
 
 def record_failure(
@@ -215,7 +258,7 @@ def deliver(
             assert delivery is not None
             try:
                 contract, account = load_contract(session, delivery)
-                unwanted = unwanted_reason(contract, delivery.kind) if contract is not None else None
+                unwanted = unwanted_reason(contract.status, delivery.kind) if contract is not None else None
                 # Cancelled, or signed before its reminder went out: drop it, quietly.
                 cancelled = unwanted is not None and cancel_delivery(
                     session, delivery_id, reason=unwanted, now=now

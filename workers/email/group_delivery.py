@@ -23,9 +23,7 @@ from functools import partial
 from markupsafe import escape
 from sqlalchemy.exc import SQLAlchemyError
 
-from models.account import Account
 from models.cancelling import unwanted_reason
-from models.contract import Contract
 from models.delivery import Claim, DeliveryRow, cancel_delivery, claim_delivery, lease_remaining
 from models.errors import (
     DeliveryBusy,
@@ -39,6 +37,8 @@ from workers.database import session_scope
 from workers.email.backend import EmailBackend, GroupBackend, sends_groups
 from workers.email.delivery import (
     LEASE_MARGIN_MS,
+    AccountFacts,
+    ContractFacts,
     backend_for,
     compose,
     deliver,
@@ -75,7 +75,10 @@ def _fits_both_parts(name: str) -> bool:
 
 
 def group_emails(
-    deliveries: list[DeliveryRow], contract: Contract, account: Account | None, settings: Settings
+    deliveries: list[DeliveryRow],
+    contract: ContractFacts,
+    account: AccountFacts | None,
+    settings: Settings,
 ) -> list[tuple[OutgoingGroup, list[DeliveryRow]]]:
     """The requests to make: recipients whose copies differ only by their name share one.
 
@@ -169,7 +172,7 @@ def _deliver_together(ids: list[int], backend: GroupBackend, settings: Settings)
         if claimed:
             try:
                 contract, account = load_contract(session, claimed[0])
-                unwanted = unwanted_reason(contract, claimed[0].kind) if contract is not None else None
+                unwanted = unwanted_reason(contract.status, claimed[0].kind) if contract is not None else None
                 if unwanted is not None:
                     # Cancelled, or signed before its reminder went out: drop them, quietly.
                     cancelled = sum(
