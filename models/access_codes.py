@@ -118,7 +118,14 @@ def derive_code(secret_key: bytes, nonce: str) -> str:
     return "".join(code)
 
 
-def needs_access_code(account: Account) -> bool:
+class HasFirstLogin(Protocol):
+    """An account, or what binding read of one: when the client first logged in."""
+
+    @property
+    def first_login_at(self) -> datetime | None: ...
+
+
+def needs_access_code(account: HasFirstLogin) -> bool:
     """A new account, or one that never logged in, gets (fresh) access codes."""
     return account.first_login_at is None
 

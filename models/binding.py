@@ -4,16 +4,18 @@ first contract sent to it, compared case-sensitively after trimming and NFC."""
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
+from datetime import datetime
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import bindparam
-from sqlmodel import Session, col, select
+from sqlalchemy import bindparam, sql
+from sqlmodel import Session, select
 
 from models.account import COMPANY_NAME_MAX_LENGTH, Account
 from models.errors import EmailBoundToOtherCompany
 from models.text import clean_text
 from models.types import utc_now
-from models.upsert import insert_ignoring_conflict
+from models.upsert import insert_ignoring_conflict, table_of
 
 
 def normalize_company_name(value: str) -> str:
@@ -83,11 +85,26 @@ def find_account(session: Session, email: str) -> Account | None:
     return session.exec(select(Account).where(Account.email == email)).first()
 
 
+@dataclass(frozen=True)
+class BoundAccount:
+    """An account as binding reads it: its id, its bound name, when the client first logged in."""
+
+    id: int
+    company_name: str
+    first_login_at: datetime | None
+
+
 # Built once: a reused statement keeps its cache key (every send_contract runs it).
-_ACCOUNT_FOR_UPDATE = select(Account).where(col(Account.email) == bindparam("email")).with_for_update()
+# Plain values, not an ORM object: most sends are to accounts that need nothing more.
+_ACCOUNTS = table_of(Account)
+_ACCOUNT_FOR_UPDATE = (
+    sql.select(_ACCOUNTS.c.id, _ACCOUNTS.c.company_name, _ACCOUNTS.c.first_login_at)
+    .where(_ACCOUNTS.c.email == bindparam("email"))
+    .with_for_update()
+)
 
 
-def bind_account(session: Session, *, email: str, company_name: str) -> tuple[Account, bool]:
+def bind_account(session: Session, *, email: str, company_name: str) -> tuple[BoundAccount, bool]:
     """Get or create the account of ``email`` bound to ``company_name``, locked for update.
 
     Returns the account and whether this call created it. An existing account
@@ -95,15 +112,17 @@ def bind_account(session: Session, *, email: str, company_name: str) -> tuple[Ac
     new address both insert-or-ignore: the database's unique index lets exactly
     one win, and the loser then reads and compares the winner's name.
     """
-    account = session.exec(_ACCOUNT_FOR_UPDATE, params={"email": email}).first()
+    params = {"email": email}
+    row = session.connection().execute(_ACCOUNT_FOR_UPDATE, params).first()
     created = False
-    if account is None:
+    if row is None:
         created = insert_ignoring_conflict(
             session,
             Account,
             {"email": email, "company_name": company_name, "created_at": utc_now()},
             conflict_columns=["email"],
         )
-        account = session.exec(_ACCOUNT_FOR_UPDATE, params={"email": email}).one()
+        row = session.connection().execute(_ACCOUNT_FOR_UPDATE, params).one()
+    account = BoundAccount(id=row.id, company_name=row.company_name, first_login_at=row.first_login_at)
     check_binding(bound_company=account.company_name, requested_company=company_name)
     return account, created

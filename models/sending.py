@@ -151,8 +151,10 @@ def record_contract(
     account, _ = bind_account(session, email=message.email, company_name=message.company_name)
     issue_codes = needs_access_code(account)
     if issue_codes:
-        issue_access_code(account, policy=policy, now=now)
-        session.add(account)
+        # The whole row (locked by bind_account in this transaction), to issue a code on it.
+        codes_account = session.get_one(Account, account.id)
+        issue_access_code(codes_account, policy=policy, now=now)
+        session.add(codes_account)
 
     statement = _RECORD_SENT
     if not content_hash:
