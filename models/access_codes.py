@@ -139,17 +139,25 @@ class AccessCodePolicy:
     ttl: timedelta
 
 
+def access_code_fields(*, policy: AccessCodePolicy, now: datetime) -> dict[str, object]:
+    """The account columns of a new code (the previous one stops working); only its hash is kept."""
+    nonce = secrets.token_urlsafe(NONCE_BYTES)
+    return {
+        "access_code_nonce": nonce,
+        "access_code_hash": password_hasher(policy.hash_parameters).hash(
+            derive_code(policy.secret_key, nonce)
+        ),
+        "access_code_issued_at": now,
+        "access_code_expires_at": now + policy.ttl,
+        "access_code_used_at": None,
+        "access_code_failed_attempts": 0,
+    }
+
+
 def issue_access_code(account: Account, *, policy: AccessCodePolicy, now: datetime) -> None:
     """Give ``account`` a new code (the previous one stops working); store only its hash."""
-    nonce = secrets.token_urlsafe(NONCE_BYTES)
-    account.access_code_nonce = nonce
-    account.access_code_hash = password_hasher(policy.hash_parameters).hash(
-        derive_code(policy.secret_key, nonce)
-    )
-    account.access_code_issued_at = now
-    account.access_code_expires_at = now + policy.ttl
-    account.access_code_used_at = None
-    account.access_code_failed_attempts = 0
+    for name, value in access_code_fields(policy=policy, now=now).items():
+        setattr(account, name, value)
 
 
 class HasCodeNonce(Protocol):

@@ -4,6 +4,7 @@ first contract sent to it, compared case-sensitively after trimming and NFC."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -15,7 +16,7 @@ from models.account import COMPANY_NAME_MAX_LENGTH, Account
 from models.errors import EmailBoundToOtherCompany
 from models.text import clean_text
 from models.types import utc_now
-from models.upsert import insert_ignoring_conflict, table_of
+from models.upsert import insert_returning, table_of
 
 
 def normalize_company_name(value: str) -> str:
@@ -104,25 +105,37 @@ _ACCOUNT_FOR_UPDATE = (
 )
 
 
-def bind_account(session: Session, *, email: str, company_name: str) -> tuple[BoundAccount, bool]:
+def bind_account(
+    session: Session,
+    *,
+    email: str,
+    company_name: str,
+    new_account_fields: Callable[[], dict[str, object]] | None = None,
+) -> tuple[BoundAccount, bool]:
     """Get or create the account of ``email`` bound to ``company_name``, locked for update.
 
     Returns the account and whether this call created it. An existing account
-    (the usual case) takes one statement. Two transactions racing for the same
-    new address both insert-or-ignore: the database's unique index lets exactly
-    one win, and the loser then reads and compares the winner's name.
+    (the usual case) takes one statement, and so does a new one: it is inserted
+    with ``new_account_fields()`` (its access code) and its id comes back from
+    the insert. Two transactions racing for the same new address both
+    insert-or-ignore: the database's unique index lets exactly one win, and the
+    loser then reads and compares the winner's name.
     """
     params = {"email": email}
     row = session.connection().execute(_ACCOUNT_FOR_UPDATE, params).first()
     created = False
     if row is None:
-        created = insert_ignoring_conflict(
-            session,
-            Account,
-            {"email": email, "company_name": company_name, "created_at": utc_now()},
-            conflict_columns=["email"],
-        )
-        row = session.connection().execute(_ACCOUNT_FOR_UPDATE, params).one()
-    account = BoundAccount(id=row.id, company_name=row.company_name, first_login_at=row.first_login_at)
+        values = {"email": email, "company_name": company_name, "created_at": utc_now()}
+        if new_account_fields is not None:
+            values.update(new_account_fields())
+        inserted = insert_returning(session, Account, values, conflict_columns=["email"], returning="id")
+        created = inserted is not None
+        if not created:
+            row = session.connection().execute(_ACCOUNT_FOR_UPDATE, params).one()
+    if row is None:
+        # Ours, inserted and locked by this transaction: no need to read it back.
+        account = BoundAccount(id=int(inserted), company_name=company_name, first_login_at=None)
+    else:
+        account = BoundAccount(id=row.id, company_name=row.company_name, first_login_at=row.first_login_at)
     check_binding(bound_company=account.company_name, requested_company=company_name)
     return account, created
