@@ -75,6 +75,7 @@ def read_lines(stream: BinaryIO) -> Iterator[Line]:
 
 
 def batches(lines: Iterator[Line], size: int) -> Iterator[list[Line]]:
+    """The lines in lists of ``size`` (the last one shorter), as they are read."""
     batch: list[Line] = []
     for line in lines:
         batch.append(line)
