@@ -15,12 +15,13 @@ from dramatiq.errors import ConnectionClosed
 from pydantic import BaseModel
 
 from models.cancelling import check_cancel_contract
-from models.contract import Contract, ContractStatus
+from models.contract import ContractStatus
 from models.delivery import EmailDelivery
 from models.errors import BrokerUnavailable, RefusalsRateLimited, Rejected
 from models.messages import CancelContract, NotifySignatories, SendContract, WireMessage, parse_message
 from models.sending import (
     OPEN_STATUSES,
+    ContractState,
     SendChecks,
     check_send_contract,
     release_reservation,
@@ -89,10 +90,10 @@ def _enqueue_many(messages: Sequence[WireMessage]) -> None:
 def _check_within_limit(
     message: SendContract,
     limit: RefusalLimit | None,
-    check: Callable[[SendContract], Contract | None],
+    check: Callable[[SendContract], ContractState | None],
     *,
     ensure_open: bool = True,
-) -> Contract | None:
+) -> ContractState | None:
     """``check`` (the producer's rules) under the workspace's refusal limit.
 
     While the workspace is past its limit nothing is checked

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 from sqlalchemy import bindparam, func, update
 from sqlmodel import Session, col, select
 
 from models.access_codes import AccessCodePolicy, access_code_fields, issue_access_code, needs_access_code
 from models.account import Account
-from models.binding import bind_account, check_binding, find_account
+from models.binding import bind_account, check_binding
 from models.contract import Contract, ContractStatus
 from models.delivery import EmailDelivery, EmailKind, add_delivery, pending_delivery_ids
 from models.errors import ContractClosed, ContractConflict, Rejected, UnknownContract
@@ -92,12 +94,27 @@ def _check_same_content(stored_hash: str | None, message: SendContract) -> None:
         )
 
 
-# Built once: the state record_contract decides on, locked, as plain values.
-_CONTRACT_STATE_FOR_UPDATE = (
-    select(col(Contract.id), col(Contract.status), col(Contract.content_hash))
-    .where(col(Contract.id) == bindparam("contract_id"))
-    .with_for_update()
+@dataclass(frozen=True)
+class ContractState:
+    """What sending decides on: a recorded contract's status and content hash."""
+
+    id: str
+    status: str
+    #: Empty for a contract first recorded from a message too broken to parse.
+    content_hash: str
+
+    @classmethod
+    def of(cls, row: Any) -> ContractState:
+        return cls(id=str(row.id), status=str(row.status), content_hash=str(row.content_hash or ""))
+
+
+# Built once: the state sending decides on, as plain values (read for every send),
+# and the same locked, for the actor.
+_CONTRACT_STATE = select(col(Contract.id), col(Contract.status), col(Contract.content_hash)).where(
+    col(Contract.id) == bindparam("contract_id")
 )
+_CONTRACT_STATE_FOR_UPDATE = _CONTRACT_STATE.with_for_update()
+_BOUND_COMPANY = select(col(Account.company_name)).where(col(Account.email) == bindparam("email"))
 _RECORD_SENT = (
     update(table_of(Contract))
     .where(table_of(Contract).c.id == bindparam("contract_id"))
@@ -115,8 +132,8 @@ _RECORD_SENT = (
 )
 
 
-def _locked_state(session: Session, message: SendContract, *, now: datetime) -> tuple[str, str]:
-    """The contract's status and content hash, the row created as queued if absent and locked.
+def _locked_state(session: Session, message: SendContract, *, now: datetime) -> ContractState:
+    """The contract's state, the row created as queued if absent and locked.
 
     Plain values, not an ORM object: this runs for every send_contract, and the
     row is then changed by one UPDATE rather than through the unit of work.
@@ -126,7 +143,7 @@ def _locked_state(session: Session, message: SendContract, *, now: datetime) -> 
     if row is None:
         _insert_queued(session, message.contract_id, _contract_fields(message), now=now)
         row = session.connection().execute(_CONTRACT_STATE_FOR_UPDATE, params).one()
-    return str(row.status), str(row.content_hash or "")
+    return ContractState.of(row)
 
 
 def record_contract(
@@ -143,9 +160,9 @@ def record_contract(
     repeated identical message returns the still-pending deliveries, so a worker
     that died between commit and enqueue loses nothing when the message comes back.
     """
-    status, content_hash = _locked_state(session, message, now=now)
-    _check_same_content(content_hash, message)
-    if status not in OPEN_STATUSES:
+    state = _locked_state(session, message, now=now)
+    _check_same_content(state.content_hash, message)
+    if state.status not in OPEN_STATUSES:
         return pending_delivery_ids(session, message.contract_id, EmailKind.INVITATION)
 
     resource_group_id = resolve_resource_group(session, message.workspace_id, message.resource_group_id)
@@ -164,7 +181,7 @@ def record_contract(
         session.add(codes_account)
 
     statement = _RECORD_SENT
-    if not content_hash:
+    if not state.content_hash:
         # A contract first recorded from a message too broken to parse has no
         # content (and no content hash): the first valid message gives it its content.
         statement = statement.values(_contract_fields(message))
@@ -228,18 +245,20 @@ def _check_rules(
     check_binding(bound_company=bound_company, requested_company=message.company_name)
 
 
-def check_send_contract(session: Session, message: SendContract) -> Contract | None:
+def check_send_contract(session: Session, message: SendContract) -> ContractState | None:
     """The producer-side check: the same rules, read-only, before enqueueing.
 
-    Returns the existing contract when this exact message was already accepted.
+    Returns the existing contract's state when this exact message was already accepted.
     """
-    existing = session.get(Contract, message.contract_id)
-    account = find_account(session, message.email)
+    connection = session.connection()
+    row = connection.execute(_CONTRACT_STATE, {"contract_id": message.contract_id}).first()
+    existing = ContractState.of(row) if row is not None else None
+    bound_company = connection.execute(_BOUND_COMPANY, {"email": message.email}).scalar()
     _check_rules(
         message,
         stored_hash=existing.content_hash if existing is not None else None,
         groups=resource_groups_of(session, message.workspace_id),
-        bound_company=account.company_name if account is not None else None,
+        bound_company=bound_company,
     )
     return existing
 
@@ -266,8 +285,8 @@ class SendChecks:
                 ).all()
             )
 
-    def check(self, message: SendContract) -> Contract | None:
-        """``check_send_contract`` on what was read; returns the existing contract as read."""
+    def check(self, message: SendContract) -> ContractState | None:
+        """``check_send_contract`` on what was read; returns the existing contract's state as read."""
         existing = self.read.get(message.contract_id)
         stored_hash = self.accepted_here.get(message.contract_id)
         if stored_hash is None and existing is not None:
@@ -278,7 +297,7 @@ class SendChecks:
             groups=self.groups.get(message.workspace_id),
             bound_company=self.bound.get(message.email),
         )
-        return existing
+        return ContractState.of(existing) if existing is not None else None
 
     def accepted(self, message: SendContract) -> None:
         """A later copy in the batch is checked against this one (not written yet)."""
