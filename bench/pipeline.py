@@ -44,6 +44,7 @@ from typing import Any
 from bench import DatabaseKind, Workbench, machine
 from bench.noop import LATENCIES_KEY, QUEUE, noop_message
 from bench.processes import WorkerRun, noop_worker, service_worker
+from workers.settings import DEFAULT_WORKER_TIMEOUT_MS
 
 DESCRIPTION = "contracts through real workers to the SendGrid stand-in, against a no-op Dramatiq actor"
 
@@ -95,7 +96,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         type=int,
         default=None,
         help="the service's workers only: WORKER_TIMEOUT_MS, Dramatiq's longest idle poll, in ms "
-        "(default: the service's, 100); the no-op baseline keeps Dramatiq's defaults (1000)",
+        f"(default: the service's, {DEFAULT_WORKER_TIMEOUT_MS}); the no-op baseline keeps Dramatiq's "
+        "defaults (1000)",
     )
     for name, (default, quick) in SIZES.items():
         group.add_argument(

@@ -7,6 +7,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import bindparam, sql
@@ -122,7 +123,7 @@ def bind_account(
     loser then reads and compares the winner's name.
     """
     params = {"email": email}
-    row = session.connection().execute(_ACCOUNT_FOR_UPDATE, params).first()
+    row: Any = session.connection().execute(_ACCOUNT_FOR_UPDATE, params).first()
     created = False
     if row is None:
         values = {"email": email, "company_name": company_name, "created_at": utc_now()}
@@ -130,12 +131,12 @@ def bind_account(
             values.update(new_account_fields())
         inserted = insert_returning(session, Account, values, conflict_columns=["email"], returning="id")
         created = inserted is not None
-        if not created:
+        if created:
+            # Ours, inserted and locked by this transaction: not read back.
+            row = (inserted, company_name, None)
+        else:
             row = session.connection().execute(_ACCOUNT_FOR_UPDATE, params).one()
-    if row is None:
-        # Ours, inserted and locked by this transaction: no need to read it back.
-        account = BoundAccount(id=int(inserted), company_name=company_name, first_login_at=None)
-    else:
-        account = BoundAccount(id=row.id, company_name=row.company_name, first_login_at=row.first_login_at)
+    # The statement's columns, in BoundAccount's order.
+    account = BoundAccount(*row)
     check_binding(bound_company=account.company_name, requested_company=company_name)
     return account, created
