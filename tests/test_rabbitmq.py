@@ -39,7 +39,7 @@ from sqlmodel import select
 
 from contract_dispatch import set_workspace
 from models.dead_letter import DeadLetter
-from tests.processes import CLI, WorkerProcess
+from tests.processes import CLI, WorkerProcess, run_cli
 from tests.sendgrid_standin import Answer, SendGridStandIn
 from tests.support import (
     RedisServer,
@@ -139,6 +139,21 @@ class _VhostAdmin:
             pass
 
 
+@contextlib.contextmanager
+def _own_vhost() -> Iterator[str]:
+    """The AMQP URL of a virtual host of this test's own, deleted at its end."""
+    parts = urlsplit(RABBITMQ_URL)
+    admin = _VhostAdmin(parts.username or "guest", parts.password or "guest")
+    vhost = f"contract-dispatch-test-{uuid.uuid4().hex[:10]}"
+    problem = admin.create(vhost)
+    if problem is not None:
+        _unavailable(f"cannot create a virtual host ({problem})")
+    try:
+        yield f"{RABBITMQ_URL.rstrip('/')}/{quote(vhost, safe='')}"
+    finally:
+        admin.delete(vhost)
+
+
 @pytest.fixture(scope="session")
 def rabbitmq_url() -> Iterator[str]:
     """The AMQP URL of a virtual host created for this session, deleted at its end."""
@@ -147,15 +162,8 @@ def rabbitmq_url() -> Iterator[str]:
         socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2).close()
     except OSError as exc:
         _unavailable(f"nothing answers at {parts.hostname}:{parts.port} ({type(exc).__name__})")
-    admin = _VhostAdmin(parts.username or "guest", parts.password or "guest")
-    vhost = f"contract-dispatch-test-{uuid.uuid4().hex[:10]}"
-    problem = admin.create(vhost)
-    if problem is not None:
-        _unavailable(f"cannot create the tests' own virtual host ({problem})")
-    try:
-        yield f"{RABBITMQ_URL.rstrip('/')}/{quote(vhost, safe='')}"
-    finally:
-        admin.delete(vhost)
+    with _own_vhost() as url:
+        yield url
 
 
 @dataclass
@@ -502,12 +510,6 @@ def test_unreachable_rabbitmq_is_reported_as_unavailable(
 def test_health_on_rabbitmq_without_consumers_or_broker_is_unhealthy(
     database: str, test_environment: dict[str, str]
 ) -> None:
-    parts = urlsplit(RABBITMQ_URL)
-    admin = _VhostAdmin(parts.username or "guest", parts.password or "guest")
-    vhost = f"contract-dispatch-test-{uuid.uuid4().hex[:10]}"
-    problem = admin.create(vhost)
-    if problem is not None:
-        _unavailable(f"cannot create a virtual host ({problem})")
     base = {**os.environ, **test_environment, "DATABASE_URL": database}
 
     def health(broker_url: str) -> tuple[int, dict[str, Any], str]:
@@ -521,16 +523,14 @@ def test_health_on_rabbitmq_without_consumers_or_broker_is_unhealthy(
         )
         return result.returncode, json.loads(result.stdout)["checks"], result.stdout + result.stderr
 
-    try:
+    with _own_vhost() as amqp_url:
         # Reachable, but no worker ever consumed in this virtual host.
-        code, checks, _ = health(f"{RABBITMQ_URL.rstrip('/')}/{quote(vhost, safe='')}")
+        code, checks, _ = health(amqp_url)
         assert code == 1
         assert checks["broker"]["ok"], checks
         assert "not declared yet" in checks["broker"]["detail"], checks
         assert not checks["workers"]["ok"]
         assert checks["workers"]["detail"].startswith("no live worker on RabbitMQ"), checks
-    finally:
-        admin.delete(vhost)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -569,3 +569,130 @@ def test_schedulers_on_rabbitmq_claim_their_slots_in_redis(redis_server: RedisSe
         if keys:
             client.delete(*keys)
         client.close()
+
+
+def _metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
+    database: str, test_environment: dict[str, str], redis_server: RedisServer, tmp_path: Any
+) -> None:
+    """No worker: ready, delayed and dead as RabbitMQ counts them, no consumer, in flight not told."""
+    from dramatiq.message import Message
+
+    from workers.broker import build_broker
+    from workers.settings import Settings
+
+    namespace = unique("rabbit-status")
+    with _own_vhost() as amqp_url:
+        broker = build_broker(
+            Settings(broker_url=amqp_url, redis_url=redis_server.url, redis_namespace=namespace)
+        )
+        try:
+            broker.declare_queue("contracts")
+            for index in range(3):
+                broker.enqueue(Message("contracts", "send_contract", ({"n": index},), {}, {}))
+            # A retry waiting for its time, in contracts.DQ while no worker holds it.
+            broker.enqueue(Message("contracts", "send_contract", ({"n": 3},), {}, {}), delay=3_600_000)
+        finally:
+            broker.close()
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish("", "contracts.XQ", b"{}", pika.BasicProperties(delivery_mode=2))
+        finally:
+            connection.close()
+
+        env = {
+            **os.environ,
+            **test_environment,
+            "DATABASE_URL": database,
+            "BROKER_URL": amqp_url,
+            "REDIS_URL": redis_server.url,
+            "REDIS_NAMESPACE": namespace,
+            "METRICS_DIR": str(tmp_path / "no-worker-ran-here"),
+        }
+
+        status = run_cli(env, "status", "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        data = json.loads(status.stdout)
+        assert data["broker"] == "rabbitmq" and data["errors"] == []
+        queues = {queue["name"]: queue for queue in data["queues"]}
+        assert queues["contracts"] == {
+            "name": "contracts",
+            "ready": 3,
+            "delayed": 1,
+            "in_flight": None,
+            "dead": 1,
+            "oldest_ready_age_seconds": None,
+            "consumers": 0,
+        }
+        # Not declared yet: nothing in it, nobody consuming.
+        assert (queues["emails"]["ready"], queues["emails"]["consumers"]) == (0, 0)
+        assert data["live_workers"] == 0 and data["workers"] == []
+
+        table = run_cli(env, "status")
+        assert table.returncode == 0, table.stderr
+        contracts_row = next(
+            line for line in table.stdout.splitlines() if line.strip().startswith("contracts")
+        )
+        assert contracts_row.split()[:5] == ["contracts", "3", "1", "n/a", "1"], table.stdout
+        assert "consumers" in table.stdout
+        assert "Workers: 0 consuming every queue" in table.stdout
+
+        page_path = tmp_path / "status.html"
+        page = run_cli(env, "status", "--html", str(page_path))
+        assert page.returncode == 0, page.stderr
+        figures = dict(re.findall(r'data-figure="([^"]+)"[^>]*>([^<]*)<', page_path.read_text()))
+        assert figures["queues.contracts.ready"] == "3" and figures["queues.contracts.dead"] == "1"
+        assert figures["queues.contracts.in_flight"] == figures["total.in_flight"] == "n/a"
+        assert figures["queues.contracts.consumers"] == "0" and figures["live_workers"] == "0"
+
+        metrics = run_cli(env, "metrics")
+        assert metrics.returncode == 0, metrics.stderr
+        samples = _metric_samples(metrics.stdout)
+        depth = {
+            dict(labels)["state"]: value
+            for (name, labels), value in samples.items()
+            if name == "contract_dispatch_queue_messages" and dict(labels)["queue"] == "contracts"
+        }
+        # No figure is made up for what RabbitMQ does not tell.
+        assert depth == {"ready": 3.0, "delayed": 1.0, "dead": 1.0}
+        assert not any(name == "contract_dispatch_queue_oldest_ready_age_seconds" for name, _ in samples)
+        assert samples[("contract_dispatch_queue_consumers", (("queue", "contracts"),))] == 0.0
+        assert samples[("contract_dispatch_live_workers", ())] == 0.0
+        assert samples[("contract_dispatch_snapshot_source_up", (("source", "broker"),))] == 1.0
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env["BROKER_URL"] = f"amqp://guest:s3cret-broker-pass@127.0.0.1:{closed_port}/nowhere"
+    down = run_cli(env, "status", "--json")
+    assert down.returncode == 3, down.stdout + down.stderr
+    assert [error.split(":")[0] for error in json.loads(down.stdout)["errors"]] == ["broker"]
+    assert "s3cret-broker-pass" not in down.stdout + down.stderr
+
+
+def test_status_counts_the_live_workers_of_either_broker(system: System) -> None:
+    result = system.cli("status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    assert data["live_workers"] >= 1, data
+    queues = {queue["name"]: queue for queue in data["queues"]}
+    if system.kind == "amqp":
+        assert data["broker"] == "rabbitmq"
+        # RabbitMQ's consumers are the workers; it keeps no registry in Redis.
+        assert queues["contracts"]["consumers"] >= 1 and queues["emails"]["consumers"] >= 1, queues
+        assert queues["contracts"]["in_flight"] is None
+    else:
+        assert data["broker"] == "redis"
+        assert data["workers"] and isinstance(queues["contracts"]["in_flight"], int)
+        assert queues["contracts"]["consumers"] is None

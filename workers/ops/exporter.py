@@ -55,6 +55,7 @@ GAUGE_NAMES = (
     "contract_dispatch_dead_letters",
     "contract_dispatch_live_workers",
     "contract_dispatch_registered_workers",
+    "contract_dispatch_queue_consumers",
     "contract_dispatch_contracts",
     "contract_dispatch_last_reminder_sweep_timestamp_seconds",
     "contract_dispatch_snapshot_source_up",
@@ -150,22 +151,39 @@ def snapshot_gauges(snapshot: Snapshot) -> Iterator[GaugeMetricFamily]:
             "Age of the oldest ready message of each queue, in seconds (0 when none is ready).",
             labels=["queue"],
         )
+        on_rabbitmq = snapshot.broker == "rabbitmq"
         for queue in snapshot.queues:
             for state in QUEUE_STATES:
-                depth.add_metric([queue.name, state], float(getattr(queue, state)))
-            age.add_metric([queue.name], queue.oldest_ready_age_seconds or 0.0)
+                # A figure the broker does not tell (RabbitMQ's in flight) is left out, not 0.
+                value = getattr(queue, state)
+                if value is not None:
+                    depth.add_metric([queue.name, state], float(value))
+            if not on_rabbitmq:
+                age.add_metric([queue.name], queue.oldest_ready_age_seconds or 0.0)
         yield depth
-        yield age
+        if not on_rabbitmq:
+            yield age
         yield GaugeMetricFamily(
             "contract_dispatch_live_workers",
-            "Worker processes whose last broker heartbeat is within the heartbeat timeout.",
+            "Worker processes alive: last broker heartbeat within the heartbeat timeout (Redis), "
+            "or the fewest consumers on the queues every worker takes from (RabbitMQ).",
             value=float(snapshot.live_workers),
         )
-        yield GaugeMetricFamily(
-            "contract_dispatch_registered_workers",
-            "Worker processes registered in Redis, alive or silent.",
-            value=float(len(snapshot.workers)),
-        )
+        if on_rabbitmq:
+            consumers = GaugeMetricFamily(
+                "contract_dispatch_queue_consumers",
+                "Consumers of each queue, as RabbitMQ counts them (one per live worker process).",
+                labels=["queue"],
+            )
+            for queue in snapshot.queues:
+                consumers.add_metric([queue.name], float(queue.consumers or 0))
+            yield consumers
+        else:
+            yield GaugeMetricFamily(
+                "contract_dispatch_registered_workers",
+                "Worker processes registered in Redis, alive or silent.",
+                value=float(len(snapshot.workers)),
+            )
     if not database_down:
         dead = GaugeMetricFamily(
             "contract_dispatch_dead_letters",

@@ -12,6 +12,25 @@ EMAIL_KINDS = ("invitation", "reminder", "signed_notification")
 CONTRACT_STATUSES = ("queued", "sent", "signed", "rejected", "cancelled")
 
 
+#: How a figure the broker does not tell is shown (RabbitMQ's messages in flight).
+NOT_TOLD = "n/a"
+
+
+def format_count(value: int | None) -> str:
+    """A count, or ``n/a`` where the broker does not tell it."""
+    return NOT_TOLD if value is None else str(value)
+
+
+def known_sum(values: Iterable[int | None]) -> int | None:
+    """The sum of counts, or None when any of them is not told."""
+    total = 0
+    for value in values:
+        if value is None:
+            return None
+        total += value
+    return total
+
+
 def format_age(seconds: float | None) -> str:
     """``12.4 s``, ``3 min 20 s``, ``2 h 05 min``, ``3 d 04 h``; ``-`` for none."""
     if seconds is None:

@@ -9,70 +9,37 @@ number of live worker processes taking its messages.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import ExitStack, contextmanager
 
 import pika
 import pika.exceptions
 
 from workers.ops.health import CheckFailed, describe_error
-from workers.ops.snapshot import QUEUES
+from workers.ops.rabbitmq_queues import amqp_connection, location, queue_states
+from workers.ops.snapshot import CONSUMED_QUEUES, QUEUES
 from workers.settings import Settings
-
-#: The queues a worker must consume for contracts to get sent.
-CONSUMED_QUEUES = ("contracts", "emails")
-
-#: AMQP reply code of a passive declare of a queue that does not exist.
-NOT_FOUND = 404
-
-
-def _location(parameters: pika.URLParameters) -> str:
-    return f"{parameters.host}:{parameters.port}{parameters.virtual_host and '/' + parameters.virtual_host}"
 
 
 @contextmanager
 def _connection(settings: Settings, timeout: float) -> Iterator[tuple[pika.BlockingConnection, str]]:
-    """One connection to BROKER_URL that gives up after ``timeout`` seconds (no retries)."""
+    """One connection to BROKER_URL that gives up after ``timeout`` seconds, and where it goes."""
     assert settings.broker_url is not None
-    parameters = pika.URLParameters(settings.broker_url)
-    parameters.connection_attempts = 1
-    parameters.retry_delay = 0
-    parameters.socket_timeout = timeout
-    parameters.stack_timeout = timeout
-    parameters.blocked_connection_timeout = timeout
-    where = _location(parameters)
+    where = location(settings.broker_url)
+    opened = ExitStack()
     try:
-        connection = pika.BlockingConnection(parameters)
+        connection = opened.enter_context(amqp_connection(settings.broker_url, timeout=timeout))
     except pika.exceptions.AMQPError as exc:
         reason = describe_error(exc) or "refused"
         raise CheckFailed(f"RabbitMQ at {where} does not answer: {reason}") from None
-    try:
+    with opened:
         yield connection, where
-    finally:
-        with contextlib.suppress(Exception):
-            connection.close()
-
-
-def _queue_state(connection: pika.BlockingConnection, queue: str) -> Any:
-    """The passive declare's answer (message and consumer counts), or None when the queue does not exist."""
-    channel = connection.channel()
-    try:
-        return channel.queue_declare(queue, passive=True).method
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == NOT_FOUND:
-            return None
-        raise
-    finally:
-        if channel.is_open:
-            channel.close()
 
 
 def check_rabbitmq(settings: Settings, timeout: float) -> str:
     """The broker accepts a connection; the service's queues are listed with their ready messages."""
     with _connection(settings, timeout) as (connection, where):
-        states = {queue: _queue_state(connection, queue) for queue in QUEUES}
+        states = queue_states(connection, QUEUES)
     described = ", ".join(
         f"{queue} {state.message_count} ready" if state is not None else f"{queue} not declared yet"
         for queue, state in states.items()
@@ -90,7 +57,7 @@ def check_rabbitmq_workers(settings: Settings, timeout: float, *, this_host: boo
         )
     with _connection(settings, timeout) as (connection, where):
         try:
-            states = {queue: _queue_state(connection, queue) for queue in CONSUMED_QUEUES}
+            states = queue_states(connection, CONSUMED_QUEUES)
         except pika.exceptions.AMQPError as exc:
             reason = describe_error(exc)
             raise CheckFailed(f"cannot read the queues on RabbitMQ at {where}: {reason}") from None

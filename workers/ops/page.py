@@ -18,7 +18,15 @@ from html import escape
 from typing import Any
 
 from workers.ops.chart import ALARM, PALETTE, Series, line_chart
-from workers.ops.formatting import CONTRACT_STATUSES, email_kinds, format_age, format_time, ordered
+from workers.ops.formatting import (
+    CONTRACT_STATUSES,
+    email_kinds,
+    format_age,
+    format_count,
+    format_time,
+    known_sum,
+    ordered,
+)
 from workers.ops.history import CHART_SPAN, History
 from workers.ops.snapshot import QUEUE_STATES, QUEUES, WINDOWS, Snapshot
 from workers.ops.table import SWEEP_FIELDS, TIME_FIELDS
@@ -97,8 +105,12 @@ def _data_block(data: dict[str, Any]) -> str:
 def depth_chart(snapshot: Snapshot, history: History, *, sample_interval_ms: int) -> str:
     """Per queue, messages not done yet (ready + delayed + in flight), then the snapshot itself."""
     names = ordered(QUEUES, (name for sample in history.depth for name in sample.queues))
+    # A queue whose messages in flight the broker does not tell (RabbitMQ) has no
+    # "not done" figure to draw.
     now_figures = {
-        queue.name: {state: getattr(queue, state) for state in QUEUE_STATES} for queue in snapshot.queues
+        queue.name: {state: getattr(queue, state) for state in QUEUE_STATES}
+        for queue in snapshot.queues
+        if queue.in_flight is not None
     }
     samples = [(sample.at, sample.queues, "") for sample in history.depth]
     if now_figures:
@@ -189,16 +201,25 @@ def render_page(
         history = History(since=snapshot.taken_at - CHART_SPAN, until=snapshot.taken_at)
     taken = format_time(snapshot.taken_at)
     queues = snapshot.queues
-    registered = len(snapshot.workers)
+    on_rabbitmq = snapshot.broker == "rabbitmq"
     live = snapshot.live_workers
+    live_label = (
+        "live workers (consumers on RabbitMQ)"
+        if on_rabbitmq
+        else f"live workers ({len(snapshot.workers)} registered)"
+    )
     sent_hour = sum(counts.get("sent", 0) for counts in snapshot.emails.get("last_hour", {}).values())
     failed_hour = sum(counts.get("failed", 0) for counts in snapshot.emails.get("last_hour", {}).values())
     cards = "".join(
         [
-            _card(f"live workers ({registered} registered)", live, "live_workers", alarm=live == 0),
+            _card(live_label, live, "live_workers", alarm=live == 0),
             _card("ready, all queues", sum(q.ready for q in queues), "total.ready"),
             _card("delayed, all queues", sum(q.delayed for q in queues), "total.delayed"),
-            _card("in flight, all queues", sum(q.in_flight for q in queues), "total.in_flight"),
+            _card(
+                "in flight, all queues",
+                format_count(known_sum(q.in_flight for q in queues)),
+                "total.in_flight",
+            ),
             _card(
                 "dead, all queues",
                 sum(q.dead for q in queues),
@@ -219,9 +240,10 @@ def render_page(
         + _cell(q.name, css="name")
         + _cell(q.ready, f"queues.{q.name}.ready")
         + _cell(q.delayed, f"queues.{q.name}.delayed")
-        + _cell(q.in_flight, f"queues.{q.name}.in_flight")
+        + _cell(format_count(q.in_flight), f"queues.{q.name}.in_flight")
         + _cell(q.dead, f"queues.{q.name}.dead", css="alarm" if q.dead else "")
         + _cell(format_age(q.oldest_ready_age_seconds), f"queues.{q.name}.oldest_ready_age")
+        + (_cell(format_count(q.consumers), f"queues.{q.name}.consumers") if on_rabbitmq else "")
         + "</tr>"
         for q in queues
     ]
@@ -300,12 +322,18 @@ def render_page(
     moment = escape(snapshot.taken_at.isoformat())
     taken_at = f'<time datetime="{moment}" data-figure="taken_at">{escape(taken)}</time>'
     depth = depth_chart(snapshot, history, sample_interval_ms=sample_interval_ms)
-    queues_table = _table(
-        "queues", ["queue", "ready", "delayed", "in flight", "dead", "oldest ready"], queue_rows
-    )
-    workers_table = _table(
-        "workers", ["worker", "host", "pid", "last heartbeat (UTC)", "silent for", "state"], worker_rows
-    )
+    queue_headers = ["queue", "ready", "delayed", "in flight", "dead", "oldest ready"]
+    queues_table = _table("queues", queue_headers + (["consumers"] if on_rabbitmq else []), queue_rows)
+    if on_rabbitmq:
+        # RabbitMQ lists consumers, not processes or hosts: the queue table has them.
+        workers_table = (
+            f'<p id="workers">{live} consuming every queue (RabbitMQ counts consumers, not hosts; '
+            "see the queue table).</p>"
+        )
+    else:
+        workers_table = _table(
+            "workers", ["worker", "host", "pid", "last heartbeat (UTC)", "silent for", "state"], worker_rows
+        )
     contracts_table = _table("contracts", ["status", "contracts"], contract_rows)
     dead_table = _table("dead-letters", ["actor", "dead letters"], dead_rows)
     return f"""<!doctype html>
@@ -344,10 +372,12 @@ def render_page(
 </div>
 <footer>
 <p>Ready: waiting on its queue. Delayed: waiting for a retry's time. In flight: fetched by a worker,
-not acknowledged yet. Dead: in Dramatiq's dead-letter queue (Redis); dead letters by actor come from the
-<code>dead_letters</code> table. Emails are counted by when they were sent (sent) or last failed (failed).
-Workers record a depth sample every {interval_s:g} s and count messages per minute; the chart shows the
-last hour.</p>
+not acknowledged yet. Dead: in Dramatiq's dead-letter queue; dead letters by actor come from the
+<code>dead_letters</code> table. On RabbitMQ, n/a: plain AMQP does not count messages in flight (a retry a
+worker holds until its time is among them) nor tell the oldest message's age.
+Emails are counted by when they were sent (sent) or last failed (failed).
+On Redis, workers record a depth sample every {interval_s:g} s and count messages per minute;
+the chart shows the last hour.</p>
 </footer>
 {_data_block(data)}
 </body>

@@ -29,6 +29,12 @@ from models.types import utc_now
 #: The service's queues, in the order they are shown.
 QUEUES = ("contracts", "emails", "maintenance")
 
+#: The queues a worker must consume for contracts to get sent.
+CONSUMED_QUEUES = ("contracts", "emails")
+
+#: How long reading the broker's figures may take, in seconds.
+BROKER_READ_TIMEOUT_SECONDS = 5.0
+
 #: A queue's messages by state, as ``QueueFigures`` names them (and in this order everywhere:
 #: the exporter's ``state`` label, the history's depth samples, the page's chart).
 QUEUE_STATES = ("ready", "delayed", "in_flight", "dead")
@@ -44,10 +50,16 @@ class QueueFigures:
     name: str
     ready: int
     delayed: int
-    in_flight: int
+    #: None where the broker does not tell (RabbitMQ counts unacknowledged messages
+    #: only through its management plugin).
+    in_flight: int | None
     dead: int
-    #: Age of the oldest ready message, in seconds (None when none is ready).
+    #: Age of the oldest ready message, in seconds (None when none is ready, or
+    #: where the broker does not tell: RabbitMQ).
     oldest_ready_age_seconds: float | None
+    #: Worker processes consuming the queue, where the broker counts them
+    #: (RabbitMQ); None on Redis, where ``Snapshot.workers`` lists the workers.
+    consumers: int | None = None
 
 
 @dataclass
@@ -77,9 +89,16 @@ class Snapshot:
     dead_letters: dict[str, int]
     last_sweep: dict[str, Any] | None
     errors: list[str] = field(default_factory=list)
+    #: Where the queue figures come from: "redis", or "rabbitmq" (BROKER_URL=amqp://…).
+    broker: str = "redis"
 
     @property
     def live_workers(self) -> int:
+        """Worker processes alive: heartbeats within the timeout (Redis), or consuming every
+        queue a worker must (RabbitMQ: the fewest consumers on those queues)."""
+        if self.broker == "rabbitmq":
+            consumers = {queue.name: queue.consumers or 0 for queue in self.queues}
+            return min(consumers.get(name, 0) for name in CONSUMED_QUEUES)
         return sum(1 for worker in self.workers if worker.alive)
 
     def as_dict(self) -> dict[str, Any]:
@@ -216,16 +235,20 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
     errors: list[str] = []
     queues: list[QueueFigures] = []
     workers: list[WorkerFigures] = []
+    broker = "rabbitmq" if settings.uses_rabbitmq else "redis"
     try:
-        if settings.uses_rabbitmq:
-            # The queues then live in RabbitMQ; Redis holds none of these figures.
-            raise NotImplementedError("queue figures are read from Redis; BROKER_URL names RabbitMQ")
-        queues, workers = broker_figures(
-            client if client is not None else redis_client(settings),
-            settings.redis_namespace,
-            heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
-            now=now,
-        )
+        if settings.broker_url is not None and settings.uses_rabbitmq:
+            # The queues then live in RabbitMQ, and its consumers are the workers.
+            from workers.ops.rabbitmq_queues import rabbitmq_figures
+
+            queues = rabbitmq_figures(settings.broker_url, timeout=BROKER_READ_TIMEOUT_SECONDS)
+        else:
+            queues, workers = broker_figures(
+                client if client is not None else redis_client(settings),
+                settings.redis_namespace,
+                heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
+                now=now,
+            )
     except Exception as exc:
         errors.append(f"broker: {type(exc).__name__}: {exc}")
     figures: dict[str, Any] = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
@@ -234,4 +257,4 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
             figures = database_figures(session, now=now)
     except Exception as exc:
         errors.append(f"database: {type(exc).__name__}: {exc}")
-    return Snapshot(taken_at=now, queues=queues, workers=workers, errors=errors, **figures)
+    return Snapshot(taken_at=now, queues=queues, workers=workers, errors=errors, broker=broker, **figures)

@@ -12,7 +12,14 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from workers.ops.formatting import CONTRACT_STATUSES, email_kinds, format_age, format_time, ordered
+from workers.ops.formatting import (
+    CONTRACT_STATUSES,
+    email_kinds,
+    format_age,
+    format_count,
+    format_time,
+    ordered,
+)
 from workers.ops.snapshot import WINDOWS, Snapshot
 
 #: Columns of the last sweep's table: (key in ``last_sweep``, label).
@@ -38,8 +45,8 @@ def _table(title: str, *columns: str) -> Table:
     return table
 
 
-def _count(value: int, *, alarm: bool = False) -> Text:
-    return Text(str(value), style="bold red" if alarm and value else "")
+def _count(value: int | None, *, alarm: bool = False) -> Text:
+    return Text(format_count(value), style="bold red" if alarm and value else "")
 
 
 def render(snapshot: Snapshot) -> RenderableType:
@@ -53,16 +60,21 @@ def render(snapshot: Snapshot) -> RenderableType:
     )
     parts.append(header)
 
-    queues = _table("Queues", "queue", "ready", "delayed", "in flight", "dead", "oldest ready")
+    on_rabbitmq = snapshot.broker == "rabbitmq"
+    columns = ["queue", "ready", "delayed", "in flight", "dead", "oldest ready"]
+    queues = _table("Queues", *columns, *(["consumers"] if on_rabbitmq else []))
     for queue in snapshot.queues:
-        queues.add_row(
+        cells: list[Text | str] = [
             Text(queue.name),
             _count(queue.ready),
             _count(queue.delayed),
             _count(queue.in_flight),
             _count(queue.dead, alarm=True),
             format_age(queue.oldest_ready_age_seconds),
-        )
+        ]
+        if on_rabbitmq:
+            cells.append(_count(queue.consumers))
+        queues.add_row(*cells)
     parts.append(queues)
 
     workers = _table("Workers", "worker", "host", "pid", "last heartbeat (UTC)", "silent for", "state")
@@ -75,7 +87,16 @@ def render(snapshot: Snapshot) -> RenderableType:
             format_age(worker.silent_seconds),
             Text("alive", style="green") if worker.alive else Text("dead", style="bold red"),
         )
-    parts.append(workers if snapshot.workers else Text("Workers: none registered", style="bold red"))
+    if on_rabbitmq:
+        # RabbitMQ lists consumers, not processes or hosts: the queue table has them.
+        parts.append(
+            Text(
+                f"Workers: {live} consuming every queue (RabbitMQ counts consumers, not hosts)",
+                style="" if live else "bold red",
+            )
+        )
+    else:
+        parts.append(workers if snapshot.workers else Text("Workers: none registered", style="bold red"))
 
     columns = [
         f"{outcome} ({window.replace('_', ' ')})" for window in WINDOWS for outcome in ("sent", "failed")
