@@ -11,6 +11,7 @@ email arrived twice. Binds to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -100,23 +101,47 @@ class SendGridStandIn:
         *,
         chooser: Callable[[Incoming], Answer] | None = None,
         on_answer: Callable[[Received], None] | None = None,
+        keep_alive: bool = True,
+        idle_timeout: float | None = None,
     ) -> None:
+        """``keep_alive=False`` answers in HTTP/1.0 and closes each connection after its answer;
+        ``idle_timeout`` closes a kept connection that brought no request for that long, in seconds."""
         self._lock = threading.Lock()
         self._script: deque[Answer] = deque()
         self.requests: list[Received] = []
         self._server: ThreadingHTTPServer | None = None
         self.chooser = chooser
         self.on_answer = on_answer
+        self.keep_alive = keep_alive
+        self.idle_timeout = idle_timeout
         self._in_flight = 0
+        self._connections: set[socket.socket] = set()
+        #: Connections clients opened, over the stand-in's life.
+        self.connections_opened = 0
 
     # -- control -------------------------------------------------------------
 
     def start(self) -> SendGridStandIn:
-        standin = self
+        standin, keep_alive, idle_timeout = self, self.keep_alive, self.idle_timeout
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as SendGrid's API does: a client may send many emails on one connection.
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+            timeout = idle_timeout
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with standin._lock:
+                    standin._connections.add(self.connection)
+                    standin.connections_opened += 1
+
+            def finish(self) -> None:
+                with standin._lock:
+                    standin._connections.discard(self.connection)
+                super().finish()
 
             def do_POST(self) -> None:
                 standin._handle(self)
@@ -130,6 +155,12 @@ class SendGridStandIn:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        # Kept-alive connections too: a stopped provider answers nothing.
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     @property
     def url(self) -> str:
@@ -154,6 +185,12 @@ class SendGridStandIn:
 
     def accepted_for(self, reference_prefix: str) -> list[Received]:
         return [r for r in self.accepted if (r.reference or "").startswith(reference_prefix)]
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now."""
+        with self._lock:
+            return len(self._connections)
 
     @property
     def in_flight(self) -> int:

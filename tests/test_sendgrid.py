@@ -350,6 +350,85 @@ def test_each_thread_builds_one_opener_and_every_request_still_goes_out(standin,
     assert sorted(built) == ["sender-1", "sender-2", "sender-3"]
 
 
+@pytest.fixture
+def own_standin(request: pytest.FixtureRequest) -> Any:
+    """A stand-in of the test's own (options from ``@pytest.mark.standin(...)``): its connection
+    counts are not shared with a worker of an earlier test still sending to the session's."""
+    from tests.sendgrid_standin import SendGridStandIn
+
+    marker = request.node.get_closest_marker("standin")
+    server = SendGridStandIn(**(marker.kwargs if marker else {})).start()
+    yield server
+    server.stop()
+
+
+def test_a_thread_sends_its_emails_on_one_kept_connection(own_standin):
+    backend = _backend(own_standin.url)
+    emails = [_email() for _ in range(5)]
+    for email in emails:
+        backend.send(email)
+    assert own_standin.connections_opened == 1
+    assert len({r.client_address for r in own_standin.accepted}) == 1
+    assert {r.reference for r in own_standin.accepted} == {email.reference for email in emails}
+
+
+def test_an_error_answer_is_read_to_its_end_and_the_connection_kept(own_standin):
+    own_standin.script(Answer(status=500, body=b'{"errors":[{"message":"oops"}]}', kind="500"))
+    backend = _backend(own_standin.url)
+    with pytest.raises(ProviderUnavailable, match="oops"):
+        backend.send(_email())
+    email = _email()
+    backend.send(email)
+    assert [r.reference for r in own_standin.accepted] == [email.reference]
+    assert own_standin.connections_opened == 1
+
+
+@pytest.mark.standin(idle_timeout=0.2)
+def test_a_connection_the_provider_closed_is_replaced_before_anything_is_sent(own_standin):
+    """SendGrid closes idle connections: the next email goes out on a new one, not into a closed one."""
+    backend = _backend(own_standin.url)
+    backend.send(_email())
+    wait_until(
+        lambda: own_standin.open_connections == 0, timeout=5, what="the stand-in to close the idle connection"
+    )
+    email = _email()
+    backend.send(email)
+    assert email.reference in {r.reference for r in own_standin.accepted}
+    assert own_standin.connections_opened == 2
+
+
+@pytest.mark.standin(keep_alive=False)
+def test_a_provider_that_closes_after_each_answer_still_gets_every_email(own_standin):
+    backend = _backend(own_standin.url)
+    emails = [_email() for _ in range(3)]
+    for email in emails:
+        backend.send(email)
+    assert [r.reference for r in own_standin.accepted] == [email.reference for email in emails]
+    assert own_standin.connections_opened == 3
+
+
+def test_a_timed_out_connection_is_dropped_and_the_next_email_goes_out(own_standin):
+    own_standin.script(Answer(delay=1.0))
+    backend = _backend(own_standin.url, timeout=0.3)
+    with pytest.raises(ProviderUnavailable):
+        backend.send(_email())
+    email = _email()
+    backend.send(email)
+    # The late answer of the first request was never read as the second's.
+    wait_until(lambda: len(own_standin.requests) == 2, timeout=5, what="the slow request to finish")
+    assert email.reference in {r.reference for r in own_standin.accepted}
+    assert own_standin.connections_opened == 2
+
+
+def test_a_stopped_provider_is_unavailable_even_on_a_kept_connection(own_standin):
+    backend = _backend(own_standin.url)
+    backend.send(_email())
+    own_standin.stop()
+    with pytest.raises(ProviderUnavailable):
+        backend.send(_email())
+    assert len(own_standin.requests) == 1
+
+
 # -- secrets ------------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ Four things the library does not do for us: it has no default timeout (we pass
 one on every request), it logs the API key and the whole mail at DEBUG (its
 logger is pinned to INFO, see ``workers.logs``), its client object is not
 thread-safe (each worker thread gets its own), and it builds a new ``urllib``
-opener for every request (each thread keeps one: ``reuse_openers``).
+opener for every request, whose connection is closed after each answer (each
+thread keeps one opener, which keeps its connection alive: ``reuse_openers``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from python_http_client import exceptions as http_errors
 from sendgrid.helpers.mail import Category, CustomArg, From, Mail, Personalization, Substitution, To
 
 from models.errors import ConfigurationError, ProviderRateLimited, ProviderRejected, ProviderUnavailable
+from workers.email.keep_alive import keep_alive_opener
 from workers.email.message import OutgoingEmail, OutgoingGroup
 from workers.logs import silence_sendgrid_debug
 from workers.settings import Settings
@@ -99,7 +101,9 @@ class _OpenerPerThread:
     handler objects, each introspected with ``dir()``, and the proxy settings read
     from the environment, which cost about as much CPU as the rest of the call
     (py-spy: 8 % of the workers' GIL time). An opener keeps no per-request state,
-    so each thread reuses its own; everything else is the real module.
+    so each thread reuses its own, which keeps its connection to the provider
+    alive between emails (``workers.email.keep_alive``); everything else is the
+    real module.
     """
 
     def __init__(self, module: Any) -> None:
@@ -114,7 +118,7 @@ class _OpenerPerThread:
             return self._module.build_opener(*handlers)
         opener = getattr(self._local, "opener", None)
         if opener is None:
-            opener = self._local.opener = self._module.build_opener()
+            opener = self._local.opener = keep_alive_opener()
         return opener
 
 
