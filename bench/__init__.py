@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "sweep": "bench.sweep",
     "pipeline": "bench.pipeline",
     "producer": "bench.producer",
+    "connections": "bench.connections",
 }
 
 #: Where the last run's figures are kept, one entry per benchmark.

@@ -15,6 +15,7 @@ import contextlib
 import json
 import select
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -103,9 +104,11 @@ class SendGridStandIn:
         on_answer: Callable[[Received], None] | None = None,
         keep_alive: bool = True,
         idle_timeout: float | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``keep_alive=False`` answers in HTTP/1.0 and closes each connection after its answer;
-        ``idle_timeout`` closes a kept connection that brought no request for that long, in seconds."""
+        ``idle_timeout`` closes a kept connection that brought no request for that long, in seconds;
+        ``tls`` (a server context with its certificate) serves HTTPS instead of HTTP."""
         self._lock = threading.Lock()
         self._script: deque[Answer] = deque()
         self.requests: list[Received] = []
@@ -114,6 +117,7 @@ class SendGridStandIn:
         self.on_answer = on_answer
         self.keep_alive = keep_alive
         self.idle_timeout = idle_timeout
+        self.tls = tls
         self._in_flight = 0
         self._connections: set[socket.socket] = set()
         #: Connections clients opened, over the stand-in's life.
@@ -147,6 +151,8 @@ class SendGridStandIn:
                 standin._handle(self)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -166,7 +172,7 @@ class SendGridStandIn:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host!s}:{port}"
 
     def script(self, *answers: Answer) -> None:
         """Answer the next requests with these, in order, then 202 again."""

@@ -429,6 +429,81 @@ def test_a_stopped_provider_is_unavailable_even_on_a_kept_connection(own_standin
     assert len(own_standin.requests) == 1
 
 
+@pytest.fixture
+def https_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A stand-in serving HTTPS with a throwaway certificate that the client trusts (SSL_CERT_FILE)."""
+    from tests.sendgrid_standin import SendGridStandIn
+    from tests.tls import self_signed, server_context
+    from workers.email.keep_alive import forget_tls_context
+
+    certificate, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    forget_tls_context()
+    server = SendGridStandIn(tls=server_context(certificate, key)).start()
+    yield server
+    server.stop()
+    forget_tls_context()
+
+
+def _in_threads(count: int, work: Any) -> None:
+    """``work()`` in ``count`` new threads (each with its own client and opener); re-raises a failure."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+
+
+def test_over_https_one_tls_context_per_process_and_one_connection_per_thread(https_standin, monkeypatch):
+    """A new TLS context loads the whole CA bundle (milliseconds of CPU): made once, not per email."""
+    import ssl
+
+    loads: list[int] = []
+    real_load = ssl.SSLContext.load_default_certs
+
+    def counting_load(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        loads.append(1)
+        real_load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_default_certs", counting_load)
+    assert https_standin.url.startswith("https://")
+    backend = _backend(https_standin.url)
+    emails = [_email() for _ in range(6)]
+    batches = iter([emails[:3], emails[3:]])
+
+    def send_batch() -> None:
+        for email in next(batches):
+            backend.send(email)
+
+    _in_threads(2, send_batch)
+    assert {r.reference for r in https_standin.accepted} == {email.reference for email in emails}
+    assert len(loads) == 1
+    assert https_standin.connections_opened == 2
+
+
+def test_over_https_an_untrusted_certificate_is_refused(https_standin, monkeypatch, tmp_path):
+    from tests.tls import self_signed
+    from workers.email.keep_alive import forget_tls_context
+
+    (tmp_path / "other").mkdir()
+    other, _ = self_signed(tmp_path / "other")
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    forget_tls_context()
+    with pytest.raises(ProviderUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        _backend(https_standin.url).send(_email())
+    assert https_standin.requests == []
+
+
 # -- secrets ------------------------------------------------------------------------
 
 
