@@ -646,7 +646,7 @@ def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
         )
         assert contracts_row.split()[:5] == ["contracts", "3", "1", "n/a", "1"], table.stdout
         assert "consumers" in table.stdout
-        assert "Workers: 0 consuming every queue" in table.stdout
+        assert "Workers: 0 live, by their consumers on contracts and emails" in table.stdout
 
         page_path = tmp_path / "status.html"
         page = run_cli(env, "status", "--html", str(page_path))

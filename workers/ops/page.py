@@ -327,8 +327,8 @@ def render_page(
     if on_rabbitmq:
         # RabbitMQ lists consumers, not processes or hosts: the queue table has them.
         workers_table = (
-            f'<p id="workers">{live} consuming every queue (RabbitMQ counts consumers, not hosts; '
-            "see the queue table).</p>"
+            f'<p id="workers">{live} live, by their consumers on contracts and emails '
+            "(RabbitMQ counts no hosts; see the queue table).</p>"
         )
     else:
         workers_table = _table(

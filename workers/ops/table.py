@@ -91,7 +91,8 @@ def render(snapshot: Snapshot) -> RenderableType:
         # RabbitMQ lists consumers, not processes or hosts: the queue table has them.
         parts.append(
             Text(
-                f"Workers: {live} consuming every queue (RabbitMQ counts consumers, not hosts)",
+                f"Workers: {live} live, by their consumers on contracts and emails "
+                "(RabbitMQ counts no hosts)",
                 style="" if live else "bold red",
             )
         )
