@@ -10,9 +10,10 @@ opener, as HTTP/1.1 allows; an opener belongs to one thread
 A kept connection is used again only when that is safe: the previous response
 was read to its end, and the socket has nothing to read (a server that closed
 an idle connection has sent its FIN, which reads as readable). Otherwise it is
-closed and a new one opened before anything is sent, so a request is never sent
-on a connection the server already dropped, and never sent twice. A request that
-fails is reported as urllib reports it, and its connection dropped.
+closed and a new one opened before anything is sent. A request that fails
+(including one sent at the very moment the server closed an idle connection)
+is reported as urllib reports it and its connection dropped; nothing is sent
+again here, so keep-alive never sends an email twice: the caller's retry does.
 """
 
 from __future__ import annotations
