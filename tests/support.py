@@ -170,6 +170,13 @@ def readme_message(actor: str, args: Any, *, queue: str = "contracts") -> dict[s
     }
 
 
+def forget_namespace(client: redis.Redis, namespace: str) -> None:
+    """Delete every key of a test's own Redis namespace."""
+    keys = client.keys(f"{namespace}:*")
+    if keys:
+        client.delete(*keys)
+
+
 def push_messages(client: redis.Redis, namespace: str, *messages: dict[str, Any]) -> None:
     """HSET + RPUSH of each message to its queue, all in one transaction (README)."""
     with client.pipeline(transaction=True) as pipe:

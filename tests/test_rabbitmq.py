@@ -45,6 +45,7 @@ from tests.support import (
     RedisServer,
     all_emails_sent,
     contract_payload,
+    forget_namespace,
     readme_message,
     send_args,
     unique,
@@ -292,9 +293,7 @@ def system(
         yield built
     finally:
         worker.terminate()
-        keys = client.keys(f"{namespace}:*")
-        if keys:
-            client.delete(*keys)
+        forget_namespace(client, namespace)
         client.close()
 
 
@@ -565,9 +564,7 @@ def test_schedulers_on_rabbitmq_claim_their_slots_in_redis(redis_server: RedisSe
         assert claim_slot(second, job, now=660.0)
     finally:
         client = redis_server.client()
-        keys = client.keys(f"{namespace}:*")
-        if keys:
-            client.delete(*keys)
+        forget_namespace(client, namespace)
         client.close()
 
 
@@ -646,7 +643,7 @@ def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
         )
         assert contracts_row.split()[:5] == ["contracts", "3", "1", "n/a", "1"], table.stdout
         assert "consumers" in table.stdout
-        assert "Workers: 0 live, by their consumers on contracts and emails" in table.stdout
+        assert "Workers: none registered in Redis; 0 live, by their consumers" in table.stdout
 
         page_path = tmp_path / "status.html"
         page = run_cli(env, "status", "--html", str(page_path))
@@ -681,18 +678,96 @@ def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
     assert "s3cret-broker-pass" not in down.stdout + down.stderr
 
 
-def test_status_counts_the_live_workers_of_either_broker(system: System) -> None:
+def test_status_and_health_see_the_live_workers_of_either_broker(system: System) -> None:
     result = system.cli("status", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(result.stdout)
     assert data["live_workers"] >= 1, data
+    # Either way the workers register in Redis, with their host and pid.
+    alive = [worker for worker in data["workers"] if worker["alive"]]
+    assert alive and {worker["host"] for worker in alive} == {socket.gethostname()}, data["workers"]
     queues = {queue["name"]: queue for queue in data["queues"]}
     if system.kind == "amqp":
         assert data["broker"] == "rabbitmq"
-        # RabbitMQ's consumers are the workers; it keeps no registry in Redis.
+        # RabbitMQ's consumers say who is live; in flight it does not tell.
         assert queues["contracts"]["consumers"] >= 1 and queues["emails"]["consumers"] >= 1, queues
         assert queues["contracts"]["in_flight"] is None
     else:
         assert data["broker"] == "redis"
-        assert data["workers"] and isinstance(queues["contracts"]["in_flight"], int)
+        assert isinstance(queues["contracts"]["in_flight"], int)
         assert queues["contracts"]["consumers"] is None
+    health = system.cli("health", "--json", "--this-host")
+    assert health.returncode == 0, health.stdout + health.stderr
+    detail = json.loads(health.stdout)["checks"]["workers"]["detail"]
+    assert detail.startswith("1 live worker on host"), detail
+    # The messages the workers process are counted in the status history.
+    from workers.ops.history import stats_prefix
+
+    sent = system.cli(*send_args(contract_payload()))
+    assert sent.returncode == 0, sent.stderr
+    wait_until(
+        lambda: bool(system.redis.keys(f"{stats_prefix(system.namespace)}:processed:*")),
+        timeout=BOOT_TIMEOUT_SECONDS,
+        what="the worker's message counts in the status history",
+    )
+
+
+def test_workers_on_rabbitmq_register_in_redis_and_are_forgotten_when_gone(
+    database: str, test_environment: dict[str, str], redis_server: RedisServer, tmp_path: Any
+) -> None:
+    from workers.middleware.maintenance import heartbeats_key, workers_key
+
+    namespace = unique("rabbit-registry")
+    client = redis_server.client()
+
+    def registered() -> dict[int, str]:
+        """pid -> broker id of every registration with a heartbeat."""
+        found = {}
+        for broker_id, info in client.hgetall(workers_key(namespace)).items():
+            if client.zscore(heartbeats_key(namespace), broker_id) is not None:
+                found[int(json.loads(info)["pid"])] = (
+                    broker_id.decode() if isinstance(broker_id, bytes) else broker_id
+                )
+        return found
+
+    with _own_vhost() as amqp_url:
+        env = {
+            **os.environ,
+            **test_environment,
+            "DATABASE_URL": database,
+            "BROKER_URL": amqp_url,
+            "REDIS_URL": redis_server.url,
+            "REDIS_NAMESPACE": namespace,
+            "HEARTBEAT_TIMEOUT_MS": "1000",
+            "MAINTENANCE_INTERVAL_MS": "200",
+        }
+        survivor = WorkerProcess(env, log_path=tmp_path / "survivor.log", threads=1).start()
+        victim = WorkerProcess(env, log_path=tmp_path / "victim.log", threads=1).start()
+        try:
+            wait_until(
+                lambda: (
+                    set(registered()) == set(survivor.children()) | set(victim.children())
+                    and len(registered()) == 2
+                ),
+                timeout=BOOT_TIMEOUT_SECONDS,
+                what="both workers to register in Redis",
+            )
+            victims = set(victim.children())
+            victim.kill()
+            # No broker maintenance buries it on RabbitMQ: the survivor forgets it after
+            # two heartbeat timeouts of silence.
+            wait_until(
+                lambda: set(registered()) == set(survivor.children()),
+                timeout=15,
+                what="the killed worker to be forgotten",
+            )
+            assert not victims & set(registered())
+            assert survivor.terminate() == 0
+            # A worker that stops unregisters itself.
+            assert client.hlen(workers_key(namespace)) == 0
+            assert client.zcard(heartbeats_key(namespace)) == 0
+        finally:
+            victim.kill()
+            survivor.kill()
+            forget_namespace(client, namespace)
+            client.close()

@@ -87,6 +87,7 @@ def build_broker(settings: Settings) -> ServiceBroker:
             interval_ms=settings.maintenance_interval_ms,
             outage_patience_seconds=settings.redis_outage_patience_seconds,
             history_sample_interval_ms=settings.history_sample_interval_ms,
+            heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
         )
     )
     middleware.append(SingleStopSignal())

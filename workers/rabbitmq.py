@@ -58,6 +58,8 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
     ) -> None:
         super().__init__(url=url, **options)
         self.namespace = namespace
+        #: This process's id in the Redis registry of workers (as the Redis broker's own).
+        self.broker_id = str(uuid.uuid4())
         self._coordination_factory = coordination
         self._coordination: redis.Redis | None = None
         self._coordination_lock = threading.Lock()

@@ -13,6 +13,12 @@ failing, so nothing held in memory (prefetched messages, delayed retries) is
 dropped. If an outage outlasts that patience, Dramatiq's consumers drop what
 they held; the worker then takes a new broker id, so the maintenance of the
 living returns everything the old id held.
+
+On RabbitMQ, RabbitMQ itself returns a dead worker's messages; each worker
+process still registers and heartbeats in Redis on the same schedule (the
+registry ``status`` and ``health --this-host`` read) and adds its message counts
+to the status history. A registration silent for ``FORGET_AFTER_TIMEOUTS``
+heartbeat timeouts is forgotten, since no broker maintenance buries it there.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from redis.retry import Retry
 
 from workers import consumer, dead_letters
 from workers.ops import history
+from workers.rabbitmq import ServiceRabbitmqBroker
 from workers.redis_dispatch import run_maintenance
-from workers.settings import DEFAULT_HISTORY_SAMPLE_INTERVAL_MS
+from workers.settings import DEFAULT_HEARTBEAT_TIMEOUT_MS, DEFAULT_HISTORY_SAMPLE_INTERVAL_MS
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,10 @@ REDIS_RETRY_CAP_SECONDS = 2.0
 
 #: Dead letters parked in Redis are filed in SQL this often, in milliseconds.
 DEAD_LETTER_SYNC_INTERVAL_MS = 60_000
+
+#: On RabbitMQ, a registration silent for this many heartbeat timeouts is forgotten
+#: (listed as dead until then, as a killed worker is on Redis until maintenance buries it).
+FORGET_AFTER_TIMEOUTS = 2
 
 
 class _OutageRetry(Retry):
@@ -88,8 +99,12 @@ class BrokerMaintenance(dramatiq.Middleware):
         interval_ms: int,
         outage_patience_seconds: float,
         history_sample_interval_ms: int = DEFAULT_HISTORY_SAMPLE_INTERVAL_MS,
+        heartbeat_timeout_ms: int = DEFAULT_HEARTBEAT_TIMEOUT_MS,
     ) -> None:
+        """``interval_ms``, ``history_sample_interval_ms`` and ``heartbeat_timeout_ms`` in
+        milliseconds; ``outage_patience_seconds`` in seconds."""
         self.interval_ms = interval_ms
+        self.heartbeat_timeout_ms = heartbeat_timeout_ms
         self.history_sample_interval_ms = history_sample_interval_ms
         self.outage_patience_seconds = outage_patience_seconds
         self._stop = threading.Event()
@@ -105,14 +120,18 @@ class BrokerMaintenance(dramatiq.Middleware):
             )
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        if not isinstance(broker, RedisBroker):
-            return
         self._started_at = time.time()
-        self._register(broker)
+        if isinstance(broker, RedisBroker):
+            self._register(broker.client, broker.namespace, broker.broker_id)
+            run: Callable[[], None] = lambda: self._run(broker)  # noqa: E731
+        elif isinstance(broker, ServiceRabbitmqBroker):
+            # Registered by the first tick, in the thread: Redis only coordinates here,
+            # and a Redis outage must not hold up a worker whose broker is up.
+            run = lambda: self._run_registry(broker)  # noqa: E731
+        else:
+            return
         self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._run, args=(broker,), name="broker-maintenance", daemon=True
-        )
+        self._thread = threading.Thread(target=run, name="broker-maintenance", daemon=True)
         self._thread.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
@@ -122,14 +141,25 @@ class BrokerMaintenance(dramatiq.Middleware):
             self._thread = None
         if isinstance(broker, RedisBroker):
             # The last interval's message counts, for the status history (logged if lost).
-            history.flush_counts(broker)
+            history.flush_counts(broker, broker.client)
             with contextlib.suppress(redis.RedisError):
                 broker.client.hdel(workers_key(broker.namespace), broker.broker_id)
+        elif isinstance(broker, ServiceRabbitmqBroker):
+            history.flush_counts(broker, broker.coordination)
+            with (
+                contextlib.suppress(redis.RedisError),
+                broker.coordination.pipeline(transaction=True) as pipe,
+            ):
+                pipe.hdel(workers_key(broker.namespace), broker.broker_id)
+                pipe.zrem(heartbeats_key(broker.namespace), broker.broker_id)
+                pipe.execute()
 
-    def _register(self, broker: RedisBroker) -> None:
+    def _info(self) -> str:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": self._started_at})
+
+    def _register(self, client: redis.Redis, namespace: str, broker_id: str) -> None:
         """Say this broker id is a worker: producers heartbeat too, but never register."""
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": self._started_at}
-        broker.client.hset(workers_key(broker.namespace), broker.broker_id, json.dumps(info))
+        client.hset(workers_key(namespace), broker_id, self._info())
 
     # -- the schedule --------------------------------------------------------
 
@@ -156,8 +186,8 @@ class BrokerMaintenance(dramatiq.Middleware):
         queues = broker.get_declared_queues() | broker.get_declared_delay_queues()
         for queue_name in sorted(queues):
             run_maintenance(broker, queue_name)
-        self._register(broker)
-        forget_dead_workers(broker)
+        self._register(broker.client, broker.namespace, broker.broker_id)
+        forget_dead_workers(broker.client, broker.namespace)
         # The status page's history; it logs its own failures, never failing the tick.
         history.record(broker, sample_interval_ms=self.history_sample_interval_ms)
         now = current_millis()
@@ -165,19 +195,62 @@ class BrokerMaintenance(dramatiq.Middleware):
             self._last_sync_ms = now
             dead_letters.sync(broker, broker.get_declared_queues())
 
+    # -- on RabbitMQ ---------------------------------------------------------
+
+    def _run_registry(self, broker: ServiceRabbitmqBroker) -> None:
+        while True:
+            try:
+                self.registry_tick(broker)
+            except Exception:
+                logger.warning(
+                    "Could not refresh this worker's registration in Redis; trying again next interval.",
+                    exc_info=True,
+                )
+            if self._stop.wait(self.interval_ms / 1000):
+                return
+
+    def registry_tick(self, broker: ServiceRabbitmqBroker) -> None:
+        """One pass on RabbitMQ: heartbeat and registration in Redis, the silent forgotten, counts added."""
+        client, namespace = broker.coordination, broker.namespace
+        now = current_millis()
+        with client.pipeline(transaction=True) as pipe:
+            pipe.zadd(heartbeats_key(namespace), {broker.broker_id: now})
+            pipe.hset(workers_key(namespace), broker.broker_id, self._info())
+            pipe.execute()
+        forget_dead_workers(
+            client, namespace, silent_before_ms=now - FORGET_AFTER_TIMEOUTS * self.heartbeat_timeout_ms
+        )
+        history.flush_counts(broker, client)
+
 
 def workers_key(namespace: str) -> str:
     """The hash of registered worker processes: broker id -> {pid, host, started_at}."""
     return f"{namespace}:__workers__"
 
 
-def forget_dead_workers(broker: RedisBroker) -> None:
-    """Unregister workers that maintenance has already buried (no heartbeat left)."""
-    key = workers_key(broker.namespace)
-    registered = [w.decode() if isinstance(w, bytes) else str(w) for w in broker.client.hkeys(key)]
+def heartbeats_key(namespace: str) -> str:
+    """The sorted set of last heartbeats: broker id, scored by epoch milliseconds."""
+    return f"{namespace}:__heartbeats__"
+
+
+def forget_dead_workers(
+    client: redis.Redis, namespace: str, *, silent_before_ms: float | None = None
+) -> None:
+    """Unregister workers with no heartbeat left (on Redis, maintenance buried them), or,
+    with ``silent_before_ms`` (epoch milliseconds), none since then (their heartbeat goes too)."""
+    key = workers_key(namespace)
+    registered = [w.decode() if isinstance(w, bytes) else str(w) for w in client.hkeys(key)]
     if not registered:
         return
-    heartbeats = broker.client.zmscore(f"{broker.namespace}:__heartbeats__", [str(w) for w in registered])
-    gone = [worker for worker, beat in zip(registered, heartbeats, strict=True) if beat is None]
+    heartbeats = client.zmscore(heartbeats_key(namespace), registered)
+    gone = [
+        worker
+        for worker, beat in zip(registered, heartbeats, strict=True)
+        if beat is None or (silent_before_ms is not None and beat < silent_before_ms)
+    ]
     if gone:
-        broker.client.hdel(key, *gone)
+        with client.pipeline(transaction=True) as pipe:
+            pipe.hdel(key, *gone)
+            if silent_before_ms is not None:
+                pipe.zrem(heartbeats_key(namespace), *gone)
+            pipe.execute()

@@ -178,7 +178,8 @@ def snapshot_gauges(snapshot: Snapshot) -> Iterator[GaugeMetricFamily]:
             for queue in snapshot.queues:
                 consumers.add_metric([queue.name], float(queue.consumers or 0))
             yield consumers
-        else:
+        # On RabbitMQ the registry is read from Redis apart: no made-up 0 when it could not be.
+        if not any(error.startswith("registry") for error in snapshot.errors):
             yield GaugeMetricFamily(
                 "contract_dispatch_registered_workers",
                 "Worker processes registered in Redis, alive or silent.",

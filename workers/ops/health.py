@@ -401,12 +401,15 @@ def run_health_checks(
         "email": lambda: check_email(settings),
     }
     if settings.uses_rabbitmq:
-        # Redis only coordinates there: the broker and its consumers are RabbitMQ's.
+        # The broker and its consumers are RabbitMQ's; the workers also register in
+        # Redis, which is how one host's own are told (--this-host).
         from workers.ops.health_rabbitmq import check_rabbitmq, check_rabbitmq_workers
 
         checks["broker"] = lambda: check_rabbitmq(settings, timeout)
-        if workers:
-            checks["workers"] = lambda: check_rabbitmq_workers(settings, timeout, this_host=this_host)
+        if workers and this_host:
+            checks["workers"] = lambda: check_workers(client, settings, this_host=True)
+        elif workers:
+            checks["workers"] = lambda: check_rabbitmq_workers(settings, timeout)
     elif workers:
         checks["workers"] = lambda: check_workers(client, settings, this_host=this_host)
     # The network checks get a little longer than their sockets' timeout (libpq's is

@@ -1,10 +1,11 @@
 """``contract-dispatch health`` on RabbitMQ (BROKER_URL=amqp://...): the broker and its consumers.
 
-Redis is still checked (it coordinates), but on RabbitMQ the workers neither
-heartbeat nor register there: RabbitMQ itself knows who consumes. Each worker
-process holds one consumer on each of the service's queues, and RabbitMQ drops
-a consumer as soon as its connection dies, so a queue's consumer count is the
-number of live worker processes taking its messages.
+Redis is still checked (it coordinates). Whether workers are live is asked of
+RabbitMQ itself, which knows who consumes: each worker process holds one
+consumer on each of the service's queues, and RabbitMQ drops a consumer as soon
+as its connection dies, so a queue's consumer count is the number of live worker
+processes taking its messages. RabbitMQ does not say which host a consumer runs
+on: ``--this-host`` reads the workers' registry in Redis instead, as on Redis.
 """
 
 from __future__ import annotations
@@ -47,14 +48,8 @@ def check_rabbitmq(settings: Settings, timeout: float) -> str:
     return f"RabbitMQ at {where} answers ({described})"
 
 
-def check_rabbitmq_workers(settings: Settings, timeout: float, *, this_host: bool) -> str:
+def check_rabbitmq_workers(settings: Settings, timeout: float) -> str:
     """Every queue a worker must take from has at least one consumer."""
-    if this_host:
-        # RabbitMQ does not say which host a consumer runs on (without its management plugin).
-        raise CheckFailed(
-            "--this-host cannot be told on RabbitMQ (consumers are not listed by host): "
-            "check the fleet without it, or the container's own process"
-        )
     with _connection(settings, timeout) as (connection, where):
         try:
             states = queue_states(connection, CONSUMED_QUEUES)

@@ -130,13 +130,14 @@ def sample_depth(
     return bool(stored)
 
 
-def flush_counts(broker: RedisBroker) -> None:
-    """Add the counts of this broker's ``MessageLog`` to Redis; a failure is logged, not raised."""
+def flush_counts(broker: Any, client: Any) -> None:
+    """Add the counts of this broker's ``MessageLog`` to Redis through ``client`` (the broker's
+    own on Redis, the coordinating one on RabbitMQ); a failure is logged, not raised."""
     for middleware in broker.middleware:
         counter = getattr(middleware, "throughput", None)
         if isinstance(counter, ThroughputCounter):
             try:
-                counter.flush(broker.client, broker.namespace)
+                counter.flush(client, broker.namespace)
             except Exception:
                 logger.warning("Could not record message counts for the status history.", exc_info=True)
 
@@ -146,7 +147,7 @@ def record(broker: RedisBroker, *, sample_interval_ms: int) -> None:
 
     Each part fails alone, logged: history is never worth a failed tick.
     """
-    flush_counts(broker)
+    flush_counts(broker, broker.client)
     try:
         sample_depth(broker.client, broker.namespace, interval_ms=sample_interval_ms)
     except Exception:

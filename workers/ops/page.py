@@ -324,11 +324,10 @@ def render_page(
     depth = depth_chart(snapshot, history, sample_interval_ms=sample_interval_ms)
     queue_headers = ["queue", "ready", "delayed", "in flight", "dead", "oldest ready"]
     queues_table = _table("queues", queue_headers + (["consumers"] if on_rabbitmq else []), queue_rows)
-    if on_rabbitmq:
-        # RabbitMQ lists consumers, not processes or hosts: the queue table has them.
+    if on_rabbitmq and not snapshot.workers:
         workers_table = (
-            f'<p id="workers">{live} live, by their consumers on contracts and emails '
-            "(RabbitMQ counts no hosts; see the queue table).</p>"
+            f'<p id="workers">None registered in Redis; {live} live, by their consumers on contracts '
+            "and emails (see the queue table).</p>"
         )
     else:
         workers_table = _table(

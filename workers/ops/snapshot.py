@@ -236,21 +236,31 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
     queues: list[QueueFigures] = []
     workers: list[WorkerFigures] = []
     broker = "rabbitmq" if settings.uses_rabbitmq else "redis"
+
+    def from_redis() -> tuple[list[QueueFigures], list[WorkerFigures]]:
+        return broker_figures(
+            client if client is not None else redis_client(settings),
+            settings.redis_namespace,
+            heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
+            now=now,
+        )
+
     try:
         if settings.broker_url is not None and settings.uses_rabbitmq:
-            # The queues then live in RabbitMQ, and its consumers are the workers.
+            # The queues then live in RabbitMQ, and its consumers are the live workers.
             from workers.ops.rabbitmq_queues import rabbitmq_figures
 
             queues = rabbitmq_figures(settings.broker_url, timeout=BROKER_READ_TIMEOUT_SECONDS)
         else:
-            queues, workers = broker_figures(
-                client if client is not None else redis_client(settings),
-                settings.redis_namespace,
-                heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
-                now=now,
-            )
+            queues, workers = from_redis()
     except Exception as exc:
         errors.append(f"broker: {type(exc).__name__}: {exc}")
+    if broker == "rabbitmq":
+        # The workers still register and heartbeat in Redis (hosts and pids).
+        try:
+            workers = from_redis()[1]
+        except Exception as exc:
+            errors.append(f"registry: {type(exc).__name__}: {exc}")
     figures: dict[str, Any] = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
     try:
         with session_scope() as session:

@@ -87,17 +87,17 @@ def render(snapshot: Snapshot) -> RenderableType:
             format_age(worker.silent_seconds),
             Text("alive", style="green") if worker.alive else Text("dead", style="bold red"),
         )
-    if on_rabbitmq:
-        # RabbitMQ lists consumers, not processes or hosts: the queue table has them.
+    if snapshot.workers:
+        parts.append(workers)
+    elif on_rabbitmq:
         parts.append(
             Text(
-                f"Workers: {live} live, by their consumers on contracts and emails "
-                "(RabbitMQ counts no hosts)",
+                f"Workers: none registered in Redis; {live} live, by their consumers on contracts and emails",
                 style="" if live else "bold red",
             )
         )
     else:
-        parts.append(workers if snapshot.workers else Text("Workers: none registered", style="bold red"))
+        parts.append(Text("Workers: none registered", style="bold red"))
 
     columns = [
         f"{outcome} ({window.replace('_', ' ')})" for window in WINDOWS for outcome in ("sent", "failed")
