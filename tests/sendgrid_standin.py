@@ -142,15 +142,17 @@ class SendGridStandIn:
                     standin._connections.add(self.connection)
                     standin.connections_opened += 1
 
-            def finish(self) -> None:
-                with standin._lock:
-                    standin._connections.discard(self.connection)
-                super().finish()
-
             def do_POST(self) -> None:
                 standin._handle(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def shutdown_request(self, request: Any) -> None:
+                # Counted as closed once it is: its FIN is on the way to the client.
+                super().shutdown_request(request)
+                with standin._lock:
+                    standin._connections.discard(request)
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         if self.tls is not None:
             self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
