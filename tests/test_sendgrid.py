@@ -383,6 +383,25 @@ def test_an_error_answer_is_read_to_its_end_and_the_connection_kept(own_standin)
     assert own_standin.connections_opened == 1
 
 
+def test_an_opener_called_without_a_timeout_reuses_its_connection(own_standin):
+    """urllib's own default (no timeout given) on a kept connection: no error, one connection."""
+    import urllib.request
+
+    from workers.email.keep_alive import keep_alive_opener
+
+    opener = keep_alive_opener()
+    for _ in range(2):
+        request = urllib.request.Request(  # noqa: S310 - the stand-in's http:// URL
+            own_standin.url + "/v3/mail/send",
+            data=json.dumps({"personalizations": []}).encode(),
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        )
+        with opener.open(request) as response:
+            assert response.status == 202
+            response.read()
+    assert own_standin.connections_opened == 1
+
+
 @pytest.mark.standin(idle_timeout=0.2)
 def test_a_connection_the_provider_closed_is_replaced_before_anything_is_sent(own_standin):
     """SendGrid closes idle connections: the next email goes out on a new one, not into a closed one."""

@@ -73,7 +73,8 @@ class _KeepAlive(urllib.request.AbstractHTTPHandler):
         if connection is None:
             connection = http_class(host, timeout=req.timeout, **http_conn_args)
             connection.set_debuglevel(self._debuglevel)  # type: ignore[attr-defined]
-        else:
+        elif isinstance(req.timeout, int | float) or req.timeout is None:
+            # Not when the caller gave none (urllib's sentinel): the connection keeps its own.
             connection.timeout = req.timeout
             if connection.sock is not None:
                 connection.sock.settimeout(req.timeout)
