@@ -579,9 +579,12 @@ def _metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 
 def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
-    database: str, test_environment: dict[str, str], redis_server: RedisServer, tmp_path: Any
+    test_environment: dict[str, str], redis_server: RedisServer, tmp_path: Any
 ) -> None:
-    """No worker: ready, delayed and dead as RabbitMQ counts them, no consumer, in flight not told."""
+    """No worker: ready, delayed and dead as RabbitMQ counts them, no consumer, in flight not told.
+
+    The broker's figures do not depend on the database: one SQLite file of its own, not both databases.
+    """
     from dramatiq.message import Message
 
     from workers.broker import build_broker
@@ -611,7 +614,7 @@ def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
         env = {
             **os.environ,
             **test_environment,
-            "DATABASE_URL": database,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'own.db'}",
             "BROKER_URL": amqp_url,
             "REDIS_URL": redis_server.url,
             "REDIS_NAMESPACE": namespace,
@@ -713,7 +716,7 @@ def test_status_and_health_see_the_live_workers_of_either_broker(system: System)
 
 
 def test_workers_on_rabbitmq_register_in_redis_and_are_forgotten_when_gone(
-    database: str, test_environment: dict[str, str], redis_server: RedisServer, tmp_path: Any
+    test_environment: dict[str, str], redis_server: RedisServer, tmp_path: Any
 ) -> None:
     from workers.middleware.maintenance import heartbeats_key, workers_key
 
@@ -734,7 +737,7 @@ def test_workers_on_rabbitmq_register_in_redis_and_are_forgotten_when_gone(
         env = {
             **os.environ,
             **test_environment,
-            "DATABASE_URL": database,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'own.db'}",
             "BROKER_URL": amqp_url,
             "REDIS_URL": redis_server.url,
             "REDIS_NAMESPACE": namespace,
