@@ -121,17 +121,18 @@ class BrokerMaintenance(dramatiq.Middleware):
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         self._started_at = time.time()
+        run: Callable[[Any], None]
         if isinstance(broker, RedisBroker):
             self._register(broker.client, broker.namespace, broker.broker_id)
-            run: Callable[[], None] = lambda: self._run(broker)  # noqa: E731
+            run = self._run
         elif isinstance(broker, ServiceRabbitmqBroker):
             # Registered by the first tick, in the thread: Redis only coordinates here,
             # and a Redis outage must not hold up a worker whose broker is up.
-            run = lambda: self._run_registry(broker)  # noqa: E731
+            run = self._run_registry
         else:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=run, name="broker-maintenance", daemon=True)
+        self._thread = threading.Thread(target=run, args=(broker,), name="broker-maintenance", daemon=True)
         self._thread.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:

@@ -287,13 +287,13 @@ def check_workers(client: redis.Redis, settings: Settings, *, this_host: bool) -
     never register); their last heartbeats are scores in ``{ns}:__heartbeats__``,
     in epoch milliseconds. Alive means the same as in ``contract-dispatch status``.
     """
-    from workers.middleware.maintenance import workers_key
+    from workers.middleware.maintenance import heartbeats_key, workers_key
 
     namespace = settings.redis_namespace
     try:
         registered = client.hgetall(workers_key(namespace))
         ids = [_text(worker_id) for worker_id in registered]
-        beats = client.zmscore(f"{namespace}:__heartbeats__", ids) if ids else []
+        beats = client.zmscore(heartbeats_key(namespace), ids) if ids else []
     except redis.RedisError as exc:
         raise CheckFailed(f"cannot read the registered workers: {describe_error(exc)}") from None
     now_ms = time.time() * 1000

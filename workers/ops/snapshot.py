@@ -235,30 +235,32 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
     errors: list[str] = []
     queues: list[QueueFigures] = []
     workers: list[WorkerFigures] = []
-    broker = "rabbitmq" if settings.uses_rabbitmq else "redis"
+    # Set when the queues live in RabbitMQ (BROKER_URL=amqp://…).
+    amqp_url = settings.broker_url if settings.uses_rabbitmq else None
 
-    def from_redis() -> tuple[list[QueueFigures], list[WorkerFigures]]:
+    def from_redis(queues: tuple[str, ...]) -> tuple[list[QueueFigures], list[WorkerFigures]]:
         return broker_figures(
             client if client is not None else redis_client(settings),
             settings.redis_namespace,
             heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
             now=now,
+            queues=queues,
         )
 
     try:
-        if settings.broker_url is not None and settings.uses_rabbitmq:
-            # The queues then live in RabbitMQ, and its consumers are the live workers.
+        if amqp_url is not None:
+            # Its consumers are the live workers.
             from workers.ops.rabbitmq_queues import rabbitmq_figures
 
-            queues = rabbitmq_figures(settings.broker_url, timeout=BROKER_READ_TIMEOUT_SECONDS)
+            queues = rabbitmq_figures(amqp_url, timeout=BROKER_READ_TIMEOUT_SECONDS)
         else:
-            queues, workers = from_redis()
+            queues, workers = from_redis(QUEUES)
     except Exception as exc:
         errors.append(f"broker: {type(exc).__name__}: {exc}")
-    if broker == "rabbitmq":
-        # The workers still register and heartbeat in Redis (hosts and pids).
+    if amqp_url is not None:
+        # The workers still register and heartbeat in Redis (hosts and pids): no queue to read there.
         try:
-            workers = from_redis()[1]
+            _, workers = from_redis(())
         except Exception as exc:
             errors.append(f"registry: {type(exc).__name__}: {exc}")
     figures: dict[str, Any] = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
@@ -267,4 +269,11 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
             figures = database_figures(session, now=now)
     except Exception as exc:
         errors.append(f"database: {type(exc).__name__}: {exc}")
-    return Snapshot(taken_at=now, queues=queues, workers=workers, errors=errors, broker=broker, **figures)
+    return Snapshot(
+        taken_at=now,
+        queues=queues,
+        workers=workers,
+        errors=errors,
+        broker="rabbitmq" if amqp_url is not None else "redis",
+        **figures,
+    )
