@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 import pika
@@ -648,13 +649,32 @@ def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
         assert "consumers" in table.stdout
         assert "Workers: none registered in Redis; 0 live, by their consumers" in table.stdout
 
+        # A worker's depth sample (its maintenance tick's part): RabbitMQ's counts, stored
+        # in Redis; a second one within the interval is not taken.
+        from workers.ops.history import sample_rabbitmq_depth
+
+        client = redis_server.client()
+        try:
+            assert sample_rabbitmq_depth(client, namespace, amqp_url, interval_ms=60_000)
+            assert not sample_rabbitmq_depth(client, namespace, amqp_url, interval_ms=60_000)
+        finally:
+            client.close()
+
         page_path = tmp_path / "status.html"
         page = run_cli(env, "status", "--html", str(page_path))
         assert page.returncode == 0, page.stderr
-        figures = dict(re.findall(r'data-figure="([^"]+)"[^>]*>([^<]*)<', page_path.read_text()))
+        html = page_path.read_text()
+        figures = dict(re.findall(r'data-figure="([^"]+)"[^>]*>([^<]*)<', html))
         assert figures["queues.contracts.ready"] == "3" and figures["queues.contracts.dead"] == "1"
         assert figures["queues.contracts.in_flight"] == figures["total.in_flight"] == "n/a"
         assert figures["queues.contracts.consumers"] == "0" and figures["live_workers"] == "0"
+        # The depth chart draws the sample and the snapshot: what waits, in flight not counted.
+        chart = html[html.index('id="chart-depth"') :]
+        chart = chart[: chart.index("</svg>")]
+        point = "4 waiting, in flight not counted (3 ready, 1 delayed, n/a in flight); 1 dead"
+        points = re.findall(rf"<title>contracts at [^<]*: {re.escape(point)}</title>", chart)
+        assert len(points) == 2, chart
+        assert "<polyline" in chart
 
         metrics = run_cli(env, "metrics")
         assert metrics.returncode == 0, metrics.stderr
@@ -719,6 +739,7 @@ def test_workers_on_rabbitmq_register_in_redis_and_are_forgotten_when_gone(
     test_environment: dict[str, str], redis_server: RedisServer, tmp_path: Any
 ) -> None:
     from workers.middleware.maintenance import heartbeats_key, workers_key
+    from workers.ops.history import depth_key
 
     namespace = unique("rabbit-registry")
     client = redis_server.client()
@@ -743,6 +764,7 @@ def test_workers_on_rabbitmq_register_in_redis_and_are_forgotten_when_gone(
             "REDIS_NAMESPACE": namespace,
             "HEARTBEAT_TIMEOUT_MS": "1000",
             "MAINTENANCE_INTERVAL_MS": "200",
+            "HISTORY_SAMPLE_INTERVAL_MS": "1000",
         }
         survivor = WorkerProcess(env, log_path=tmp_path / "survivor.log", threads=1).start()
         victim = WorkerProcess(env, log_path=tmp_path / "victim.log", threads=1).start()
@@ -755,6 +777,20 @@ def test_workers_on_rabbitmq_register_in_redis_and_are_forgotten_when_gone(
                 timeout=BOOT_TIMEOUT_SECONDS,
                 what="both workers to register in Redis",
             )
+            # The status page's depth samples, from RabbitMQ's counts: in flight unknown,
+            # one per interval however many workers tick.
+            wait_until(
+                lambda: client.zcard(depth_key(namespace)) >= 3,
+                timeout=BOOT_TIMEOUT_SECONDS,
+                what="depth samples from the workers on RabbitMQ",
+            )
+            samples = cast(
+                list[tuple[bytes, float]], client.zrange(depth_key(namespace), 0, -1, withscores=True)
+            )
+            stamps = [int(score) for _, score in samples]
+            assert all(later - earlier >= 1000 for earlier, later in itertools.pairwise(stamps)), stamps
+            sample = json.loads(samples[-1][0])
+            assert sample["q"]["contracts"] == [0, 0, None, 0], sample
             victims = set(victim.children())
             victim.kill()
             # No broker maintenance buries it on RabbitMQ: the survivor forgets it after

@@ -57,6 +57,8 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
         self, *, url: str, namespace: str, coordination: Callable[[], redis.Redis], **options: Any
     ) -> None:
         super().__init__(url=url, **options)
+        #: The AMQP URL (with its credentials: never print it), for reading queue figures.
+        self.url = url
         self.namespace = namespace
         #: This process's id in the Redis registry of workers (as the Redis broker's own).
         self.broker_id = str(uuid.uuid4())

@@ -222,6 +222,16 @@ class BrokerMaintenance(dramatiq.Middleware):
             client, namespace, silent_before_ms=now - FORGET_AFTER_TIMEOUTS * self.heartbeat_timeout_ms
         )
         history.flush_counts(broker, client)
+        try:
+            history.sample_rabbitmq_depth(
+                client, namespace, broker.url, interval_ms=self.history_sample_interval_ms
+            )
+        except Exception as exc:
+            # The error's name only: a connection error may spell out the URL, password included.
+            logger.warning(
+                "Could not record a queue-depth sample from RabbitMQ for the status history (%s).",
+                type(exc).__name__,
+            )
 
 
 def workers_key(namespace: str) -> str:

@@ -14,7 +14,10 @@ Workers record it, cheaply and without ever failing a message:
   reads every queue's ready, delayed, in-flight and dead counts and adds them to
   the sorted set ``{ns}:__stats__:depth`` (score: the time in milliseconds),
   trimmed to ``RETENTION``: one Lua script, so however many workers run there
-  is one sample per interval (``HISTORY_SAMPLE_INTERVAL_MS``).
+  is one sample per interval (``HISTORY_SAMPLE_INTERVAL_MS``). On RabbitMQ the
+  worker that claims the slot reads the counts from RabbitMQ (a passive declare
+  per queue, as ``status`` does) and stores them the same way, in flight
+  ``null``: plain AMQP does not count it.
 
 A write that fails is logged and dropped (counts survive a connection error
 until the next tick); it never stops maintenance or a message. Reading the
@@ -38,7 +41,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import q_name
 
-from workers.ops.snapshot import QUEUE_STATES, QUEUES
+from workers.ops.snapshot import BROKER_READ_TIMEOUT_SECONDS, QUEUE_STATES, QUEUES
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +133,51 @@ def sample_depth(
     return bool(stored)
 
 
+def claim_sample_slot(client: Any, namespace: str, *, interval_ms: int, now_ms: int) -> bool:
+    """Whether this caller takes the depth sample of the interval starting now (at most one does)."""
+    return bool(client.set(f"{stats_prefix(namespace)}:depth_claim", now_ms, nx=True, px=interval_ms))
+
+
+def store_depth_sample(
+    client: Any, namespace: str, queues: dict[str, list[int | None]], *, now_ms: int
+) -> None:
+    """Add one sample, ``{queue: [ready, delayed, in_flight, dead]}``, as the Lua script on Redis does."""
+    key, retention_ms = depth_key(namespace), RETENTION_SECONDS * 1000
+    with client.pipeline(transaction=True) as pipe:
+        pipe.zadd(key, {json.dumps({"t": now_ms, "q": queues}): now_ms})
+        pipe.zremrangebyscore(key, "-inf", now_ms - retention_ms)
+        pipe.pexpire(key, retention_ms)
+        pipe.execute()
+
+
+def sample_rabbitmq_depth(
+    client: Any,
+    namespace: str,
+    amqp_url: str,
+    *,
+    interval_ms: int,
+    timeout: float = BROKER_READ_TIMEOUT_SECONDS,
+) -> bool:
+    """``sample_depth`` on RabbitMQ: RabbitMQ's counts stored in Redis (``client``), in flight unknown.
+
+    Only the worker that claims the interval reads RabbitMQ, over a connection of
+    its own that gives up after ``timeout`` seconds.
+    """
+    from workers.ops.rabbitmq_queues import rabbitmq_figures
+
+    now_ms = int(time.time() * 1000)
+    if not claim_sample_slot(client, namespace, interval_ms=interval_ms, now_ms=now_ms):
+        return False
+    figures = rabbitmq_figures(amqp_url, timeout=timeout)
+    store_depth_sample(
+        client,
+        namespace,
+        {queue.name: [getattr(queue, state) for state in QUEUE_STATES] for queue in figures},
+        now_ms=now_ms,
+    )
+    return True
+
+
 def flush_counts(broker: Any, client: Any) -> None:
     """Add the counts of this broker's ``MessageLog`` to Redis through ``client`` (the broker's
     own on Redis, the coordinating one on RabbitMQ); a failure is logged, not raised."""
@@ -162,8 +210,8 @@ class DepthSample:
     """Each queue's messages by state at one moment."""
 
     at: datetime
-    #: {queue: {"ready": n, "delayed": n, "in_flight": n, "dead": n}}
-    queues: dict[str, dict[str, int]]
+    #: {queue: {"ready": n, "delayed": n, "in_flight": n, "dead": n}}; in flight None on RabbitMQ.
+    queues: dict[str, dict[str, int | None]]
 
 
 @dataclass
@@ -204,7 +252,9 @@ def read_history(client: Any, namespace: str, *, now: datetime, span: timedelta 
         try:
             data = json.loads(raw)
             depths = {
-                str(queue): dict(zip(QUEUE_STATES, (int(n) for n in figures), strict=True))
+                str(queue): dict(
+                    zip(QUEUE_STATES, (None if n is None else int(n) for n in figures), strict=True)
+                )
                 for queue, figures in (data.get("q") or {}).items()
             }
         except (ValueError, TypeError, AttributeError):

@@ -103,18 +103,17 @@ def _data_block(data: dict[str, Any]) -> str:
 
 
 def depth_chart(snapshot: Snapshot, history: History, *, sample_interval_ms: int) -> str:
-    """Per queue, messages not done yet (ready + delayed + in flight), then the snapshot itself."""
+    """Per queue, messages not done yet (ready + delayed + in flight), then the snapshot itself.
+
+    Where the broker does not count messages in flight (RabbitMQ), a point is
+    what waits on the queues (ready + delayed) and says so.
+    """
     names = ordered(QUEUES, (name for sample in history.depth for name in sample.queues))
-    # A queue whose messages in flight the broker does not tell (RabbitMQ) has no
-    # "not done" figure to draw.
     now_figures = {
-        queue.name: {state: getattr(queue, state) for state in QUEUE_STATES}
-        for queue in snapshot.queues
-        if queue.in_flight is not None
+        queue.name: {state: getattr(queue, state) for state in QUEUE_STATES} for queue in snapshot.queues
     }
     samples = [(sample.at, sample.queues, "") for sample in history.depth]
-    if now_figures:
-        samples.append((snapshot.taken_at, now_figures, " (this snapshot)"))
+    samples.append((snapshot.taken_at, now_figures, " (this snapshot)"))
     series = []
     for index, name in enumerate(names):
         line = Series(name=name, color=PALETTE[index % len(PALETTE)])
@@ -122,14 +121,17 @@ def depth_chart(snapshot: Snapshot, history: History, *, sample_interval_ms: int
             figures = queues.get(name)
             if figures is None:
                 continue
-            pending = figures["ready"] + figures["delayed"] + figures["in_flight"]
+            in_flight = figures["in_flight"]
+            waiting = (figures["ready"] or 0) + (figures["delayed"] or 0)
+            pending = waiting + (in_flight or 0)
+            what = "not done" if in_flight is not None else "waiting, in flight not counted"
             line.points.append(
                 (
                     at,
                     float(pending),
-                    f"{name} at {format_time(at)} UTC{note}: {pending} not done "
+                    f"{name} at {format_time(at)} UTC{note}: {pending} {what} "
                     f"({figures['ready']} ready, {figures['delayed']} delayed, "
-                    f"{figures['in_flight']} in flight); {figures['dead']} dead",
+                    f"{format_count(in_flight)} in flight); {figures['dead']} dead",
                 )
             )
         series.append(line)
@@ -375,8 +377,8 @@ not acknowledged yet. Dead: in Dramatiq's dead-letter queue; dead letters by act
 <code>dead_letters</code> table. On RabbitMQ, n/a: plain AMQP does not count messages in flight (a retry a
 worker holds until its time is among them) nor tell the oldest message's age.
 Emails are counted by when they were sent (sent) or last failed (failed).
-On Redis, workers record a depth sample every {interval_s:g} s and count messages per minute;
-the chart shows the last hour.</p>
+Workers record a depth sample every {interval_s:g} s and count messages per minute;
+the chart shows the last hour (on RabbitMQ, depth is what waits: ready and delayed).</p>
 </footer>
 {_data_block(data)}
 </body>
