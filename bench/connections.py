@@ -52,10 +52,15 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def bundle_path(root: Path) -> Path:
+    """Where ``trusted_bundle`` writes the bundle under ``root``."""
+    return root / "ca-bundle.pem"
+
+
 def trusted_bundle(root: Path, certificate: Path) -> Path:
     """The system's CA bundle with ``certificate`` added: a client loads all of it for each new
     TLS context, as it does in production to trust SendGrid."""
-    bundle = root / "ca-bundle.pem"
+    bundle = bundle_path(root)
     system = SYSTEM_CA_BUNDLE.read_bytes() if SYSTEM_CA_BUNDLE.is_file() else b""
     bundle.write_bytes(system + b"\n" + certificate.read_bytes())
     return bundle
