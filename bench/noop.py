@@ -11,6 +11,9 @@ import dramatiq
 #: The environment variable holding the baseline's Redis namespace.
 NAMESPACE_VARIABLE = "BENCH_NOOP_NAMESPACE"
 
+#: The environment variable that puts the baseline on RabbitMQ (its AMQP URL).
+AMQP_URL_VARIABLE = "BENCH_NOOP_AMQP_URL"
+
 #: The queue both no-op actors consume.
 QUEUE = "bench_noop"
 

@@ -12,6 +12,9 @@ the same Redis server (namespaces of their own):
   that figures stay comparable from run to run; HTTPS adds the TLS work a
   production worker does.
 
+With ``--broker rabbitmq`` both run on Dramatiq's RabbitMQ broker instead, in a
+virtual host of the run's own (``BENCH_AMQP_URL``); Redis still coordinates.
+
 Figures, each as a ratio to its baseline:
 
 - throughput, existing accounts: ``send_contract`` for clients who have logged
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import importlib
 import os
 import statistics
 import threading
@@ -79,6 +83,12 @@ WARM_UP_NOOPS = 40
 #: Steady state: completions between these fractions of a run count for its rate.
 STEADY_FROM, STEADY_TO = 0.1, 0.9
 
+#: The RabbitMQ server of ``--broker rabbitmq`` (a virtual host of the run's own is added).
+BENCH_AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
+
+#: Reading a queue's counts from RabbitMQ gives up after this long, in seconds.
+AMQP_TIMEOUT_SECONDS = 5.0
+
 #: Messages a Dramatiq worker process prefetches per thread (its default).
 DRAMATIQ_PREFETCH_PER_THREAD = 2
 
@@ -111,6 +121,14 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         help="the service's workers only: WORKER_TIMEOUT_MS, Dramatiq's longest idle poll, in ms "
         f"(default: the service's, {DEFAULT_WORKER_TIMEOUT_MS}); the no-op baseline keeps Dramatiq's "
         "defaults (1000)",
+    )
+    group.add_argument(
+        "--broker",
+        choices=["redis", "rabbitmq"],
+        default="redis",
+        help="redis (default), or rabbitmq: the service (BROKER_URL) and the no-op baseline on "
+        f"Dramatiq's RabbitMQ broker, in a virtual host of their own at {BENCH_AMQP_URL} "
+        "(pipeline only; Redis still coordinates)",
     )
     group.add_argument(
         "--https",
@@ -217,17 +235,59 @@ def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
 # -- the baseline ----------------------------------------------------------------------
 
 
+class NoopQueue:
+    """The baseline's queue as the benchmark process sees it: on Redis, or on RabbitMQ (``amqp_url``)."""
+
+    def __init__(self, workbench: Workbench, namespace: str, *, amqp_url: str | None) -> None:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+        from dramatiq.brokers.redis import RedisBroker
+
+        self.amqp_url = amqp_url
+        self.namespace = namespace
+        self.redis = workbench.redis_client()
+        self.broker: Any = (
+            RedisBroker(url=workbench.redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
+            if amqp_url is None
+            else RabbitmqBroker(url=amqp_url)
+        )
+        self.broker.declare_queue(QUEUE)
+
+    def enqueue_all(self, messages: list[Any]) -> None:
+        from workers.redis_dispatch import enqueue_many
+
+        enqueue_many(self.broker, messages)
+
+    def left(self) -> int:
+        """Messages not processed yet (on RabbitMQ: not fetched yet, so up to the prefetch fewer)."""
+        if self.amqp_url is None:
+            return int(self.redis.hlen(f"{self.namespace}:{QUEUE}.msgs"))
+        return int(self._state().message_count)
+
+    def wait_consuming(self, worker: WorkerRun) -> None:
+        """Wait until every worker process consumes: its heartbeat in Redis, or its RabbitMQ consumer."""
+        if self.amqp_url is None:
+            worker.wait_registered(self.redis, self.namespace)
+        else:
+            worker.wait_ready(lambda: int(self._state().consumer_count) >= worker.processes)
+
+    def _state(self) -> Any:
+        from workers.ops.rabbitmq_queues import amqp_connection, queue_state
+
+        assert self.amqp_url is not None
+        with amqp_connection(self.amqp_url, timeout=AMQP_TIMEOUT_SECONDS) as connection:
+            return queue_state(connection, QUEUE)
+
+    def close(self) -> None:
+        self.redis.close()
+        self.broker.close()
+
+
 def run_noop(workbench: Workbench, options: argparse.Namespace) -> dict[str, Any]:
-    """The no-op actor's throughput and latency on Dramatiq's own broker, same Redis server."""
-    from dramatiq.brokers.redis import RedisBroker
-
-    from workers.redis_dispatch import enqueue_many
-
+    """The no-op actor's throughput and latency on Dramatiq's own broker, on the same servers."""
     namespace = f"{workbench.namespace}-noop"
-    broker = RedisBroker(url=workbench.redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
-    broker.declare_queue(QUEUE)
-    redis = workbench.redis_client()
-    messages_key = f"{namespace}:{QUEUE}.msgs"
+    amqp_url = os.environ.get("BROKER_URL") if options.broker == "rabbitmq" else None
+    queue = NoopQueue(workbench, namespace, amqp_url=amqp_url)
+    broker, redis = queue.broker, queue.redis
     latencies_key = f"{namespace}:{LATENCIES_KEY}"
     count = size(options, "noop_messages")
     worker = noop_worker(
@@ -236,11 +296,12 @@ def run_noop(workbench: Workbench, options: argparse.Namespace) -> dict[str, Any
         processes=options.processes,
         threads=options.threads,
         log_path=workbench.root / "noop-worker.log",
+        amqp_url=amqp_url,
     )
 
     def drain(total: int, what: str, samples: list[tuple[float, int]] | None = None) -> None:
         def drained() -> bool:
-            left = int(redis.hlen(messages_key))
+            left = queue.left()
             if samples is not None:
                 samples.append((time.time(), total - left))
             return left == 0
@@ -248,13 +309,13 @@ def run_noop(workbench: Workbench, options: argparse.Namespace) -> dict[str, Any
         wait_for(drained, timeout=60 + total / 50, what=what, worker=worker)
 
     # Queued first, then the worker starts: the same order as the service's runs.
-    enqueue_many(broker, [noop_message("noop") for _ in range(count)])
+    queue.enqueue_all([noop_message("noop") for _ in range(count)])
     print(f"    no-op: {count} messages ...", flush=True)
     load_before = load_average()
     samples: list[tuple[float, int]] = []
     started = time.time()
     with worker:
-        worker.wait_registered(redis, namespace)
+        queue.wait_consuming(worker)
         ready = time.time()
         cpu_before, machine_before = worker.cpu_seconds(), cpu_ticks()
         drain(count, "the no-op messages", samples)
@@ -289,8 +350,7 @@ def run_noop(workbench: Workbench, options: argparse.Namespace) -> dict[str, Any
         )
         latency = percentiles([float(value) for value in redis.lrange(latencies_key, 0, -1)])
         peaks = worker.peak_rss_bytes()
-    redis.close()
-    broker.close()
+    queue.close()
     return {"throughput": throughput, "latency": latency, "peak_rss_bytes": peaks}
 
 
@@ -607,6 +667,7 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
         "database": kind,
         "processes": options.processes,
         "threads": options.threads,
+        "broker": options.broker,
         "provider_scheme": "https" if options.https else "http",
         "service_worker_timeout_ms": options.worker_timeout_ms,
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -628,9 +689,24 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
 
 
 def run(workbench: Workbench, options: argparse.Namespace, kinds: list[DatabaseKind]) -> dict[str, Any]:
-    import actors  # noqa: F401 - sets up the service's broker from the workbench's settings
+    """Each database's figures, keyed ``postgresql`` (on Redis) or ``postgresql on rabbitmq``."""
+    if options.broker == "redis":
+        # Sets up the service's broker (the producer's) from the workbench's settings.
+        importlib.import_module("actors")
+        return {kind: run_on(workbench, kind, options) for kind in kinds}
+    from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
 
-    return {kind: run_on(workbench, kind, options) for kind in kinds}
+    try:
+        with virtual_host(BENCH_AMQP_URL, prefix="contract-dispatch-bench") as amqp_url:
+            from workers.settings import reset_settings
+
+            # Before the actors are imported: the producer's broker is built from BROKER_URL.
+            os.environ["BROKER_URL"] = amqp_url
+            reset_settings()
+            importlib.import_module("actors")
+            return {f"{kind} on rabbitmq": run_on(workbench, kind, options) for kind in kinds}
+    except VhostUnavailable as exc:
+        raise SystemExit(f"RabbitMQ at {BENCH_AMQP_URL} is unusable: {exc}") from None
 
 
 # -- the summary -----------------------------------------------------------------------

@@ -14,10 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.noop import NAMESPACE_VARIABLE
+from bench.noop import AMQP_URL_VARIABLE, NAMESPACE_VARIABLE
 
 #: The repository root: ``python -m dramatiq bench.noop_actors`` imports from there.
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -72,9 +73,13 @@ class WorkerRun:
         Only heartbeats since this run's start count: an earlier worker's stay
         in the set until maintenance drops them.
         """
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
         key = f"{namespace}:__heartbeats__"
-        while redis_client.zcount(key, self.started_ms, "+inf") < self.processes:
+        self.wait_ready(lambda: redis_client.zcount(key, self.started_ms, "+inf") >= self.processes)
+
+    def wait_ready(self, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()``, failing if the worker exits or takes longer than it may to start."""
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while not ready():
             if self.process is None or self.process.poll() is not None:
                 raise SystemExit(
                     f"the {self.label} worker exited; see {self.log_path}:\n{self.log()[-2000:]}"
@@ -132,9 +137,18 @@ def service_worker(env: dict[str, str], *, processes: int, threads: int, log_pat
 
 
 def noop_worker(
-    env: dict[str, str], *, namespace: str, processes: int, threads: int, log_path: Path
+    env: dict[str, str],
+    *,
+    namespace: str,
+    processes: int,
+    threads: int,
+    log_path: Path,
+    amqp_url: str | None = None,
 ) -> WorkerRun:
-    """Dramatiq's own CLI on the no-op actors (``bench.noop_actors``), Dramatiq's defaults otherwise."""
+    """Dramatiq's own CLI on the no-op actors (``bench.noop_actors``), Dramatiq's defaults otherwise.
+
+    With ``amqp_url`` the no-op actors are on Dramatiq's RabbitMQ broker there.
+    """
     argv = [
         sys.executable,
         "-m",
@@ -146,4 +160,6 @@ def noop_worker(
         str(threads),
     ]
     environment = {**env, NAMESPACE_VARIABLE: namespace, "PYTHONPATH": str(REPOSITORY)}
+    if amqp_url is not None:
+        environment[AMQP_URL_VARIABLE] = amqp_url
     return WorkerRun(argv, environment, log_path=log_path, processes=processes, label="no-op")
