@@ -42,6 +42,7 @@ would fall inside the window (60 new accounts gave 0.82 x hashes, 600 gave 0.57)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import importlib
 import os
@@ -242,7 +243,8 @@ class NoopQueue:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
         from dramatiq.brokers.redis import RedisBroker
 
-        self.amqp_url = amqp_url
+        from workers.ops.rabbitmq_queues import amqp_connection
+
         self.namespace = namespace
         self.redis = workbench.redis_client()
         self.broker: Any = (
@@ -251,6 +253,14 @@ class NoopQueue:
             else RabbitmqBroker(url=amqp_url)
         )
         self.broker.declare_queue(QUEUE)
+        self._closing = contextlib.ExitStack()
+        # One connection for the run's polls (every few ms while draining): a new one
+        # per poll would load the cores the baseline is measured on.
+        self._amqp = (
+            self._closing.enter_context(amqp_connection(amqp_url, timeout=AMQP_TIMEOUT_SECONDS))
+            if amqp_url is not None
+            else None
+        )
 
     def enqueue_all(self, messages: list[Any]) -> None:
         from workers.redis_dispatch import enqueue_many
@@ -259,25 +269,25 @@ class NoopQueue:
 
     def left(self) -> int:
         """Messages not processed yet (on RabbitMQ: not fetched yet, so up to the prefetch fewer)."""
-        if self.amqp_url is None:
+        if self._amqp is None:
             return int(self.redis.hlen(f"{self.namespace}:{QUEUE}.msgs"))
         return int(self._state().message_count)
 
     def wait_consuming(self, worker: WorkerRun) -> None:
         """Wait until every worker process consumes: its heartbeat in Redis, or its RabbitMQ consumer."""
-        if self.amqp_url is None:
+        if self._amqp is None:
             worker.wait_registered(self.redis, self.namespace)
         else:
             worker.wait_ready(lambda: int(self._state().consumer_count) >= worker.processes)
 
     def _state(self) -> Any:
-        from workers.ops.rabbitmq_queues import amqp_connection, queue_state
+        from workers.ops.rabbitmq_queues import queue_state
 
-        assert self.amqp_url is not None
-        with amqp_connection(self.amqp_url, timeout=AMQP_TIMEOUT_SECONDS) as connection:
-            return queue_state(connection, QUEUE)
+        assert self._amqp is not None
+        return queue_state(self._amqp, QUEUE)
 
     def close(self) -> None:
+        self._closing.close()
         self.redis.close()
         self.broker.close()
 
@@ -466,14 +476,16 @@ class ServiceRun:
     its own. The steady-state window leaves the worker's start-up out.
     """
 
-    def __init__(self, workbench: Workbench, standin: Any, options: argparse.Namespace) -> None:
+    def __init__(
+        self, workbench: Workbench, standin: Any, options: argparse.Namespace, *, trust: Path | None
+    ) -> None:
         self.workbench = workbench
         self.standin = standin
         self.options = options
         self.contracts = Contracts()
         self.runs = 0
         #: Where the HTTPS stand-in's certificate and the workers' CA bundle are (None: HTTP).
-        self.trust = workbench.root if options.https else None
+        self.trust = trust
 
     @contextmanager
     def worker(self) -> Iterator[WorkerRun]:
@@ -623,8 +635,9 @@ def run_service(workbench: Workbench, options: argparse.Namespace) -> dict[str, 
     set_workspace(WORKSPACE, ["rg-1"])
     hash_s, hash_parameters = argon2id_hash_seconds()
     figures: dict[str, Any] = {}
-    with standin_server(trust=workbench.root if options.https else None) as standin:
-        run = ServiceRun(workbench, standin, options)
+    trust = workbench.root if options.https else None
+    with standin_server(trust=trust) as standin:
+        run = ServiceRun(workbench, standin, options, trust=trust)
 
         count = size(options, "contracts")
         print(f"    service: {count} contracts, existing accounts ...", flush=True)

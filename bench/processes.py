@@ -73,7 +73,9 @@ class WorkerRun:
         Only heartbeats since this run's start count: an earlier worker's stay
         in the set until maintenance drops them.
         """
-        key = f"{namespace}:__heartbeats__"
+        from workers.middleware.maintenance import heartbeats_key
+
+        key = heartbeats_key(namespace)
         self.wait_ready(lambda: redis_client.zcount(key, self.started_ms, "+inf") >= self.processes)
 
     def wait_ready(self, ready: Callable[[], bool]) -> None:
