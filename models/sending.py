@@ -8,7 +8,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import bindparam, func, update
+from sqlalchemy import CompoundSelect, bindparam, func, literal_column, null, sql, union_all, update
 from sqlmodel import Session, col, select
 
 from models.access_codes import AccessCodePolicy, access_code_fields, issue_access_code, needs_access_code
@@ -21,9 +21,10 @@ from models.messages import SendContract
 from models.reminders import CYCLE_FIELDS, ReminderPolicy, cycle_start, start_cycle
 from models.upsert import chunks, insert_ignoring_conflict, insert_many_returning, table_of
 from models.workspace import (
+    ResourceGroup,
+    Workspace,
     choose_resource_group,
     resolve_resource_group,
-    resource_groups_of,
     resource_groups_of_many,
 )
 
@@ -114,7 +115,6 @@ _CONTRACT_STATE = select(col(Contract.id), col(Contract.status), col(Contract.co
     col(Contract.id) == bindparam("contract_id")
 )
 _CONTRACT_STATE_FOR_UPDATE = _CONTRACT_STATE.with_for_update()
-_BOUND_COMPANY = select(col(Account.company_name)).where(col(Account.email) == bindparam("email"))
 _RECORD_SENT = (
     update(table_of(Contract))
     .where(table_of(Contract).c.id == bindparam("contract_id"))
@@ -245,19 +245,60 @@ def _check_rules(
     check_binding(bound_company=bound_company, requested_company=message.company_name)
 
 
+def _send_check_reads() -> CompoundSelect[Any]:
+    """What the producer's check reads, as one statement (one round trip, not three).
+
+    Tagged rows: ``contract`` (status, content hash) if the contract is recorded,
+    ``account`` (bound company) if the address is bound, and one ``workspace`` row
+    per resource group (the group NULL for a workspace without any) if it is
+    registered.
+    """
+    contracts, accounts = table_of(Contract), table_of(Account)
+    workspaces, groups = table_of(Workspace), table_of(ResourceGroup)
+    return union_all(
+        sql.select(literal_column("'contract'"), contracts.c.status, contracts.c.content_hash).where(
+            contracts.c.id == bindparam("contract_id")
+        ),
+        sql.select(literal_column("'account'"), accounts.c.company_name, null()).where(
+            accounts.c.email == bindparam("email")
+        ),
+        sql.select(literal_column("'workspace'"), workspaces.c.id, groups.c.id)
+        .select_from(workspaces.outerjoin(groups, groups.c.workspace_id == workspaces.c.id))
+        .where(workspaces.c.id == bindparam("workspace_id")),
+    )
+
+
+# Built once: every send_contract runs it.
+_SEND_CHECK_READS = _send_check_reads()
+
+
 def check_send_contract(session: Session, message: SendContract) -> ContractState | None:
     """The producer-side check: the same rules, read-only, before enqueueing.
 
     Returns the existing contract's state when this exact message was already accepted.
     """
-    connection = session.connection()
-    row = connection.execute(_CONTRACT_STATE, {"contract_id": message.contract_id}).first()
-    existing = ContractState.of(row) if row is not None else None
-    bound_company = connection.execute(_BOUND_COMPANY, {"email": message.email}).scalar()
+    rows = session.connection().execute(
+        _SEND_CHECK_READS,
+        {"contract_id": message.contract_id, "email": message.email, "workspace_id": message.workspace_id},
+    )
+    existing: ContractState | None = None
+    bound_company: str | None = None
+    groups: list[str] | None = None
+    for tag, first, second in rows:
+        if tag == "contract":
+            existing = ContractState(
+                id=message.contract_id, status=str(first), content_hash=str(second or "")
+            )
+        elif tag == "account":
+            bound_company = str(first)
+        else:
+            groups = groups if groups is not None else []
+            if second is not None:
+                groups.append(str(second))
     _check_rules(
         message,
         stored_hash=existing.content_hash if existing is not None else None,
-        groups=resource_groups_of(session, message.workspace_id),
+        groups=sorted(groups) if groups is not None else None,
         bound_company=bound_company,
     )
     return existing
