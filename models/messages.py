@@ -9,6 +9,7 @@ domain rules.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -155,6 +156,12 @@ class SendContract(WireMessage):
 
     def content_hash(self) -> str:
         """SHA-256 of the canonical content: the same id with another hash is a conflict."""
+        return self._content_digest
+
+    @functools.cached_property
+    def _content_digest(self) -> str:
+        # Computed once: sending reads it up to three times per message (check,
+        # batch bookkeeping, the recorded row), and the message is frozen.
         canonical = json.dumps(self.to_payload(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -26,6 +26,10 @@ def has_control_characters(value: str) -> bool:
     nothing, so two names that read the same could differ: one company could
     bind a look-alike of another's name.
     """
+    # Fast path for the usual text: a printable string (str.isprintable) holds no
+    # character of those categories, and the bidi controls are format characters.
+    if value.isprintable():
+        return False
     return any(
         unicodedata.category(ch) in ("Cc", "Zl", "Zp")
         or (unicodedata.category(ch) == "Cf" and ch not in _JOINERS)

@@ -8,6 +8,7 @@ SendGrid stand-in.
 from __future__ import annotations
 
 import json
+import sys
 import unicodedata
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from models.account import Account
 from models.binding import check_binding, normalize_company_name, normalize_email
 from models.contract import Contract
 from models.errors import EmailBoundToOtherCompany, Rejected
+from models.text import has_control_characters
 from tests.support import all_emails_sent, contract_payload, send_args, unique, wait_for_contract
 from workers.cli import main as cli_main
 from workers.database import session_scope
@@ -133,6 +135,25 @@ def test_normalize_company_name_trims_and_composes_but_keeps_case():
 def test_normalize_company_name_refuses_empty_and_control_characters(bad):
     with pytest.raises(ValueError):
         normalize_company_name(bad)
+
+
+def test_control_characters_are_found_in_every_code_point_of_their_categories():
+    # Reference: the categories the rule names, checked character by character
+    # (has_control_characters skips that walk for printable text). Unassigned
+    # code points (Cn) are neither refused nor printable: left out, for time.
+    refused = {"Cc", "Zl", "Zp", "Cf"}
+    joiners = {"\u200c", "\u200d"}
+    characters = [chr(code_point) for code_point in range(sys.maxunicode + 1)]
+    categories = [unicodedata.category(character) for character in characters]
+    checked = 0
+    for character, category in zip(characters, categories, strict=True):
+        if category != "Cn":
+            expected = category in refused and character not in joiners
+            assert has_control_characters(character) is expected, hex(ord(character))
+            checked += 1
+    assert checked > 150_000
+    assert not has_control_characters("Société Générale, 12 rue d'Alésia")
+    assert has_control_characters("ACME\u202eSARL")
 
 
 def test_normalize_email_folds_the_domain_only():
