@@ -184,7 +184,9 @@ def bad_identifier() -> st.SearchStrategy[Any]:
     outside_alphabet = st.builds(
         lambda head, bad, tail: head + bad + tail,
         letters,
-        st.sampled_from(["/", "..", " ", ":", "é", "<", "'", "%", "\\", "@"]),
+        # Not "..": dots are in the alphabet, so "a..b" is a valid identifier; a
+        # path that climbs is refused for its leading dot (below) and its "/".
+        st.sampled_from(["/", " ", ":", "é", "<", "'", "%", "\\", "@"]),
         letters,
     )
     return st.one_of(
@@ -194,6 +196,7 @@ def bad_identifier() -> st.SearchStrategy[Any]:
         outside_alphabet,
         st.just(""),
         st.just("-leading-dash"),
+        st.just("../etc/passwd"),
     )
 
 
