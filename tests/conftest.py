@@ -2,9 +2,10 @@
 SendGrid stand-in over HTTP, and real Dramatiq workers.
 
 Nothing here touches data it did not create: Redis is a server started for this
-session on a free port, SQLite lives in a temporary directory, and PostgreSQL
-tests work in a schema created for this session and dropped at the end.
-PostgreSQL tests skip on a machine without a server, except when ``CI`` is set.
+session (each pytest-xdist worker process is one) on a free port, SQLite lives in
+a temporary directory, and PostgreSQL tests work in a schema created for this
+session and dropped at the end. PostgreSQL tests skip on a machine without a
+server, except when ``CI`` is set.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ _state: dict[str, Any] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        # pytest-xdist's controller runs no test: each of its worker processes is
+        # a session of its own, with its own servers, started here.
+        return
     root = Path(tempfile.mkdtemp(prefix="contract-dispatch-tests-"))
     redis_server = RedisServer(root / "redis").start()
     standin = SendGridStandIn().start()
