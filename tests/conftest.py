@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,8 @@ from typing import Any
 
 import dramatiq
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.sendgrid_standin import API_KEY, SendGridStandIn
 from tests.support import CapturingHandler, RedisServer
@@ -126,9 +128,28 @@ def _postgres_schema_url() -> Iterator[str]:
         from workers.database import dispose_engines
 
         dispose_engines()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        _drop_schema(admin, schema)
         admin.dispose()
+
+
+#: Attempts at dropping a test schema (a deadlock aborts one), and the pause between them in seconds.
+DROP_ATTEMPTS = 5
+DROP_PAUSE_SECONDS = 0.2
+
+
+def _drop_schema(admin: Engine, schema: str) -> None:
+    # A thread of the session's in-process worker can still be in a transaction on
+    # the schema's tables (a maintenance tick): PostgreSQL may then pick the DROP as
+    # a deadlock's victim (seen with three test processes). The other side finishes.
+    for attempt in range(1, DROP_ATTEMPTS + 1):
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            return
+        except OperationalError:
+            if attempt == DROP_ATTEMPTS:
+                raise
+            time.sleep(DROP_PAUSE_SECONDS)
 
 
 @contextmanager
