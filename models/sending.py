@@ -21,11 +21,12 @@ from models.messages import SendContract
 from models.reminders import CYCLE_FIELDS, ReminderPolicy, cycle_start, start_cycle
 from models.upsert import chunks, insert_ignoring_conflict, insert_many_returning, table_of
 from models.workspace import (
-    ResourceGroup,
     Workspace,
     choose_resource_group,
+    fold_groups,
     resolve_resource_group,
     resource_groups_of_many,
+    workspace_group_pairs,
 )
 
 #: Statuses in which a send_contract may (re)do its work; later ones are final for it.
@@ -248,23 +249,21 @@ def _check_rules(
 def _send_check_reads() -> CompoundSelect[Any]:
     """What the producer's check reads, as one statement (one round trip, not three).
 
-    Tagged rows: ``contract`` (status, content hash) if the contract is recorded,
-    ``account`` (bound company) if the address is bound, and one ``workspace`` row
-    per resource group (the group NULL for a workspace without any) if it is
-    registered.
+    Rows tagged in their last column: ``contract`` (status, content hash) if the
+    contract is recorded, ``account`` (bound company) if the address is bound, and
+    the ``workspace_group_pairs`` of the workspace if it is registered.
     """
     contracts, accounts = table_of(Contract), table_of(Account)
-    workspaces, groups = table_of(Workspace), table_of(ResourceGroup)
     return union_all(
-        sql.select(literal_column("'contract'"), contracts.c.status, contracts.c.content_hash).where(
+        sql.select(contracts.c.status, contracts.c.content_hash, literal_column("'contract'")).where(
             contracts.c.id == bindparam("contract_id")
         ),
-        sql.select(literal_column("'account'"), accounts.c.company_name, null()).where(
+        sql.select(accounts.c.company_name, null(), literal_column("'account'")).where(
             accounts.c.email == bindparam("email")
         ),
-        sql.select(literal_column("'workspace'"), workspaces.c.id, groups.c.id)
-        .select_from(workspaces.outerjoin(groups, groups.c.workspace_id == workspaces.c.id))
-        .where(workspaces.c.id == bindparam("workspace_id")),
+        workspace_group_pairs()
+        .add_columns(literal_column("'workspace'"))
+        .where(col(Workspace.id) == bindparam("workspace_id")),
     )
 
 
@@ -283,8 +282,8 @@ def check_send_contract(session: Session, message: SendContract) -> ContractStat
     )
     existing: ContractState | None = None
     bound_company: str | None = None
-    groups: list[str] | None = None
-    for tag, first, second in rows:
+    workspace_rows: list[tuple[str, str | None]] = []
+    for first, second, tag in rows:
         if tag == "contract":
             existing = ContractState(
                 id=message.contract_id, status=str(first), content_hash=str(second or "")
@@ -292,13 +291,12 @@ def check_send_contract(session: Session, message: SendContract) -> ContractStat
         elif tag == "account":
             bound_company = str(first)
         else:
-            groups = groups if groups is not None else []
-            if second is not None:
-                groups.append(str(second))
+            workspace_rows.append((first, second))
+    groups = fold_groups(workspace_rows, {}).get(message.workspace_id)
     _check_rules(
         message,
         stored_hash=existing.content_hash if existing is not None else None,
-        groups=sorted(groups) if groups is not None else None,
+        groups=groups,
         bound_company=bound_company,
     )
     return existing

@@ -59,21 +59,24 @@ def set_workspace(session: Session, workspace_id: str, resource_group_ids: list[
     return workspace
 
 
-def _workspace_groups() -> Select[str, str]:
-    # The workspaces outer-joined to their groups: a workspace without groups
-    # still gives a row (its group is NULL).
-    return (
-        select(Workspace.id, ResourceGroup.id)
-        .outerjoin(ResourceGroup, col(ResourceGroup.workspace_id) == col(Workspace.id))
-        .order_by(col(Workspace.id), col(ResourceGroup.id))
+def workspace_group_pairs() -> Select[str, str]:
+    """(workspace id, resource group id) rows, unordered: the workspaces outer-joined to
+    their groups, so that a workspace without groups still gives a row (group NULL)."""
+    return select(Workspace.id, ResourceGroup.id).outerjoin(
+        ResourceGroup, col(ResourceGroup.workspace_id) == col(Workspace.id)
     )
+
+
+def _workspace_groups() -> Select[str, str]:
+    return workspace_group_pairs().order_by(col(Workspace.id), col(ResourceGroup.id))
 
 
 # Built once: the hot path (every send_contract) reuses its cache key.
 _ONE_WORKSPACE = _workspace_groups().where(col(Workspace.id) == bindparam("workspace_id"))
 
 
-def _fold(rows: Iterable[tuple[str, str | None]], into: dict[str, list[str]]) -> dict[str, list[str]]:
+def fold_groups(rows: Iterable[tuple[str, str | None]], into: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Group ``workspace_group_pairs`` rows by workspace, into ``into`` (a NULL group adds none)."""
     for workspace_id, group in rows:
         found = into.setdefault(workspace_id, [])
         if group is not None:
@@ -85,14 +88,14 @@ def resource_groups_of(session: Session, workspace_id: str) -> list[str] | None:
     """The resource group ids of a workspace, or None if it is not registered (one round trip)."""
     # On the connection: plain rows, without the ORM's result processing.
     rows = session.connection().execute(_ONE_WORKSPACE, {"workspace_id": workspace_id})
-    return _fold(cast(Iterable[tuple[str, str | None]], rows), {}).get(workspace_id)
+    return fold_groups(cast(Iterable[tuple[str, str | None]], rows), {}).get(workspace_id)
 
 
 def resource_groups_of_many(session: Session, workspace_ids: Iterable[str]) -> dict[str, list[str]]:
     """``resource_groups_of`` for many workspaces, one round trip per 500; unregistered ones are absent."""
     groups: dict[str, list[str]] = {}
     for chunk in chunks(sorted(set(workspace_ids))):
-        _fold(session.exec(_workspace_groups().where(col(Workspace.id).in_(chunk))), groups)
+        fold_groups(session.exec(_workspace_groups().where(col(Workspace.id).in_(chunk))), groups)
     return groups
 
 

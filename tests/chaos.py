@@ -51,6 +51,7 @@ import redis
 from tests.processes import WorkerProcess
 from tests.sendgrid_standin import API_KEY, Answer, Incoming, Received, SendGridStandIn
 from tests.support import RedisServer, wait_until
+from workers.dead_letters import LOST_REASON
 from workers.email.delivery import MARK_SENT_PATIENCE_SECONDS
 
 #: Where PostgreSQL runs are made (trust auth); the run adds a schema of its own.
@@ -68,10 +69,6 @@ WORKSPACE = "ws-chaos"
 CAUSE_TIMED_OUT = "provider accepted after the client timed out"
 CAUSE_KILLED = "SIGKILL between 202 and commit"
 CAUSE_UNEXPLAINED = "unexplained"
-
-#: The exception type a dead letter is filed with when its reason never reached
-#: SQL (``workers.dead_letters.sync`` found it in Redis's dead-letter queue alone).
-LOST_REASON_TYPE = "Unknown"
 
 #: How long after a message's nack a SIGKILL of a worker group explains that its
 #: reason was lost, in seconds: the worker records the reason right after the nack
@@ -1045,7 +1042,7 @@ class ChaosRun:
             dead_letters.append(entry)
             if poison is None:
                 unexpected.append(entry)
-            elif record.exception_type == LOST_REASON_TYPE and self.killed_after(
+            elif record.exception_message == LOST_REASON and self.killed_after(
                 record.last_failed_at.timestamp(), within=RECORD_AFTER_NACK_SECONDS
             ):
                 # last_failed_at is the nack's time (the dead-letter queue's score).

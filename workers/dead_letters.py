@@ -37,6 +37,15 @@ logger = logging.getLogger(__name__)
 #: How long recording a dead letter keeps retrying a failing database, in seconds.
 RECORD_PATIENCE_SECONDS = 10.0
 
+#: The exception type of a dead letter filed without its exception.
+UNKNOWN_EXCEPTION_TYPE = "Unknown"
+
+#: The message of a dead letter that ``sync`` found in Redis alone, its reason never filed.
+LOST_REASON = (
+    "the reason was lost (the database was unreachable when the message died); "
+    "the traceback is that of its last retried failure, if any"
+)
+
 #: Options a message carries from one attempt to the next (see DeadLetters middleware).
 ATTEMPTS_OPTION = "attempts"
 FIRST_FAILED_OPTION = "first_failed_at"
@@ -81,7 +90,7 @@ def describe(
         exception_message = str(exception)
         trace: str | None = "".join(traceback_module.format_exception(exception))
     else:
-        exception_type = "Unknown"
+        exception_type = UNKNOWN_EXCEPTION_TYPE
         exception_message = "the message was dead-lettered without an exception"
         trace = options.get("traceback")
     return {
@@ -282,10 +291,7 @@ def sync(broker: dramatiq.Broker, queues: Iterable[str]) -> int:
                 else:
                     dead_at = _from_millis(broker.client.zscore(xq, redis_id)) or utc_now()
                     fields = describe(message, None, now=dead_at)
-                    fields["exception_message"] = (
-                        "the reason was lost (the database was unreachable when the message died); "
-                        "the traceback is that of its last retried failure, if any"
-                    )
+                    fields["exception_message"] = LOST_REASON
                 fields["redis_message_id"] = redis_id.decode() if isinstance(redis_id, bytes) else redis_id
                 # Without a parked reason, the worker that nacked the message may
                 # be recording the real one right now: never overwrite it.
