@@ -35,9 +35,15 @@ HEARTBEAT_TIMEOUT_MS = 1500
 MAINTENANCE_INTERVAL_MS = 200
 #: What the command is given with ``--timeout``, in seconds.
 CHECK_TIMEOUT_SECONDS = 1.0
-#: An unhealthy answer comes within this long, in seconds: the check's timeout, the
-#: margin the command gives its checks, and the interpreter's start-up on a busy machine.
-ANSWER_WITHIN_SECONDS = 6.0
+#: An unhealthy answer comes within this long of the command's start, in seconds, by
+#: its own clock: the checks' bound (the timeout, at least libpq's 2 s, plus the
+#: command's 1 s margin) and a little for the threads.
+ANSWER_WITHIN_SECONDS = 3.5
+#: The whole process, interpreter start-up included, ends within this long, in seconds:
+#: a command that hangs would not. Start-up alone took up to 6 s on a saturated
+#: 2-core machine (two test processes, their workers and PostgreSQL beside it), so
+#: the wall clock cannot carry the few seconds' rule.
+PROCESS_ENDS_WITHIN_SECONDS = 20.0
 #: A worker starts and registers within this long, in seconds.
 WORKER_START_SECONDS = 30.0
 
@@ -81,6 +87,13 @@ def health(env: dict[str, str], *args: str) -> Answer:
     answer = Answer(result.returncode, result.stdout, result.stderr, time.monotonic() - started)
     answer.assert_no_secret()
     return answer
+
+
+def assert_answered_in_time(answer: Answer) -> None:
+    """Every check within the command's bound by its own clock; the process ended, not hung."""
+    slowest_ms = max(check["duration_ms"] for check in answer.report["checks"].values())
+    assert slowest_ms < ANSWER_WITHIN_SECONDS * 1000, answer
+    assert answer.seconds < PROCESS_ENDS_WITHIN_SECONDS, answer
 
 
 def settings_env(test_environment: dict[str, str], database_url: str, data_dir: Path) -> dict[str, str]:
@@ -214,7 +227,7 @@ def test_redis_down_is_unhealthy_within_seconds(env, tmp_path, silent_port, how)
     env = {**env, "REDIS_URL": f"redis://:{DATABASE_PASSWORD}@127.0.0.1:{port}/0"}
     answer = health(env, "--json")
     assert answer.code == 1
-    assert answer.seconds < ANSWER_WITHIN_SECONDS, answer
+    assert_answered_in_time(answer)
     redis_check = answer.check("redis")
     assert redis_check["ok"] is False
     assert redis_check["detail"].startswith(f"Redis at 127.0.0.1:{port}/0 does not answer"), redis_check
@@ -233,8 +246,7 @@ def test_postgresql_unreachable_is_unhealthy_within_seconds(env, silent_port, ho
     url = f"postgresql://cd:{DATABASE_PASSWORD}@127.0.0.1:{port}/contracts"
     answer = health({**env, "DATABASE_URL": url}, "--json", "--no-workers")
     assert answer.code == 1
-    # libpq's connect timeout is whole seconds, at least 2.
-    assert answer.seconds < ANSWER_WITHIN_SECONDS + 2, answer
+    assert_answered_in_time(answer)
     database = answer.check("database")
     assert database["ok"] is False
     assert database["detail"].startswith(f"postgresql at 127.0.0.1:{port}/contracts: "), database
