@@ -51,7 +51,6 @@ import redis
 from tests.processes import WorkerProcess
 from tests.sendgrid_standin import API_KEY, Answer, Incoming, Received, SendGridStandIn
 from tests.support import RedisServer, wait_until
-from workers.dead_letters import LOST_REASON
 from workers.email.delivery import MARK_SENT_PATIENCE_SECONDS
 
 #: Where PostgreSQL runs are made (trust auth); the run adds a schema of its own.
@@ -69,11 +68,6 @@ WORKSPACE = "ws-chaos"
 CAUSE_TIMED_OUT = "provider accepted after the client timed out"
 CAUSE_KILLED = "SIGKILL between 202 and commit"
 CAUSE_UNEXPLAINED = "unexplained"
-
-#: How long after a message's nack a SIGKILL of a worker group explains that its
-#: reason was lost, in seconds: the worker records the reason right after the nack
-#: (``after_nack``), so a kill in between leaves only the message.
-RECORD_AFTER_NACK_SECONDS = 2.0
 
 #: The service's own settings: stripped from the environment the run inherits.
 SERVICE_VARIABLES = frozenset(
@@ -1027,7 +1021,6 @@ class ChaosRun:
         dead_letters = []
         unexpected = []
         wrong_reason = []
-        reason_lost = []
         for record in dead:
             poison = poisons.get(record.message_id)
             entry = {
@@ -1042,11 +1035,6 @@ class ChaosRun:
             dead_letters.append(entry)
             if poison is None:
                 unexpected.append(entry)
-            elif record.exception_message == LOST_REASON and self.killed_after(
-                record.last_failed_at.timestamp(), within=RECORD_AFTER_NACK_SECONDS
-            ):
-                # last_failed_at is the nack's time (the dead-letter queue's score).
-                reason_lost.append(entry)
             elif record.exception_type != poison.expected:
                 wrong_reason.append(entry)
         not_dead = [asdict(p) for p in self.poisons if p.message_id not in {r.message_id for r in dead}]
@@ -1114,7 +1102,6 @@ class ChaosRun:
             "dead_letters": dead_letters,
             "unexpected_dead_letters": unexpected,
             "dead_letters_with_wrong_reason": wrong_reason,
-            "dead_letters_reason_lost_to_a_kill": reason_lost,
             "poisoned_not_dead_lettered": not_dead,
             "poisoned": [asdict(p) for p in self.poisons],
             "kills": [asdict(k) for k in self.kills],
@@ -1189,10 +1176,6 @@ class ChaosRun:
             return CAUSE_KILLED
         return CAUSE_UNEXPLAINED
 
-    def killed_after(self, moment: float, *, within: float) -> bool:
-        """True if a worker group was SIGKILLed at most ``within`` seconds after ``moment`` (epoch s)."""
-        return any(dead_at >= moment and at - moment <= within for at, dead_at in self.kill_windows())
-
     def kill_windows(self) -> list[tuple[float, float]]:
         with self.lock:
             return [(kill.at, kill.dead_at) for kill in self.kills]
@@ -1225,8 +1208,6 @@ def summary_lines(result: dict[str, Any]) -> Iterator[str]:
     for entry in result["dead_letters"]:
         kind = entry["kind"] or "NOT POISONED"
         yield f"  {kind}: {entry['actor']} on {entry['queue']} -> {entry['reason']}"
-    for entry in result["dead_letters_reason_lost_to_a_kill"]:
-        yield f"  reason lost: {entry['kind']} ({entry['message_id']}): SIGKILL after its nack"
     for entry in result["poisoned_not_dead_lettered"]:
         yield f"  NOT DEAD-LETTERED: {entry['kind']} ({entry['message_id']})"
     kills = ", ".join(f"{k['mode']} (group {k['group']})" for k in result["kills"])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import dramatiq
 import pytest
 import redis
 from sqlalchemy import update
@@ -49,6 +50,7 @@ from workers import dead_letters
 from workers.cli_dead_letters import as_json
 from workers.database import session_scope
 from workers.middleware import maintenance
+from workers.middleware.dead_letters import DeadLetters
 from workers.redis_dispatch import run_maintenance
 from workers.settings import get_settings
 
@@ -609,6 +611,71 @@ def test_reason_parked_in_redis_while_sql_is_down_is_filed_later(
     assert filed.redis_message_id == lost_redis_id
     assert filed.contract_id == lost_payload["contract_id"]
     ledger.assert_consistent()
+
+
+def test_reason_of_a_worker_killed_between_nack_and_record_is_filed_by_sync(
+    worker, broker, redis_server, ledger, monkeypatch
+):
+    client = redis_server.client()
+    holds = f"{broker.namespace}:__dead_letter_holds__"
+    monkeypatch.setattr(maintenance, "DEAD_LETTER_SYNC_INTERVAL_MS", 10**12)
+    # The worker dies right after Dramatiq's nack: the hook that files the reason never runs.
+    monkeypatch.setattr(DeadLetters, "after_nack", lambda self, broker, message: None)
+
+    payload = contract_payload(email="not-an-email")
+    message_id = ledger.add(actors.send_contract.send(payload).message_id)
+    wait_until(
+        lambda: _xq_id_of(client, broker.namespace, "contracts", message_id) is not None,
+        what="the message in Dramatiq's dead-letter queue",
+    )
+    assert record_of(message_id) is None
+    assert client.hexists(holds, message_id), "the reason is held from before the nack"
+
+    assert dead_letters.sync(broker, broker.get_declared_queues()) >= 1
+    record = record_of(message_id)
+    assert record is not None
+    assert_reason_kept(
+        record, actor="send_contract", queue="contracts", args=[payload], exception_type="InvalidEmail"
+    )
+    assert record.exception_message == "email: An email address must have an @-sign."
+    assert "models.errors.InvalidEmail" in (record.traceback or "")
+    assert record.redis_message_id == _xq_id_of(client, broker.namespace, "contracts", message_id)
+    assert not client.hexists(holds, message_id)
+    ledger.assert_consistent()
+
+
+def test_held_reason_is_released_once_filed_and_dropped_if_never_nacked(
+    worker, broker, redis_server, ledger, monkeypatch
+):
+    client = redis_server.client()
+    holds = f"{broker.namespace}:__dead_letter_holds__"
+    monkeypatch.setattr(maintenance, "DEAD_LETTER_SYNC_INTERVAL_MS", 10**12)
+
+    # A worker that lives: the hold is gone once the record is filed.
+    message_id = ledger.add(actors.send_contract.send(contract_payload(email="nope")).message_id)
+    wait_dead(message_id)
+    wait_until(lambda: not client.hexists(holds, message_id), what="the hold to be released")
+
+    # A worker killed after holding the reason and before its nack: the broker
+    # delivers the message again, so its hold is dropped after the grace, unfiled.
+    ghost = dead_letters.describe(
+        dramatiq.Message(
+            queue_name="contracts",
+            actor_name="send_contract",
+            args=(contract_payload(),),
+            kwargs={},
+            options={},
+        ),
+        ValueError("never nacked"),
+        now=utc_now(),
+    )
+    dead_letters.hold(broker, ghost)
+    dead_letters.sync(broker, broker.get_declared_queues())
+    assert client.hexists(holds, ghost["message_id"]), "kept within the grace: its nack may be under way"
+    monkeypatch.setattr(dead_letters, "HOLD_GRACE_MS", -1)
+    dead_letters.sync(broker, broker.get_declared_queues())
+    assert not client.hexists(holds, ghost["message_id"])
+    assert record_of(ghost["message_id"]) is None
 
 
 # -- Redis forgets, SQL does not ----------------------------------------------

@@ -26,17 +26,21 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import dramatiq
 import pika
 import pika.exceptions
 import pytest
 import redis
-from sqlmodel import select
+from dramatiq.common import current_millis
+from sqlmodel import col, delete, select
 
 from contract_dispatch import set_workspace
 from models.dead_letter import DeadLetter
+from models.types import utc_now
 from tests.processes import CLI, WorkerProcess, run_cli
 from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
 from tests.sendgrid_standin import Answer, SendGridStandIn
@@ -51,6 +55,7 @@ from tests.support import (
     wait_for_contract,
     wait_until,
 )
+from workers import dead_letters
 from workers.database import session_scope
 
 #: The RabbitMQ server the tests use (guest/guest on this machine and on CI).
@@ -337,6 +342,52 @@ def test_refusal_is_dead_lettered_with_its_reason_then_retried(
     # The broker's own copy went with the retry: it is not counted twice.
     assert message_id not in system.dead_copies("contracts")
     assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
+
+
+def held_fields(record: DeadLetter) -> dict[str, Any]:
+    """A record's fields as a worker holds them before its nack (``dead_letters.describe``'s)."""
+    blank: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="contracts", actor_name="x", args=(), kwargs={}, options={}
+    )
+    names = dead_letters.describe(blank, None, now=utc_now()).keys()
+    return record.model_dump(include=set(names))
+
+
+def test_reason_held_before_the_nack_is_filed_if_the_worker_died_after_it(
+    system: System, standin: SendGridStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holds = f"{system.namespace}:__dead_letter_holds__"
+    workspace = unique("ws")
+    payload = contract_payload(workspace_id=workspace)
+    message_id, body = raw_message(payload, kind=system.kind)
+    system.enqueue_raw(body, message_id=message_id)
+    filed = wait_record(message_id, status="dead", what=f"the refusal's dead letter: {_log_of(system)}")
+    wait_until(lambda: not system.redis.hexists(holds, message_id), what="the hold to be released once filed")
+
+    # What a worker killed between its nack and its record leaves behind: the message
+    # in the broker's dead-letter queue, its reason held in Redis (two minutes ago, past
+    # the grace), no SQL record. And one killed before its nack: a hold alone.
+    fields = held_fields(filed)
+    ghost = {**fields, "message_id": str(uuid.uuid4()), "contract_id": None}
+    with session_scope() as session:
+        session.exec(delete(DeadLetter).where(col(DeadLetter.id) == filed.id))
+    coordinator = cast(Any, SimpleNamespace(coordination=system.redis, namespace=system.namespace))
+    held_at = current_millis() - 2 * dead_letters.HOLD_GRACE_MS
+    monkeypatch.setattr(dead_letters, "current_millis", lambda: held_at)
+    dead_letters.hold(coordinator, fields)
+    dead_letters.hold(coordinator, ghost)
+    assert message_id in system.dead_copies("contracts")
+
+    listed = system.cli("dead-letters", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = [e for e in json.loads(listed.stdout) if e["message_id"] == message_id]
+    assert entry["exception_type"] == "UnknownWorkspace", entry
+    assert workspace in entry["exception_message"]
+    refiled = record_of(message_id)
+    assert refiled is not None and refiled.traceback == filed.traceback
+    assert record_of(ghost["message_id"]) is None
+    assert not system.redis.hexists(holds, message_id)
+    assert not system.redis.hexists(holds, ghost["message_id"])
 
 
 def test_malformed_message_from_another_producer(system: System, standin: SendGridStandIn) -> None:

@@ -6,6 +6,14 @@ by the Redis message id) and, with its reason, in the ``dead_letters`` table. SQ
 is the record operators work from; retrying or purging removes the Redis copy
 too. When SQL cannot be written at the moment a message dies, the reason waits
 in Redis (``{namespace}:__dead_letter_reasons__``) and ``sync`` files it later.
+
+Dramatiq moves a failed message to its dead-letter queue (the nack) before the
+hook that files its reason runs, so a worker killed between the two would leave
+the message dead and its reason unknown. The reason is therefore held in Redis
+(``{namespace}:__dead_letter_holds__``) from just before the nack until it is
+filed; ``sync`` files a held reason whose message sits in a dead-letter queue, and
+drops one whose message never got there (the worker died before its nack, and
+the broker delivers the message again).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
 from dramatiq.errors import DecodeError
 from sqlalchemy.exc import OperationalError
 from sqlmodel import select
@@ -46,6 +55,11 @@ LOST_REASON = (
     "the traceback is that of its last retried failure, if any"
 )
 
+#: A held reason older than this, in milliseconds, whose message is in no
+#: dead-letter queue is dropped: its worker died before the nack, so the message
+#: was delivered again. The filing hook runs within milliseconds of the nack.
+HOLD_GRACE_MS = 60_000
+
 #: Options a message carries from one attempt to the next (see DeadLetters middleware).
 ATTEMPTS_OPTION = "attempts"
 FIRST_FAILED_OPTION = "first_failed_at"
@@ -65,6 +79,26 @@ def canonical_queue(queue_name: str) -> str:
 
 def _reasons_key(broker: dramatiq.Broker) -> str:
     return f"{coordination_namespace(broker)}:__dead_letter_reasons__"
+
+
+def _holds_key(broker: dramatiq.Broker) -> str:
+    return f"{coordination_namespace(broker)}:__dead_letter_holds__"
+
+
+def _park(fields: dict[str, Any]) -> str:
+    """The fields as JSON for Redis, their times in milliseconds."""
+    return json.dumps(
+        {k: (v.timestamp() * 1000 if isinstance(v, datetime) else v) for k, v in fields.items()},
+        default=str,
+    )
+
+
+def _unpark(raw: str | bytes) -> dict[str, Any]:
+    """The fields ``_park`` wrote, their times as datetimes again."""
+    fields: dict[str, Any] = json.loads(raw)
+    for name in ("first_failed_at", "last_failed_at"):
+        fields[name] = _from_millis(fields[name]) or utc_now()
+    return fields
 
 
 def _xq_keys(broker: RedisBroker, queue_name: str) -> tuple[str, str]:
@@ -250,12 +284,42 @@ def record(broker: dramatiq.Broker, fields: dict[str, Any]) -> None:
         "The database is unreachable: the reason of dead message %s waits in Redis until it can be filed.",
         fields["message_id"],
     )
-    parked = {k: (v.timestamp() * 1000 if isinstance(v, datetime) else v) for k, v in fields.items()}
     client = coordination_client(broker)
     if client is None:
         logger.error("Dead message %s: no Redis to park its reason in; it is lost.", fields["message_id"])
         return
-    client.hset(_reasons_key(broker), fields["message_id"], json.dumps(parked, default=str))
+    client.hset(_reasons_key(broker), fields["message_id"], _park(fields))
+
+
+def hold(broker: dramatiq.Broker, fields: dict[str, Any]) -> None:
+    """Keep a dying message's reason in Redis until ``release``: called before the nack."""
+    client = coordination_client(broker)
+    if client is not None:
+        held = json.dumps({"held_at": current_millis(), "fields": _park(fields)})
+        client.hset(_holds_key(broker), fields["message_id"], held)
+
+
+def release(broker: dramatiq.Broker, message_id: str) -> None:
+    """Forget a held reason: it has been filed (or parked by ``record``)."""
+    client = coordination_client(broker)
+    if client is not None:
+        client.hdel(_holds_key(broker), message_id)
+
+
+def _held(client: redis.Redis, key: str) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Every held reason: message id -> (when it was held, in epoch milliseconds; its fields)."""
+    held = {}
+    for message_id, raw in client.hgetall(key).items():
+        entry = json.loads(raw)
+        name = message_id.decode() if isinstance(message_id, bytes) else str(message_id)
+        held[name] = (int(entry["held_at"]), _unpark(entry["fields"]))
+    return held
+
+
+def _stale(held: dict[str, tuple[int, dict[str, Any]]]) -> list[str]:
+    """The held reasons older than ``HOLD_GRACE_MS``."""
+    cutoff = current_millis() - HOLD_GRACE_MS
+    return [message_id for message_id, (held_at, _) in held.items() if held_at < cutoff]
 
 
 def sync(broker: dramatiq.Broker, queues: Iterable[str]) -> int:
@@ -263,7 +327,9 @@ def sync(broker: dramatiq.Broker, queues: Iterable[str]) -> int:
     if not isinstance(broker, RedisBroker):
         return _sync_parked(broker)
     filed = 0
-    reasons_key = _reasons_key(broker)
+    reasons_key, holds_key = _reasons_key(broker), _holds_key(broker)
+    held = _held(broker.client, holds_key)
+    dead_ids = set()
     for queue in {canonical_queue(q) for q in queues}:
         xq, xq_msgs = _xq_keys(broker, queue)
         for redis_id, raw in broker.client.hgetall(xq_msgs).items():
@@ -277,6 +343,7 @@ def sync(broker: dramatiq.Broker, queues: Iterable[str]) -> int:
             if problem is not None:
                 filed += _sync_malformed(broker, queue, redis_id, "MalformedMessage", problem)
                 continue
+            dead_ids.add(message.message_id)
             with session_scope() as session:
                 known = session.exec(
                     select(DeadLetter).where(DeadLetter.message_id == message.message_id)
@@ -285,19 +352,24 @@ def sync(broker: dramatiq.Broker, queues: Iterable[str]) -> int:
                     continue
                 parked = broker.client.hget(reasons_key, message.message_id)
                 if parked is not None:
-                    fields = json.loads(parked)
-                    for name in ("first_failed_at", "last_failed_at"):
-                        fields[name] = _from_millis(fields[name]) or utc_now()
+                    fields = _unpark(parked)
+                elif message.message_id in held:
+                    fields = held[message.message_id][1]
                 else:
                     dead_at = _from_millis(broker.client.zscore(xq, redis_id)) or utc_now()
                     fields = describe(message, None, now=dead_at)
                     fields["exception_message"] = LOST_REASON
                 fields["redis_message_id"] = redis_id.decode() if isinstance(redis_id, bytes) else redis_id
-                # Without a parked reason, the worker that nacked the message may
-                # be recording the real one right now: never overwrite it.
-                record_dead_letter(session, overwrite=parked is not None or known is not None, **fields)
+                # Without the reason its worker wrote, that worker may be recording
+                # it right now: never overwrite it with a guess.
+                knows_reason = parked is not None or message.message_id in held
+                record_dead_letter(session, overwrite=knows_reason or known is not None, **fields)
             broker.client.hdel(reasons_key, message.message_id)
             filed += 1
+    # Filed now or before; or, past the grace, never nacked: either way done with.
+    finished = {message_id for message_id in held if message_id in dead_ids}.union(_stale(held))
+    if finished:
+        broker.client.hdel(holds_key, *finished)
     return filed
 
 
@@ -309,13 +381,33 @@ def _sync_parked(broker: dramatiq.Broker) -> int:
     key = _reasons_key(broker)
     filed = 0
     for message_id, raw in client.hgetall(key).items():
-        fields = json.loads(raw)
-        for name in ("first_failed_at", "last_failed_at"):
-            fields[name] = _from_millis(fields[name]) or utc_now()
         with session_scope() as session:
-            record_dead_letter(session, **fields)
+            record_dead_letter(session, **_unpark(raw))
         client.hdel(key, message_id)
         filed += 1
+    return filed + _sync_held_on_rabbitmq(broker, client)
+
+
+def _sync_held_on_rabbitmq(broker: dramatiq.Broker, client: redis.Redis) -> int:
+    """File the stale held reasons whose message is in its ``.XQ``; drop the others."""
+    from workers.rabbitmq import ServiceRabbitmqBroker, dead_copies
+
+    key = _holds_key(broker)
+    held = _held(client, key)
+    stale = _stale(held)
+    if not stale or not isinstance(broker, ServiceRabbitmqBroker):
+        return 0
+    by_queue: dict[str, list[str]] = {}
+    for message_id in stale:
+        by_queue.setdefault(held[message_id][1]["queue_name"], []).append(message_id)
+    filed = 0
+    for queue, message_ids in by_queue.items():
+        for message_id in dead_copies(broker, queue, message_ids):
+            with session_scope() as session:
+                # The worker may have filed it and died before releasing the hold.
+                record_dead_letter(session, overwrite=False, **held[message_id][1])
+            filed += 1
+    client.hdel(key, *stale)
     return filed
 
 

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 PIKA_LOG_LEVEL = logging.CRITICAL
 logging.getLogger("pika").setLevel(PIKA_LOG_LEVEL)
 
-#: ``remove_dead_copies`` looks at no more than this many dead letters of one queue:
+#: ``remove_dead_copies`` and ``dead_copies`` look at no more than this many dead letters of one queue:
 #: it reads the queue from its head, since RabbitMQ cannot delete one message by id.
 MAX_DEAD_LETTER_SCAN = 100_000
 
@@ -152,10 +152,21 @@ def remove_dead_copies(broker: RabbitmqBroker, queue_name: str, message_ids: Ite
     delete, and closes the channel: RabbitMQ puts every other message back where
     it was, with its expiry unchanged. Costs one pass over the queue.
     """
-    wanted = set(message_ids)
+    return len(_scan_dead_copies(broker, queue_name, set(message_ids), remove=True))
+
+
+def dead_copies(broker: RabbitmqBroker, queue_name: str, message_ids: Iterable[str]) -> set[str]:
+    """Which of these messages ``{queue}.XQ`` holds; one pass over it, every message put back."""
+    return set(_scan_dead_copies(broker, queue_name, set(message_ids), remove=False))
+
+
+def _scan_dead_copies(
+    broker: RabbitmqBroker, queue_name: str, wanted: set[str], *, remove: bool
+) -> list[str]:
+    """The ids of the wanted copies found in ``{queue}.XQ`` (each copy once), acknowledged if ``remove``."""
     if not wanted:
-        return 0
-    removed = 0
+        return []
+    found = []
     connection = pika.BlockingConnection(parameters=broker.parameters)
     try:
         channel = connection.channel()
@@ -164,15 +175,17 @@ def remove_dead_copies(broker: RabbitmqBroker, queue_name: str, message_ids: Ite
                 method, _properties, body = channel.basic_get(xq_name(queue_name), auto_ack=False)
                 if method is None:
                     break
-                if _message_id_of(body) in wanted:
-                    channel.basic_ack(method.delivery_tag)
-                    removed += 1
+                message_id = _message_id_of(body)
+                if message_id in wanted:
+                    found.append(message_id)
+                    if remove:
+                        channel.basic_ack(method.delivery_tag)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 404:
                 raise
-            # No such queue: no copy to remove.
+            # No such queue: no copy.
         if channel.is_open:
             channel.close()
     finally:
         connection.close()
-    return removed
+    return found

@@ -31,11 +31,25 @@ class DeadLetters(dramatiq.Middleware):
         options[dead_letters.ATTEMPTS_OPTION] = int(options.get(dead_letters.ATTEMPTS_OPTION) or 0) + 1
         options.setdefault(dead_letters.FIRST_FAILED_OPTION, current_millis())
 
+    def before_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        # The nack moves the message to its dead-letter queue and only then does
+        # after_nack file the reason: a worker killed in between would leave the
+        # message there with its reason unknown. Held in Redis from now, the reason
+        # outlives the worker, and sync files it.
+        try:
+            dead_letters.hold(broker, self._fields(message))
+        except Exception:
+            logger.exception("Could not hold the reason of dying message %s.", message.message_id)
+
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         try:
-            fields = dead_letters.describe(message, getattr(message, "_exception", None), now=utc_now())
-            dead_letters.record(broker, fields)
+            dead_letters.record(broker, self._fields(message))
+            dead_letters.release(broker, message.message_id)
         except Exception:
             # Never let the record break the worker: the message itself is safe
-            # in Redis's dead-letter queue, and sync files it later.
+            # in the dead-letter queue, its reason held, and sync files it later.
             logger.exception("Could not record dead message %s.", message.message_id)
+
+    @staticmethod
+    def _fields(message: Any) -> dict[str, Any]:
+        return dead_letters.describe(message, getattr(message, "_exception", None), now=utc_now())
