@@ -525,6 +525,30 @@ def test_send_contracts_answers_every_line_in_order_and_sends_the_accepted(cli, 
     assert_not_queued(bad_email["contract_id"])
 
 
+def test_send_contracts_refuses_json_python_cannot_read_line_by_line(cli):
+    good = [contract_payload() for _ in range(2)]
+    too_deep = "[" * 100_000 + "]" * 100_000
+    too_long = '{"contract_id": ' + "1" * 5_000 + "}"
+    result = cli("send-contracts", "--json", stdin=json_lines(good[0], too_deep, too_long, good[1]))
+
+    assert result.returncode == 2, describe(result)
+    assert "Traceback" not in result.stderr, describe(result)
+    assert answers(result) == [
+        {"line": 1, "contract_id": good[0]["contract_id"], "status": "queued"},
+        {
+            "line": 2,
+            "contract_id": None,
+            "error": {"code": "invalid_payload", "message": "JSON nested too deeply"},
+        },
+        {
+            "line": 3,
+            "contract_id": None,
+            "error": {"code": "invalid_payload", "message": "JSON with a number too long to read"},
+        },
+        {"line": 4, "contract_id": good[1]["contract_id"], "status": "queued"},
+    ], describe(result)
+
+
 def test_send_contracts_from_a_file_again_sends_nothing_twice(cli, worker, standin, tmp_path):
     payloads = [contract_payload() for _ in range(5)]
     path = tmp_path / "contracts.jsonl"

@@ -56,6 +56,11 @@ def parse_line(number: int, raw: bytes) -> Line:
     except json.JSONDecodeError as error:
         refusal = InvalidPayload(f"not JSON: {error.msg} (column {error.colno})")
         return Line(number, refusal, None)
+    except RecursionError:
+        return Line(number, InvalidPayload("JSON nested too deeply"), None)
+    except ValueError:
+        # Python reads no integer of over 4,300 digits (sys.get_int_max_str_digits).
+        return Line(number, InvalidPayload("JSON with a number too long to read"), None)
     try:
         message = parse_message(SendContract, payload)
     except Rejected as refusal:

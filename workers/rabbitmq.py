@@ -139,7 +139,7 @@ class TolerantRabbitmqConsumer(_RabbitmqConsumer):
 def _message_id_of(body: bytes) -> str | None:
     try:
         value = json.loads(body).get("message_id")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
 
