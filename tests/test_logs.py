@@ -50,6 +50,7 @@ from tests.sendgrid_standin import API_KEY, Answer, Received, SendGridStandIn
 from tests.support import contract_payload, unique, wait_for_contract, wait_until
 from tests.test_access_codes import wait_settled
 from workers.database import session_scope
+from workers.logs import RedactMessages
 from workers.middleware.message_log import LOGGER_NAME
 from workers.settings import get_settings
 
@@ -66,6 +67,10 @@ BODY_ONLY = (
     "Le client a signé le contrat",
     "https://app.example.com/contracts/",  # the link (APP_BASE_URL of the tests)
 )
+
+#: What the provider answers the refused invitation: its text may quote an address.
+PROVIDER_ANSWER_TEXT = "mailbox of victim-7d2e@example.org is over quota"
+PROVIDER_ANSWER = json.dumps({"errors": [{"message": PROVIDER_ANSWER_TEXT}]})
 
 #: The fields of every "processed" line.
 PROCESSED_FIELDS = {"message_id", "actor", "queue", "contract_id", "outcome", "duration_ms", "attempt"}
@@ -91,6 +96,14 @@ class Journey:
     refused_by_actor: str = ""
     reminded: str = ""
     sweep: dict[str, Any] = field(default_factory=dict)
+    #: What the payloads carried that identifies a person or a company: never logged.
+    personal: set[str] = field(default_factory=set)
+
+    def sent(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Remember a send_contract payload's addresses and legal name; returns it."""
+        self.personal |= {payload["email"], payload["company_name"]}
+        self.personal |= {signatory["email"] for signatory in payload.get("signatories", [])}
+        return payload
 
     @property
     def contract_ids(self) -> list[str]:
@@ -160,9 +173,9 @@ def run_journey(driver: Driver, standin: SendGridStandIn) -> Journey:
     journey = Journey()
 
     # An invitation the provider answers 503 first: retried, then sent; then signed.
-    retried = contract_payload(title="Bureau privatif A")
+    retried = journey.sent(contract_payload(title="Bureau privatif A"))
     journey.retried = retried["contract_id"]
-    standin.script(Answer(status=503, kind="503"))
+    standin.script(Answer(status=503, body=PROVIDER_ANSWER.encode(), kind="503"))
     driver.enqueue("send_contract", retried)
     wait_for_contract(journey.retried, emails_are("sent"), what="the retried invitation")
     driver.enqueue(
@@ -177,7 +190,7 @@ def run_journey(driver: Driver, standin: SendGridStandIn) -> Journey:
     wait_for_contract(journey.retried, emails_are("sent", "sent"), what="the signatory's notification")
 
     # A reminder a week after the invitation, once the access code expired: a new code.
-    reminded = contract_payload()
+    reminded = journey.sent(contract_payload())
     journey.reminded = reminded["contract_id"]
     driver.enqueue("send_contract", reminded)
     wait_for_contract(journey.reminded, emails_are("sent"), what="the invitation to remind")
@@ -187,14 +200,16 @@ def run_journey(driver: Driver, standin: SendGridStandIn) -> Journey:
     wait_for_contract(journey.reminded, emails_are("sent", "sent"), what="the reminder")
 
     # An invitation the provider refuses: failed at once.
-    refused = contract_payload()
+    refused = journey.sent(contract_payload())
     journey.refused_by_provider = refused["contract_id"]
-    standin.script(Answer(status=400, body=b'{"errors":[{"message":"bad request"}]}', kind="400"))
+    standin.script(Answer(status=400, body=PROVIDER_ANSWER.encode(), kind="400"))
     driver.enqueue("send_contract", refused)
     wait_for_contract(journey.refused_by_provider, emails_are("failed"), what="the refused invitation")
 
     # The first client's email with another company: the actor refuses it.
-    other = contract_payload(email=retried["email"], company_name=f"Autre {uuid.uuid4().hex[:6]} SAS")
+    other = journey.sent(
+        contract_payload(email=retried["email"], company_name=f"Autre {uuid.uuid4().hex[:6]} SAS")
+    )
     journey.refused_by_actor = other["contract_id"]
     driver.enqueue("send_contract", other)
     report = wait_for_contract(
@@ -230,6 +245,8 @@ def assert_no_secret(lines: list[str], requests: list[Received], journey: Journe
         "the SendGrid API key": API_KEY,
         "the SECRET_KEY": TEST_SECRET_KEY,
         **{f"email body text {marker!r}": marker for marker in BODY_ONLY},
+        **{f"payload value {value!r}": value for value in journey.personal},
+        "the provider's answer": PROVIDER_ANSWER_TEXT,
     }
     leaks = [
         f"{what} in: {line[:300]}" for line in lines for what, value in forbidden.items() if value in line
@@ -294,6 +311,8 @@ class InProcess(Driver):
 def test_in_process_lines_one_per_message_and_no_secret(
     own_database, worker, standin, redis_server, root_at_debug
 ):
+    # As a worker process's logging setup does for its handlers (workers.logs.apply_log_format).
+    root_at_debug.addFilter(RedactMessages())
     journey = run_journey(InProcess(), standin)
     # Acked means its after-hooks ran: every line of the journey is in.
     wait_settled(redis_server.client(), *journey.contract_ids)

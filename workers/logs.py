@@ -1,10 +1,12 @@
-"""Logging setup, and the guard that keeps SendGrid's debug output out of every log."""
+"""Logging setup, and the guards that keep SendGrid's debug output and payloads out of every log."""
 
 from __future__ import annotations
 
 import json
 import logging
+import traceback
 from datetime import UTC, datetime
+from typing import Any
 
 #: The SendGrid library's HTTP client logs the Authorization header and the whole
 #: mail (with any access code) at DEBUG through this logger.
@@ -28,6 +30,62 @@ def silence_sendgrid_debug() -> None:
         logger.addFilter(_DropBelowInfo())
 
 
+#: The loggers whose lines name a message by its repr: Dramatiq's own.
+DRAMATIQ_LOGGERS = "dramatiq."
+
+#: The line each Dramatiq actor's logger writes at DEBUG with the call's arguments.
+ACTOR_CALL_LINE = "Received args=%r kwargs=%r."
+
+
+def _is_message(value: Any) -> bool:
+    # A dramatiq.Message or the worker's MessageProxy around one.
+    return hasattr(value, "message_id") and hasattr(value, "actor_name")
+
+
+def _label(message: Any) -> str:
+    return f"{message.actor_name} {message.message_id}"
+
+
+def _without_text(error: BaseException) -> str:
+    """A traceback with its frames and the exception's type, not its text."""
+    kind = type(error)
+    frames = "".join(traceback.format_tb(error.__traceback__))
+    return (
+        f"Traceback (most recent call last):\n{frames}{kind.__module__}.{kind.__qualname__} "
+        "(its text is not logged)"
+    )
+
+
+class RedactMessages(logging.Filter):
+    """Keeps payloads and exception texts out of Dramatiq's lines about a message.
+
+    Dramatiq names a message by its repr (the actor's call with the whole payload:
+    emails, legal names), logs an actor's exception with its text (a provider's
+    answer may quote an email), and each actor logs its call's arguments at DEBUG. A
+    line about a message keeps the actor, the message id, and the exception's type
+    and frames; the reason stays in the dead letter.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == ACTOR_CALL_LINE:
+            record.msg, record.args = "Received a call (its arguments are not logged).", ()
+            return True
+        if not record.name.startswith(DRAMATIQ_LOGGERS) or not isinstance(record.args, tuple):
+            return True
+        if any(_is_message(arg) for arg in record.args):
+            record.args = tuple(_label(arg) if _is_message(arg) else arg for arg in record.args)
+            if record.exc_info and record.exc_info[1] is not None:
+                record.exc_text = _without_text(record.exc_info[1])
+        return True
+
+
+def redact_dramatiq_messages() -> None:
+    """Put ``RedactMessages`` on every handler of the root logger (where Dramatiq's lines end)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactMessages) for f in handler.filters):
+            handler.addFilter(RedactMessages())
+
+
 #: The line format of ``LOG_FORMAT=text``.
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s"
 
@@ -46,7 +104,9 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             data.update(fields)
-        if record.exc_info:
+        if record.exc_text:
+            data["exception"] = record.exc_text
+        elif record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False, default=str)
 
@@ -57,6 +117,7 @@ def apply_log_format(log_format: str) -> None:
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter)
     silence_sendgrid_debug()
+    redact_dramatiq_messages()
 
 
 def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
