@@ -108,7 +108,12 @@ class FirstLoginPolicy:
 def normalize_code(value: str) -> str:
     """A code as typed, compared as issued: NFKC, no spaces or dashes, upper case."""
     text = unicodedata.normalize("NFKC", value[: CODE_INPUT_MAX_LENGTH * 2])
-    return text.translate(_CODE_SEPARATORS).upper()[:CODE_INPUT_MAX_LENGTH]
+    return _code_form(text)[:CODE_INPUT_MAX_LENGTH]
+
+
+def _code_form(text: str) -> str:
+    """Text written the way codes are compared: no spaces or dashes, upper case."""
+    return text.translate(_CODE_SEPARATORS).upper()
 
 
 def normalize_password(value: str) -> str:
@@ -124,8 +129,9 @@ def check_password_policy(password: str, *, code: str, policy: FirstLoginPolicy)
     if len(normalized) > policy.password_max_length:
         raise PasswordTooLong(f"The password must have at most {policy.password_max_length} characters.")
     typed_code = normalize_code(code)
-    # Compared the way codes are: "abcd efgh jkmn" is still the code.
-    if typed_code and typed_code in normalize_code(normalized):
+    # Compared the way codes are: "abcd efgh jkmn" is still the code, wherever it
+    # sits in the password (the whole password: a code's input bound does not apply).
+    if typed_code and typed_code in _code_form(normalized):
         raise PasswordIsAccessCode(
             "The password must not be or contain the temporary access code: choose a new one."
         )

@@ -203,13 +203,16 @@ def test_a_new_code_replaces_the_previous_one(database: str) -> None:
         "{lower}",
         "{spaced}",
         "my password is {code}!",
+        # Past the first 64 characters, as long as the password itself is allowed.
+        "correct-horse-battery-staple-correct-horse-battery-staple-padding-{code}",
+        "{pad}{spaced}",
     ],
 )
 def test_the_code_can_never_become_the_password(database: str, password: str) -> None:
     email, code = new_account()
     spaced = f"{code[:4]} {code[4:8]}-{code[8:]}".lower()
     with pytest.raises(PasswordIsAccessCode):
-        spend(email, code, password.format(code=code, lower=code.lower(), spaced=spaced))
+        spend(email, code, password.format(code=code, lower=code.lower(), spaced=spaced, pad="x" * 100))
     account = stored(email)
     assert account.password_hash is None and account.first_login_at is None
     assert account.access_code_failed_attempts == 0, "a refused password is not a wrong code"
