@@ -18,7 +18,15 @@ from models.cancelling import check_cancel_contract
 from models.contract import ContractStatus
 from models.delivery import EmailDelivery
 from models.errors import BrokerUnavailable, RefusalsRateLimited, Rejected
-from models.messages import CancelContract, NotifySignatories, SendContract, WireMessage, parse_message
+from models.messages import (
+    CancelContract,
+    NotifySignatories,
+    SendContract,
+    WireMessage,
+    checked_contract_id,
+    is_valid_identifier,
+    parse_message,
+)
 from models.sending import (
     OPEN_STATUSES,
     ContractState,
@@ -320,6 +328,9 @@ def notify_signatories(
 
 def contract_status(contract_id: str) -> ContractReport | None:
     """The contract's status and its emails', or None if no contract has this id."""
+    if not is_valid_identifier(contract_id):
+        # No contract has it; and PostgreSQL would refuse some (a NUL) as a query parameter.
+        return None
     with session_scope() as session:
         return contract_report(session, contract_id)
 
@@ -346,6 +357,7 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
     """Send the invitation again (a new step) and restart the reminder cycle, now."""
     from actors.deliver_email import enqueue_deliveries
 
+    checked_contract_id(contract_id)
     settings = get_settings()
     with session_scope() as session:
         delivery_id = _resend_invitation(

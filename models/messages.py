@@ -301,12 +301,27 @@ def parse_message(model: type[M], payload: Any) -> M:
         raise rejection_for(error) from None
 
 
+def is_valid_identifier(value: Any) -> bool:
+    """True if ``value`` is an id the service could have stored (``Identifier``)."""
+    return isinstance(value, str) and 0 < len(value) <= IDENTIFIER_MAX_LENGTH and is_identifier(value)
+
+
+class _ContractRef(BaseModel):
+    contract_id: Identifier
+
+
+def checked_contract_id(value: Any) -> str:
+    """``value`` if it is a valid contract id, else the ``invalid_payload`` refusal a message gets."""
+    try:
+        return _ContractRef(contract_id=value).contract_id
+    except ValidationError as error:
+        raise rejection_for(error) from None
+
+
 def contract_id_of(payload: Any) -> str | None:
     """The contract id of a message too broken to parse, if it holds a valid one."""
     candidate = payload.get("contract_id") if isinstance(payload, dict) else None
-    if isinstance(candidate, str) and len(candidate) <= IDENTIFIER_MAX_LENGTH and is_identifier(candidate):
-        return candidate
-    return None
+    return candidate if is_valid_identifier(candidate) else None
 
 
 def json_schemas() -> dict[str, Any]:

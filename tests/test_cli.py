@@ -417,12 +417,30 @@ def test_contract_status_reports_a_rejection(cli, worker):
     assert "invalid_email" in human.stdout
 
 
-def test_contract_status_of_an_unknown_contract_exits_1(cli):
+def test_contract_status_of_an_unknown_contract_exits_1(cli, worker):
     contract_id = unique("c")
     for args in (["contract-status", contract_id], ["contract-status", contract_id, "--json"]):
         result = cli(*args)
         assert result.returncode == 1, describe(result)
         assert contract_id in result.stderr
+    # The same shape as a known contract's, with nulls (README).
+    unknown = json.loads(cli("contract-status", contract_id, "--json").stdout)
+    known_payload = contract_payload()
+    assert_receipt(cli(*send_args(known_payload)), known_payload["contract_id"])
+    known = cli.status(known_payload["contract_id"])
+    assert known is not None
+    assert list(unknown) == list(known), (unknown, known)
+    assert unknown == {
+        **dict.fromkeys(known),
+        "contract_id": contract_id,
+        "error": {"code": "unknown_contract", "message": f"no contract has id {contract_id!r}"},
+        "emails": [],
+    }
+    # No contract can have an id outside the identifier alphabet: unknown, not a database error.
+    for bad in ("../etc/passwd", "x" * 200):
+        result = cli("contract-status", bad, "--json")
+        assert result.returncode == 1, describe(result)
+        assert json.loads(result.stdout)["error"]["code"] == "unknown_contract"
 
 
 def test_send_contract_to_an_unreachable_broker_leaves_no_contract(cli):

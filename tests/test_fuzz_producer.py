@@ -38,6 +38,7 @@ from contract_dispatch import (
     cancel_contract,
     contract_status,
     notify_signatories,
+    resend_invitation,
     send_contract,
 )
 from models.account import COMPANY_NAME_MAX_LENGTH, EMAIL_MAX_LENGTH
@@ -403,6 +404,16 @@ def test_producer_cancel_contract_refuses_bad_input_with_its_code(database: str,
     with pytest.raises(Rejected) as refused:
         cancel_contract(**payload)
     assert_clear_refusal(refused.value, breakage.code)
+
+
+@FUZZ
+@given(contract_id=bad_identifier())
+def test_producer_lookups_by_a_bad_contract_id_skip_the_database(database: str, contract_id: Any) -> None:
+    # No contract can have such an id; PostgreSQL would refuse some (a NUL) as a parameter.
+    assert contract_status(contract_id) is None
+    with pytest.raises(Rejected) as refused:
+        resend_invitation(contract_id)
+    assert_clear_refusal(refused.value, "invalid_payload")
 
 
 def test_well_formed_messages_for_unknown_contracts_are_refused_by_name(database: str) -> None:

@@ -153,6 +153,20 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return run_scheduler()
 
 
+#: The keys of the ``contract-status --json`` object, in order (an unknown id has them too).
+STATUS_JSON_KEYS = (
+    "contract_id",
+    "status",
+    "error",
+    "lead_source",
+    "signed_at",
+    "cancelled_at",
+    "reminder_count",
+    "next_reminder_at",
+    "emails",
+)
+
+
 def status_json(report: ContractReport) -> dict[str, Any]:
     """The ``contract-status --json`` object."""
     return {
@@ -189,8 +203,8 @@ def cmd_contract_status(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(
                 {
+                    **dict.fromkeys(STATUS_JSON_KEYS),
                     "contract_id": args.contract_id,
-                    "status": None,
                     "error": {"code": "unknown_contract", "message": message},
                     "emails": [],
                 }
