@@ -78,6 +78,8 @@ DEFAULT_REMINDER_DELAYS_DAYS = (3.0, 7.0, 14.0)
 DEFAULT_REMINDER_WINDOW_DAYS = "mon-fri"
 DEFAULT_REMINDER_WINDOW_START = "09:00"
 DEFAULT_REMINDER_WINDOW_END = "18:00"
+#: The longest reminder delay accepted, in days.
+MAX_REMINDER_DELAY_DAYS = 365
 
 #: Due reminders claimed per transaction by a sweep.
 DEFAULT_REMINDER_BATCH_SIZE = 1000
@@ -251,9 +253,24 @@ class Settings(BaseSettings):
     @field_validator("reminder_delays_days")
     @classmethod
     def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(delay <= 0 for delay in value) or list(value) != sorted(set(value)):
-            raise ValueError("reminder delays must be positive and increasing, e.g. 3,7,14")
+        # Written so that NaN, which compares false with everything, fails it.
+        in_range = all(0 < delay <= MAX_REMINDER_DELAY_DAYS for delay in value)
+        if not in_range or list(value) != sorted(set(value)):
+            raise ValueError(
+                f"reminder delays must be positive, at most {MAX_REMINDER_DELAY_DAYS} days, "
+                "and increasing, e.g. 3,7,14"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _window_opens_before_it_closes(self) -> Settings:
+        # Otherwise no moment is ever inside it, and every reminder is postponed for ever.
+        if self.reminder_window_start >= self.reminder_window_end:
+            raise ValueError(
+                "REMINDER_WINDOW_START must be earlier than REMINDER_WINDOW_END "
+                "(the window is within one day)"
+            )
+        return self
 
     @field_validator("reminder_window_days")
     @classmethod
