@@ -97,6 +97,24 @@ def test_what_the_worker_holds_is_not_put_back(redis_server):
     assert _reserved(broker, client) == set()
 
 
+def test_a_closed_consumer_puts_the_rest_of_its_fetch_back(redis_server):
+    broker = _broker(redis_server)
+    client = redis_server.client()
+    for value in range(4):
+        broker.enqueue(_message(value))
+    stream = broker.consume("q", prefetch=10, timeout=50)
+    # One fetch takes all four; the worker stops after receiving the first.
+    (first,) = _receive(stream, 1)
+    assert len(_reserved(broker, client)) == 4
+    stream.close()
+
+    assert _reserved(broker, client) == {first.options["redis_message_id"]}
+    assert client.llen(f"{broker.namespace}:q") == 3
+    stream.ack(first)
+    again = broker.consume("q", prefetch=10, timeout=50)
+    assert sorted(m.args[0] for m in _receive(again, 3)) == [1, 2, 3]
+
+
 def _write(client: redis.Redis, namespace: str, body_for: Callable[[str], bytes]) -> str:
     """HSET + RPUSH a raw body under a fresh Redis id; returns the id."""
     redis_id = str(uuid.uuid4())

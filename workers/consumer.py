@@ -139,6 +139,35 @@ class TolerantRedisConsumer(_RedisConsumer):
         super().requeue(messages)  # type: ignore[no-untyped-call]
         _release(self.queue_name, [m.options.get("redis_message_id") for m in messages])
 
+    def close(self) -> None:
+        """Put the rest of the last fetch back on the queue, then close.
+
+        Dramatiq's consumer thread stops between two messages of a fetch: the
+        messages still in this consumer's cache are reserved for this worker in
+        Redis and would wait for its heartbeat to expire (``HEARTBEAT_TIMEOUT_MS``)
+        before another worker took them. A graceful stop puts them back at once.
+        """
+        cached, self.message_cache = self.message_cache, []
+        redis_ids = []
+        for data in cached:
+            try:
+                redis_ids.append(Message.decode(data).options["redis_message_id"])
+            except (DecodeError, KeyError, TypeError):
+                # Not a message this consumer could read: the heartbeat sweep returns it.
+                continue
+        if redis_ids:
+            try:
+                self.broker.do_requeue(self.queue_name, *redis_ids)
+            except redis.RedisError as error:
+                logger.warning(
+                    "%d fetched message(s) on %s could not be put back (%s): "
+                    "they return once this worker's heartbeat expires.",
+                    len(redis_ids),
+                    self.queue_name,
+                    type(error).__name__,
+                )
+        super().close()
+
     def _reconcile(self) -> None:
         """Requeue what this worker reserved in Redis but does not hold (called with an empty cache).
 
