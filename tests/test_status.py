@@ -346,12 +346,15 @@ def test_watch_table_repeats_frames(system: System) -> None:
 
 @ONE_DATABASE
 def test_unreachable_redis_exits_3_with_what_could_be_read(system: System) -> None:
-    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    password = "pw-never-printed-91c4"
+    unreachable = f"redis://:{password}@127.0.0.1:{free_port()}/0"
     result = system.cli("status", "--json", env={"REDIS_URL": unreachable})
     assert result.returncode == 3, result.stderr
+    assert password not in result.stdout + result.stderr
     data = json.loads(result.stdout)
     assert data["queues"] == [] and data["workers"] == []
-    assert any(error.startswith("broker:") for error in data["errors"]), data["errors"]
+    assert any(error.startswith("broker: ConnectionError: ") for error in data["errors"]), data["errors"]
+    assert all("\n" not in error for error in data["errors"]), data["errors"]
     database = system.database_figures(parse_time(data["taken_at"]))
     assert data["contracts"] == database["contracts"]
     assert data["emails"] == database["emails"]

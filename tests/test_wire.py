@@ -323,6 +323,30 @@ def body(message: EmailMessage, kind: str) -> str:
     return str(part.get_content())
 
 
+def test_demo_against_an_unreachable_database_fails_in_one_line_without_its_password(
+    bare_environment, tmp_path
+):
+    from tests.support import free_port
+
+    password = "pw-never-printed-5a0e"
+    url = f"postgresql://bob:{password}@127.0.0.1:{free_port()}/test"
+    result = subprocess.run(
+        [CLI, "demo", "--timeout", "20"],
+        env={**bare_environment, "DATABASE_URL": url, "DATA_DIR": str(tmp_path / "data")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert password not in result.stdout + result.stderr
+    assert "Database: postgresql://bob:***@127.0.0.1:" in result.stdout
+    (failed,) = [line for line in result.stderr.splitlines() if line.startswith("demo failed: ")]
+    assert failed.startswith("demo failed: OperationalError: "), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_demo_runs_on_embedded_defaults(bare_environment, tmp_path):
     from workers import embedded_redis

@@ -70,7 +70,9 @@ def run_demo(*, timeout: float) -> int:
     if not settings.redis_url:
         _, started_redis = embedded_redis.ensure_running(settings.data_dir)
         _say(f"Embedded Redis under {settings.data_dir / 'redis'}")
-    _say(f"Database: {settings.effective_database_url}")
+    from sqlalchemy.engine import make_url
+
+    _say(f"Database: {make_url(settings.effective_database_url).render_as_string(hide_password=True)}")
     _say(f"Email backend: {settings.email_backend}")
 
     import actors
@@ -115,7 +117,9 @@ def run_demo(*, timeout: float) -> int:
         )
         _say(f"3. Signed; {len([e for e in report.emails if e.kind == 'signed_notification'])} managers told")
     except Exception as exc:  # a demo ends with a readable line, not a traceback
-        _say(f"demo failed: {type(exc).__name__}: {exc}")
+        from workers.ops.health import describe_error, redact, secrets_of
+
+        sys.stderr.write(f"demo failed: {redact(describe_error(exc), secrets_of(settings))}\n")
         return 1
     finally:
         worker.stop()

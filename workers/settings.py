@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -88,6 +89,28 @@ DEFAULT_REMINDER_BATCH_SIZE = 1000
 REDIS_BROKER_SCHEMES = ("redis", "rediss")
 AMQP_BROKER_SCHEMES = ("amqp", "amqps")
 BROKER_SCHEMES = REDIS_BROKER_SCHEMES + AMQP_BROKER_SCHEMES
+#: The SQL databases the service runs on.
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+_URL_HINT = "Percent-encode the special characters of a password (/ as %2F, @ as %40, : as %3A, # as %23)."
+
+
+def _check_server_url(value: str) -> None:
+    """Refuse a server URL that cannot be read as host and port, without quoting it.
+
+    An unencoded ``/`` or ``@`` in a password moves the split between password,
+    host and port: the password would then be printed as a host or port in the
+    connection errors of every command.
+    """
+    name = "REDIS_URL" if value.split("://", 1)[0].lower() in REDIS_BROKER_SCHEMES else "BROKER_URL"
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{name} cannot be read as a server URL. {_URL_HINT}") from None
+    if not parts.hostname:
+        raise ValueError(f"{name} names no host that can be read. {_URL_HINT}")
+
 
 #: Refused sends answered per workspace and window before the producer-side check
 #: stops answering (0: no limit), and that window, in seconds.
@@ -236,6 +259,38 @@ class Settings(BaseSettings):
         scheme = value.split("://", 1)[0].lower() if "://" in value else ""
         if scheme not in BROKER_SCHEMES:
             raise ValueError("BROKER_URL must start with redis://, rediss://, amqp:// or amqps://")
+        _check_server_url(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in (*REDIS_BROKER_SCHEMES, "unix"):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if scheme != "unix":
+            _check_server_url(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        # Parsed as the engine will parse it; the errors never quote the URL (it may hold a password).
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except (ArgumentError, ValueError):
+            raise ValueError(f"DATABASE_URL is not a database URL. {_URL_HINT}") from None
+        if url.get_backend_name() not in DATABASE_BACKENDS:
+            raise ValueError("DATABASE_URL must start with sqlite:// or postgresql://")
+        if "@" in (url.host or "") or "/" in (url.host or ""):
+            raise ValueError(f"DATABASE_URL's host cannot be read. {_URL_HINT}")
         return value
 
     @field_validator("app_base_url", "sendgrid_api_host")
@@ -281,7 +336,11 @@ class Settings(BaseSettings):
     @field_validator("display_timezone", "reminder_timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
-        ZoneInfo(value)
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            # ZoneInfoNotFoundError is a KeyError, which pydantic would not report.
+            raise ValueError("not a time zone of the IANA database, e.g. Europe/Paris") from None
         return value
 
     @field_validator("mail_from", "mail_from_name")

@@ -231,6 +231,14 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
     from workers.settings import get_settings
 
     settings = get_settings()
+    from workers.ops.health import describe_error, redact, secrets_of
+
+    secrets = secrets_of(settings)
+
+    def said(exc: BaseException) -> str:
+        # One line, the driver's own error, and no password from a URL.
+        return redact(describe_error(exc), secrets)
+
     now = now or utc_now()
     errors: list[str] = []
     queues: list[QueueFigures] = []
@@ -256,19 +264,19 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
         else:
             queues, workers = from_redis(QUEUES)
     except Exception as exc:
-        errors.append(f"broker: {type(exc).__name__}: {exc}")
+        errors.append(f"broker: {said(exc)}")
     if amqp_url is not None:
         # The workers still register and heartbeat in Redis (hosts and pids): no queue to read there.
         try:
             _, workers = from_redis(())
         except Exception as exc:
-            errors.append(f"registry: {type(exc).__name__}: {exc}")
+            errors.append(f"registry: {said(exc)}")
     figures: dict[str, Any] = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
     try:
         with session_scope() as session:
             figures = database_figures(session, now=now)
     except Exception as exc:
-        errors.append(f"database: {type(exc).__name__}: {exc}")
+        errors.append(f"database: {said(exc)}")
     return Snapshot(
         taken_at=now,
         queues=queues,
