@@ -41,6 +41,7 @@ from tests.support import (
     all_emails_sent,
     contract_payload,
     enqueue_raw,
+    free_port,
     unique,
     wait_for_contract,
     wait_until,
@@ -540,6 +541,31 @@ def test_purge_asks_first_and_removes_both_copies(worker, broker, redis_server, 
     assert survivor is not None and survivor.status == "dead"
     assert redis_copy(client, broker.namespace, "contracts", survivor.redis_message_id) is not None
     ledger.assert_consistent()
+
+
+def test_retry_and_purge_with_the_broker_down_exit_3_and_change_nothing(
+    worker, broker, redis_server, cli_env, ledger
+):
+    client = redis_server.client()
+    message_id = ledger.add(
+        enqueue_raw(client, broker.namespace, queue="contracts", actor=missing_actor(), args=[{"n": 1}])
+    )
+    record = wait_dead(message_id)
+    down = {**cli_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    for args in (["retry", str(record.id)], ["purge", str(record.id), "--yes"]):
+        result = run_cli(down, "dead-letters", *args)
+        assert result.returncode == 3, describe(result)
+        unavailable = "unavailable: the broker cannot be reached (ConnectionError)"
+        assert unavailable in result.stderr, describe(result)
+        assert "Traceback" not in result.stderr
+        after = record_of(message_id)
+        assert after is not None and after.status == "dead" and after.retry_count == 0
+    ledger.assert_consistent()
+    # Ids no record can have are usage errors, not database errors.
+    for bad in ("0", "99999999999999999999", "seven"):
+        result = run_cli(cli_env, "dead-letters", "show", bad)
+        assert result.returncode == 2, describe(result)
+        assert "argument ID" in result.stderr and "Traceback" not in result.stderr
 
 
 # -- the database is down when a message dies ---------------------------------

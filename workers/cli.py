@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+import dramatiq.errors
+import redis
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
@@ -26,6 +28,9 @@ EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_REFUSED = 2
 EXIT_UNAVAILABLE = 3
+
+#: What Redis or Dramatiq raises when the broker cannot be reached.
+BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, dramatiq.errors.ConnectionError)
 
 #: Worker threads per process (Dramatiq's default); the work waits on I/O.
 DEFAULT_WORKER_THREADS = 8
@@ -416,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _refuse(error)
     except (TransientError, ConfigurationError, OperationalError) as error:
         sys.stderr.write(f"unavailable: {unavailable_reason(error)}\n")
+        return EXIT_UNAVAILABLE
+    except BROKER_ERRORS as error:
+        # Redis or RabbitMQ stopped answering during a command that does not expect it
+        # (dead-letter retry or purge, a reminder sweep's enqueue): what was done is in
+        # SQL, and running the command again finishes it.
+        sys.stderr.write(f"unavailable: the broker cannot be reached ({type(error).__name__})\n")
         return EXIT_UNAVAILABLE
     except DispatchError as error:
         sys.stderr.write(f"error: {error}\n")

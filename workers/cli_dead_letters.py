@@ -9,6 +9,8 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from models.dead_letter import DeadLetter, find_dead_letters
 from models.types import utc_now
 from workers.database import session_scope
@@ -29,6 +31,21 @@ def parse_duration(value: str) -> timedelta:
     return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text)))
 
 
+#: The largest dead-letter id (the column is a 32-bit integer on PostgreSQL).
+MAX_RECORD_ID = 2**31 - 1
+
+
+def record_id(value: str) -> int:
+    """A dead-letter ID as typed: a whole number from 1 to ``MAX_RECORD_ID`` (else a usage error)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a dead letter id: {value[:40]!r}") from None
+    if not 1 <= number <= MAX_RECORD_ID:
+        raise argparse.ArgumentTypeError(f"a dead letter id is from 1 to {MAX_RECORD_ID}")
+    return number
+
+
 def _broker() -> Any:
     import actors
 
@@ -42,8 +59,12 @@ def _sync_quietly() -> None:
     try:
         broker = _broker()
         dead_letters.sync(broker, broker.get_declared_queues())
+    except OperationalError:
+        raise  # the database: the command cannot show anything
     except Exception as exc:
-        sys.stderr.write(f"warning: Redis not reachable, showing SQL records only ({type(exc).__name__})\n")
+        sys.stderr.write(
+            f"warning: the broker could not be read, showing SQL records only ({type(exc).__name__})\n"
+        )
 
 
 def as_json(record: DeadLetter, *, full: bool = False) -> dict[str, Any]:
@@ -199,12 +220,12 @@ def add_commands(commands: Any) -> None:
     listing.set_defaults(handler=cmd_list)
 
     show = actions.add_parser("show", help="one dead letter with its payload and traceback")
-    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("id", type=record_id, metavar="ID")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_show)
 
     retry = actions.add_parser("retry", help="re-enqueue with a fresh retry count")
-    retry.add_argument("id", type=int, nargs="?", metavar="ID")
+    retry.add_argument("id", type=record_id, nargs="?", metavar="ID")
     retry.add_argument("--all", action="store_true", help="every dead letter (filtered by --actor/--queue)")
     retry.add_argument("--actor", metavar="A")
     retry.add_argument("--queue", metavar="Q")
@@ -212,7 +233,7 @@ def add_commands(commands: Any) -> None:
     retry.set_defaults(handler=cmd_retry)
 
     purge = actions.add_parser("purge", help="delete from SQL and Redis (asks unless --yes)")
-    purge.add_argument("id", type=int, nargs="?", metavar="ID")
+    purge.add_argument("id", type=record_id, nargs="?", metavar="ID")
     purge.add_argument("--older-than", type=parse_duration, metavar="DURATION", help="e.g. 30d, 12h, 1d12h")
     purge.add_argument("--actor", metavar="A")
     purge.add_argument("--queue", metavar="Q")

@@ -8,8 +8,10 @@ sweeps did run, each reminder is claimed in the database, so none goes twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 import dramatiq
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -98,9 +101,17 @@ def run_scheduler() -> int:
             next_run_time=datetime.now(UTC),
         )
 
+    stopping = threading.Event()
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        # A platform that signals the whole process group can deliver the same stop
+        # twice, the second handler running inside the first: it is the same request.
+        if stopping.is_set():
+            return
+        stopping.set()
         logger.info("Stopping the scheduler.")
-        scheduler.shutdown(wait=False)
+        with contextlib.suppress(SchedulerNotRunningError):
+            scheduler.shutdown(wait=False)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
