@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from tests.processes import CLI, describe, run_cli
+from tests.processes import CLI, COMMAND_TIMEOUT_SECONDS, describe, run_cli
 from tests.support import (
     all_emails_sent,
     contract_payload,
@@ -565,6 +565,27 @@ def test_send_contracts_refuses_json_python_cannot_read_line_by_line(cli):
         },
         {"line": 4, "contract_id": good[1]["contract_id"], "status": "queued"},
     ], describe(result)
+
+
+def test_send_contracts_whose_reader_goes_away_stops_with_one_line(cli, tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text(json_lines(*(contract_payload() for _ in range(600))))
+    process = subprocess.Popen(
+        [CLI, "send-contracts", str(path), "--json", "--batch-size", "50"],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = json.loads(process.stdout.readline())
+    assert first["line"] == 1 and first["status"] == "queued"
+    process.stdout.close()  # as `| head -1` does
+    stderr = process.stderr.read()
+    assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 3, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    (closed,) = [line for line in stderr.splitlines() if line.startswith("stdout was closed: ")]
+    assert "sending the same input again is safe" in closed
 
 
 def test_send_contracts_from_a_file_again_sends_nothing_twice(cli, worker, standin, tmp_path):

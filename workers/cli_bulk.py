@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -168,6 +169,7 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     tally = Tally()
     progress = Progress(sys.stderr)
+    sent_through = 0
     try:
         for batch in batches(read_lines(stream), args.batch_size):
             try:
@@ -180,10 +182,21 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
                     "were not sent (sending the same input again is safe)\n"
                 )
                 return EXIT_UNAVAILABLE
+            sent_through = batch[-1].number
             for line, result in zip(batch, results, strict=True):
                 _report(args, line, result, tally)
             sys.stdout.flush()
             progress.update(tally)
+    except BrokenPipeError:
+        # The reader of the answers went away (``| head``): stop reading the input.
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        progress.finish()
+        sys.stderr.write(
+            f"stdout was closed: lines up to {sent_through} were answered (sent or refused), "
+            f"those after it were not read ({tally.describe()}; sending the same input again is safe)\n"
+        )
+        return EXIT_UNAVAILABLE
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
