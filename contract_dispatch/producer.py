@@ -47,7 +47,9 @@ from workers.reminders import SweepReport, run_sweep
 from workers.settings import get_settings
 
 #: What enqueueing raises when the broker (Redis or RabbitMQ) cannot be reached.
-_BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, ConnectionClosed)
+#: A ResponseError is Redis refusing the command (a database index it does not have,
+#: a read-only replica): the message was not queued either.
+_BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError, ConnectionClosed)
 
 
 class Receipt(BaseModel):
@@ -63,6 +65,13 @@ class ResendReceipt(Receipt):
     step: int
 
 
+def _broker_problem(error: BaseException) -> str:
+    """What went wrong with the broker, in a few words (never a URL)."""
+    if isinstance(error, redis.ResponseError):
+        return f"refused the command ({str(error).splitlines()[0][:200]})"
+    return f"cannot be reached ({type(error).__name__})"
+
+
 def _enqueue(message: WireMessage) -> None:
     # Imported here: importing the actors connects to the broker, which the
     # read-only parts of this API never need.
@@ -72,9 +81,7 @@ def _enqueue(message: WireMessage) -> None:
     try:
         actor.send(message.to_payload())
     except _BROKER_ERRORS as exc:
-        raise BrokerUnavailable(
-            f"the message broker cannot be reached ({type(exc).__name__}); nothing was sent"
-        ) from None
+        raise BrokerUnavailable(f"the message broker {_broker_problem(exc)}; nothing was sent") from None
 
 
 def _enqueue_many(messages: Sequence[WireMessage]) -> None:
@@ -90,9 +97,7 @@ def _enqueue_many(messages: Sequence[WireMessage]) -> None:
     try:
         enqueue_many(actors.broker, prepared)
     except _BROKER_ERRORS as exc:
-        raise BrokerUnavailable(
-            f"the message broker cannot be reached ({type(exc).__name__}); nothing was sent"
-        ) from None
+        raise BrokerUnavailable(f"the message broker {_broker_problem(exc)}; nothing was sent") from None
 
 
 def _check_within_limit(
@@ -375,7 +380,7 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
     except _BROKER_ERRORS as exc:
         # Recorded but not enqueued: the stale-email sweep sends it later.
         raise BrokerUnavailable(
-            f"the invitation is recorded but the broker cannot be reached ({type(exc).__name__}); "
+            f"the invitation is recorded but the broker {_broker_problem(exc)}; "
             "it will be sent once the broker is back"
         ) from None
     return receipt

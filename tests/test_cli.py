@@ -588,6 +588,27 @@ def test_send_contracts_whose_reader_goes_away_stops_with_one_line(cli, tmp_path
     assert "sending the same input again is safe" in closed
 
 
+def test_settings_found_unusable_late_exit_3_in_one_line(cli, tmp_path):
+    # No SECRET_KEY, and a DATA_DIR that cannot be created to hold a generated one.
+    (tmp_path / "a-file").write_text("")
+    env = {key: value for key, value in cli.env.items() if key != "SECRET_KEY"}
+    env["DATA_DIR"] = str(tmp_path / "a-file" / "data")
+    result = run_cli(env, "verify-code", "--email", "client@example.com", "--code", "ABCD-EFGH")
+    assert result.returncode == 3, describe(result)
+    assert result.stderr.startswith("unavailable: no SECRET_KEY, and DATA_DIR cannot hold"), describe(result)
+    assert "Traceback" not in result.stderr
+
+    # A Redis database index the server does not have: Redis answers, and refuses.
+    assert cli.env["REDIS_URL"].endswith("/0")
+    env = {**cli.env, "REDIS_URL": cli.env["REDIS_URL"][: -len("/0")] + "/99"}
+    payload = contract_payload()
+    result = run_cli(env, *send_args(payload))
+    assert result.returncode == 3, describe(result)
+    assert "broker refused the command (DB index is out of range)" in result.stderr, describe(result)
+    assert "Traceback" not in result.stderr
+    assert cli.status(payload["contract_id"]) is None, "nothing reserved for a message never sent"
+
+
 def test_send_contracts_from_a_file_again_sends_nothing_twice(cli, worker, standin, tmp_path):
     payloads = [contract_payload() for _ in range(5)]
     path = tmp_path / "contracts.jsonl"

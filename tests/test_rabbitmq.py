@@ -520,6 +520,8 @@ def test_health_on_rabbitmq_without_consumers_or_broker_is_unhealthy(
         f"RabbitMQ at 127.0.0.1:{closed_port}/nowhere does not answer"
     )
     assert "s3cret-broker-pass" not in output
+    # Reported once, in the check: not also as pika's own tracebacks on stderr.
+    assert "Traceback" not in output and "pika" not in output, output
 
 
 def test_schedulers_on_rabbitmq_claim_their_slots_in_redis(redis_server: RedisServer) -> None:

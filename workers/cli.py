@@ -422,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TransientError, ConfigurationError, OperationalError) as error:
         sys.stderr.write(f"unavailable: {unavailable_reason(error)}\n")
         return EXIT_UNAVAILABLE
+    except redis.ResponseError as error:
+        # Redis answered, and refused: a database index it does not have, a read-only replica.
+        sys.stderr.write(f"unavailable: Redis refused the command: {str(error).splitlines()[0][:200]}\n")
+        return EXIT_UNAVAILABLE
     except BROKER_ERRORS as error:
         # Redis or RabbitMQ stopped answering during a command that does not expect it
         # (dead-letter retry or purge, a reminder sweep's enqueue): what was done is in

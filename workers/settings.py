@@ -421,7 +421,15 @@ class Settings(BaseSettings):
         """SECRET_KEY, or the key generated once into ``data_dir``."""
         if self.secret_key is not None:
             return self.secret_key.get_secret_value().encode()
-        return _load_or_create_secret_key(self.data_dir.resolve())
+        try:
+            return _load_or_create_secret_key(self.data_dir.resolve())
+        except OSError as error:
+            from models.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"no SECRET_KEY, and DATA_DIR cannot hold a generated one ({error.strerror}): "
+                "set SECRET_KEY, or DATA_DIR to a writable directory"
+            ) from None
 
 
 def parse_days(value: str) -> frozenset[int]:

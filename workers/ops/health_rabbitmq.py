@@ -10,6 +10,7 @@ on: ``--this-host`` reads the workers' registry in Redis instead, as on Redis.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -19,7 +20,11 @@ import pika.exceptions
 from workers.ops.health import CheckFailed, describe_error
 from workers.ops.rabbitmq_queues import amqp_connection, location, queue_states
 from workers.ops.snapshot import CONSUMED_QUEUES, QUEUES
+from workers.rabbitmq import PIKA_LOG_LEVEL
 from workers.settings import Settings
+
+# pika logs each failed connection attempt with its traceback; a check reports it once.
+logging.getLogger("pika").setLevel(PIKA_LOG_LEVEL)
 
 
 @contextmanager
