@@ -30,7 +30,7 @@ EXIT_REFUSED = 2
 EXIT_UNAVAILABLE = 3
 
 #: What Redis or Dramatiq raises when the broker cannot be reached.
-BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, dramatiq.errors.ConnectionError)
+BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, dramatiq.errors.BrokerConnectionError)
 
 #: Worker threads per process (Dramatiq's default); the work waits on I/O.
 DEFAULT_WORKER_THREADS = 8
