@@ -687,10 +687,36 @@ def test_send_contracts_refuses_an_unreadable_file_and_a_bad_batch_size(cli_with
         assert "--batch-size" in result.stderr, describe(result)
 
 
+def _as_a_terminal_shows(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: CR returns, ESC[K erases to the line's end."""
+    lines: list[str] = []
+    current: list[str] = []
+    column = 0
+    index = 0
+    while index < len(text):
+        if text.startswith("\x1b[K", index):
+            del current[column:]
+            index += 3
+            continue
+        char = text[index]
+        if char == "\r":
+            column = 0
+        elif char == "\n":
+            lines.append("".join(current))
+            current, column = [], 0
+        else:
+            current[column : column + 1] = [char]
+            column += 1
+        index += 1
+    lines.append("".join(current))
+    return lines
+
+
 def test_send_contracts_progress_rewrites_one_line_on_a_terminal():
     import io
 
-    from workers.cli_bulk import Progress, Tally
+    from workers.cli_bulk import Tally
+    from workers.cli_progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -700,11 +726,19 @@ def test_send_contracts_progress_rewrites_one_line_on_a_terminal():
     progress, tally = Progress(terminal), Tally()
     for number in range(1, 4):
         tally.add(number, "queued")
-        progress.update(tally)
+        progress.update(tally.describe())
+        if number == 2:
+            # A refusal: on a line of its own, never after the progress text.
+            progress.write("line 2: c-2: invalid_email: not an address")
     progress.finish()
+    terminal.write("3 contracts: 3 queued, 0 refused\n")  # the command's summary, once
     shown = terminal.getvalue()
-    assert shown.count("\r") == 3 and shown.endswith("\n"), repr(shown)
-    assert "3 contracts: 3 queued, 0 refused" in shown
+    assert shown.count("3 contracts: 3 queued, 0 refused (") == 1, repr(shown)
+    assert _as_a_terminal_shows(shown) == [
+        "line 2: c-2: invalid_email: not an address",
+        "3 contracts: 3 queued, 0 refused",
+        "",
+    ], repr(shown)
 
 
 # -- schema --------------------------------------------------------------------------

@@ -383,7 +383,7 @@ def test_list_and_show_print_the_records(worker, broker, redis_server, cli_env, 
         ["dead-letters", "list", "--actor", "send_contract"],
         ["dead-letters", "show", str(refused_record.id), "--json"],
         ["dead-letters", "show", str(orphan_record.id)],
-        ["dead-letters", "show", str(10**9)],
+        ["dead-letters", "show", str(10**9), "--json"],
     )
 
     listed = json_output(listing)
@@ -430,6 +430,11 @@ def test_list_and_show_print_the_records(worker, broker, redis_server, cli_env, 
     assert orphan_args[0]["contract_id"] in text.stdout
 
     assert unknown.returncode == 1, describe(unknown)
+    assert json.loads(unknown.stdout) == {
+        "id": 10**9,
+        "error": {"code": "unknown_dead_letter", "message": f"no dead letter has id {10**9}"},
+    }
+    assert unknown.stderr == f"unknown_dead_letter: no dead letter has id {10**9}\n"
     ledger.assert_consistent()
 
 
@@ -489,7 +494,9 @@ def test_death_during_the_retry_itself_stays_recorded(worker, broker, redis_serv
 
     monkeypatch.setattr(dead_letters, "_remove_redis_copy", remove_copy_then_wait)
     assert first.id is not None
-    assert [r.id for r in dead_letters.retry(broker, [first.id])] == [first.id]
+    counted: list[int] = []
+    assert [r.id for r in dead_letters.retry(broker, [first.id], on_each=counted.append)] == [first.id]
+    assert counted == [1]
 
     final = record_of(message_id)
     assert final is not None
@@ -532,9 +539,9 @@ def test_purge_asks_first_and_removes_both_copies(worker, broker, redis_server, 
             .where(col(DeadLetter.id) == records[old].id)
             .values(first_failed_at=long_ago, last_failed_at=long_ago)
         )
-    by_age = run_cli(cli_env, "dead-letters", "purge", "--older-than", "365d", "--yes")
+    by_age = run_cli(cli_env, "dead-letters", "purge", "--older-than", "365d", "--yes", "--json")
     assert by_age.returncode == 0, describe(by_age)
-    assert "purged" in by_age.stdout, describe(by_age)
+    assert json_output(by_age)["purged"] >= 1, describe(by_age)
     assert record_of(old) is None
     assert redis_copy(client, broker.namespace, "contracts", records[old].redis_message_id) is None
     survivor = record_of(kept)

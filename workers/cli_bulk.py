@@ -21,22 +21,20 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO
 
 from sqlalchemy.exc import OperationalError
 
 from models.errors import InvalidPayload, Rejected, TransientError
 from models.messages import SendContract, contract_id_of, parse_message
 from workers.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, unavailable_reason
+from workers.cli_progress import Progress
 
 #: Contracts per ``send_contracts`` call: one transaction and one broker round trip each.
 DEFAULT_BATCH_SIZE = 500
 
 #: Largest batch accepted: a transaction holding more locks for longer gains nothing.
 MAX_BATCH_SIZE = 5000
-
-#: Off a terminal, a progress line at most this often, in seconds.
-PROGRESS_INTERVAL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -121,31 +119,7 @@ class Tally:
         )
 
 
-class Progress:
-    """A progress line on stderr: rewritten in place on a terminal, every few seconds otherwise."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.terminal = stream.isatty()
-        self.last = time.monotonic()
-        self.shown = False
-
-    def update(self, tally: Tally) -> None:
-        if self.terminal:
-            self.stream.write(f"\r{tally.describe()}")
-            self.stream.flush()
-            self.shown = True
-        elif time.monotonic() - self.last >= PROGRESS_INTERVAL_SECONDS:
-            self.stream.write(f"{tally.describe()}\n")
-            self.stream.flush()
-            self.last = time.monotonic()
-
-    def finish(self) -> None:
-        if self.shown:
-            self.stream.write("\n")
-
-
-def _report(args: argparse.Namespace, line: Line, result: Any, tally: Tally) -> None:
+def _report(args: argparse.Namespace, line: Line, result: Any, tally: Tally, progress: Progress) -> None:
     from contract_dispatch import Receipt
 
     if isinstance(result, Receipt):
@@ -154,7 +128,7 @@ def _report(args: argparse.Namespace, line: Line, result: Any, tally: Tally) -> 
     else:
         tally.add(line.number, "refused")
         answer = {"line": line.number, "contract_id": line.contract_id, "error": result.as_dict()}
-        sys.stderr.write(f"line {line.number}: {line.contract_id or '-'}: {result.code}: {result.message}\n")
+        progress.write(f"line {line.number}: {line.contract_id or '-'}: {result.code}: {result.message}")
     if args.json:
         sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
 
@@ -184,9 +158,9 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
                 return EXIT_UNAVAILABLE
             sent_through = batch[-1].number
             for line, result in zip(batch, results, strict=True):
-                _report(args, line, result, tally)
+                _report(args, line, result, tally, progress)
             sys.stdout.flush()
-            progress.update(tally)
+            progress.update(tally.describe())
     except BrokenPipeError:
         # The reader of the answers went away (``| head``): stop reading the input.
         # Python would report the pipe again when it flushes stdout at exit.

@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from models.dead_letter import DeadLetter, find_dead_letters
 from models.types import utc_now
+from workers.cli_progress import Progress
 from workers.database import session_scope
 
 EXIT_OK = 0
@@ -92,6 +93,15 @@ def as_json(record: DeadLetter, *, full: bool = False) -> dict[str, Any]:
     return data
 
 
+def _unknown(args: argparse.Namespace) -> int:
+    """No dead letter has ``args.id``: say so (on stdout too with ``--json``), exit 1."""
+    message = f"no dead letter has id {args.id}"
+    if getattr(args, "json", False):
+        _print_json({"id": args.id, "error": {"code": "unknown_dead_letter", "message": message}})
+    sys.stderr.write(f"unknown_dead_letter: {message}\n")
+    return EXIT_NOT_FOUND
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
@@ -128,8 +138,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     with session_scope() as session:
         record = session.get(DeadLetter, args.id)
     if record is None:
-        sys.stderr.write(f"unknown_dead_letter: no dead letter has id {args.id}\n")
-        return EXIT_NOT_FOUND
+        return _unknown(args)
     data = as_json(record, full=True)
     if args.json:
         _print_json(data)
@@ -170,9 +179,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
     _sync_quietly()
     records = _selected(args)
     if records is None:
-        sys.stderr.write(f"unknown_dead_letter: no dead letter has id {args.id}\n")
-        return EXIT_NOT_FOUND
-    retried = dead_letters.retry(_broker(), [r.id for r in records if r.id is not None])
+        return _unknown(args)
+    ids = [r.id for r in records if r.id is not None]
+    progress = Progress(sys.stderr)
+    retried = dead_letters.retry(
+        _broker(), ids, on_each=lambda done: progress.update(f"{done} of {len(ids)} dead letters handled")
+    )
+    progress.finish()
     result = {"retried": [r.id for r in retried], "count": len(retried)}
     if args.json:
         _print_json(result)
@@ -190,10 +203,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
     _sync_quietly()
     records = _selected(args)
     if records is None:
-        sys.stderr.write(f"unknown_dead_letter: no dead letter has id {args.id}\n")
-        return EXIT_NOT_FOUND
+        return _unknown(args)
     if not records:
-        sys.stdout.write("nothing to purge\n")
+        if args.json:
+            _print_json({"purged": 0})
+        else:
+            sys.stdout.write("nothing to purge\n")
         return EXIT_OK
     if not args.yes:
         sys.stderr.write(f"Purge {len(records)} dead letter(s) from SQL and Redis for good? [y/N] ")
@@ -202,8 +217,16 @@ def cmd_purge(args: argparse.Namespace) -> int:
         if answer not in ("y", "yes"):
             sys.stderr.write("not purged\n")
             return EXIT_REFUSED
-    count = dead_letters.purge(_broker(), [r.id for r in records if r.id is not None])
-    sys.stdout.write(f"purged {count} dead letter(s)\n")
+    ids = [r.id for r in records if r.id is not None]
+    progress = Progress(sys.stderr)
+    count = dead_letters.purge(
+        _broker(), ids, on_each=lambda done: progress.update(f"{done} of {len(ids)} dead letters handled")
+    )
+    progress.finish()
+    if args.json:
+        _print_json({"purged": count})
+    else:
+        sys.stdout.write(f"purged {count} dead letter(s)\n")
     return EXIT_OK
 
 
@@ -238,4 +261,5 @@ def add_commands(commands: Any) -> None:
     purge.add_argument("--actor", metavar="A")
     purge.add_argument("--queue", metavar="Q")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.add_argument("--json", action="store_true", help='{"purged": N} on stdout')
     purge.set_defaults(handler=cmd_purge)

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import traceback as traceback_module
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -444,10 +444,26 @@ def _remove_redis_copy(broker: dramatiq.Broker, record: DeadLetter) -> None:
         pipe.execute()
 
 
-def retry(broker: dramatiq.Broker, record_ids: Iterable[int]) -> list[DeadLetter]:
-    """Send each dead message back to its queue with a fresh retry count."""
+def _counted(record_ids: Iterable[int], on_each: Callable[[int], None] | None) -> Iterator[int]:
+    """The ids; after the loop's body for each (``continue`` included), ``on_each(done so far)``."""
+    for done, record_id in enumerate(record_ids, start=1):
+        yield record_id
+        if on_each is not None:
+            on_each(done)
+
+
+def retry(
+    broker: dramatiq.Broker,
+    record_ids: Iterable[int],
+    *,
+    on_each: Callable[[int], None] | None = None,
+) -> list[DeadLetter]:
+    """Send each dead message back to its queue with a fresh retry count.
+
+    ``on_each`` is called with how many records were handled so far, after each.
+    """
     retried = []
-    for record_id in record_ids:
+    for record_id in _counted(record_ids, on_each):
         with session_scope() as session:
             dead = session.get(DeadLetter, record_id)
             if dead is None or dead.status != DeadLetterStatus.DEAD:
@@ -494,10 +510,18 @@ def retry(broker: dramatiq.Broker, record_ids: Iterable[int]) -> list[DeadLetter
     return retried
 
 
-def purge(broker: dramatiq.Broker, record_ids: Iterable[int]) -> int:
-    """Delete dead letters from SQL and from Redis; returns how many."""
+def purge(
+    broker: dramatiq.Broker,
+    record_ids: Iterable[int],
+    *,
+    on_each: Callable[[int], None] | None = None,
+) -> int:
+    """Delete dead letters from SQL and from Redis; returns how many.
+
+    ``on_each`` is called with how many records were handled so far, after each.
+    """
     count = 0
-    for record_id in record_ids:
+    for record_id in _counted(record_ids, on_each):
         with session_scope() as session:
             dead = session.get(DeadLetter, record_id)
             if dead is None:
