@@ -14,6 +14,7 @@ and the database hold at that moment, and with the states the test made.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -393,3 +394,20 @@ def test_status_writes_nothing(system: System, tmp_path: Path) -> None:
     assert dump(system) == before
     assert {text(k) for k in system.client.scan_iter(count=1000)} <= everything
     assert page.stat().st_size > 0
+
+
+def test_status_never_starts_the_embedded_redis(test_environment: dict[str, str], tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = {
+        **{key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "BROKER_URL")},
+        **{key: value for key, value in test_environment.items() if key not in ("REDIS_URL", "BROKER_URL")},
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'status.db'}",
+    }
+    result = subprocess.run(
+        [CLI, "status", "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 3, result.stderr
+    (error,) = json.loads(result.stdout)["errors"]
+    assert error.startswith("broker: the embedded Redis is not running (ConnectionError: "), error
+    assert not (data_dir / "redis").exists() or not any((data_dir / "redis").iterdir())

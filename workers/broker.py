@@ -52,10 +52,17 @@ def broker_url(settings: Settings) -> str:
     return url
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    """A client of the service's Redis (REDIS_URL, or the embedded server's)."""
+def redis_client(settings: Settings, *, start_embedded: bool = True) -> redis.Redis:
+    """A client of the service's Redis (REDIS_URL, or the embedded server's).
+
+    With ``start_embedded=False`` (a command that only reads), the embedded
+    server is not started: if it does not run, the client fails to connect.
+    """
+    url = settings.redis_url or (
+        broker_url(settings) if start_embedded else embedded_redis.url_for(settings.data_dir)
+    )
     return redis.Redis.from_url(
-        broker_url(settings),
+        url,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
         socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
         health_check_interval=30,

@@ -82,7 +82,7 @@ class _Reader:
         from workers.broker import redis_client
 
         if self._client is None:
-            self._client = redis_client(self.settings)
+            self._client = redis_client(self.settings, start_embedded=False)
         return self._client
 
     def take(self) -> Any:

@@ -248,7 +248,7 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
 
     def from_redis(queues: tuple[str, ...]) -> tuple[list[QueueFigures], list[WorkerFigures]]:
         return broker_figures(
-            client if client is not None else redis_client(settings),
+            client if client is not None else redis_client(settings, start_embedded=False),
             settings.redis_namespace,
             heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
             now=now,
@@ -264,7 +264,11 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
         else:
             queues, workers = from_redis(QUEUES)
     except Exception as exc:
-        errors.append(f"broker: {said(exc)}")
+        if amqp_url is None and not settings.redis_url:
+            # Only a worker or the demo starts the embedded Redis; status never does.
+            errors.append(f"broker: the embedded Redis is not running ({said(exc)})")
+        else:
+            errors.append(f"broker: {said(exc)}")
     if amqp_url is not None:
         # The workers still register and heartbeat in Redis (hosts and pids): no queue to read there.
         try:
