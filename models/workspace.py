@@ -43,7 +43,12 @@ def set_workspace(session: Session, workspace_id: str, resource_group_ids: list[
     if not resource_group_ids:
         raise ValueError("a workspace has at least one resource group")
     for value in [workspace_id, *resource_group_ids]:
-        if not is_identifier(value) or len(value) > IDENTIFIER_MAX_LENGTH:
+        if len(value) > IDENTIFIER_MAX_LENGTH:
+            raise ValueError(
+                f"{value[:40]!r}... is {len(value)} characters long; an identifier has at most "
+                f"{IDENTIFIER_MAX_LENGTH}"
+            )
+        if not is_identifier(value):
             raise ValueError(f"{value!r} is not a valid identifier (letters, digits, '.', '_', '-')")
     workspace = session.get(Workspace, workspace_id, with_for_update=True)
     now = utc_now()

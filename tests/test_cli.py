@@ -178,6 +178,15 @@ def test_workspace_set_requires_a_resource_group(cli):
     assert "--resource-group" in result.stderr
 
 
+def test_workspace_set_says_which_identifier_rule_is_broken(cli):
+    too_long = cli("workspace", "set", "w" * 200, "--resource-group", "rg-1")
+    assert too_long.returncode == 2, describe(too_long)
+    assert "is 200 characters long; an identifier has at most 128" in too_long.stderr, describe(too_long)
+    bad = cli("workspace", "set", unique("ws"), "--resource-group", "rg/1")
+    assert bad.returncode == 2, describe(bad)
+    assert "'rg/1' is not a valid identifier" in bad.stderr, describe(bad)
+
+
 # -- send-contract ---------------------------------------------------------------
 
 
