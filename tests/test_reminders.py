@@ -935,6 +935,28 @@ def test_resend_invitation_sends_a_new_step_and_restarts_the_cycle(own_database,
 # -- emails whose message was lost ---------------------------------------------------------
 
 
+def test_a_sweep_whose_enqueue_fails_records_what_it_claimed(own_database, worker, standin, monkeypatch):
+    from workers import reminders as sweeping
+
+    contract_id = send_and_wait()["contract_id"]
+    invited_at(paris(2027, 1, 5, 10), contract_id)  # Tuesday: due Friday 10:00
+
+    refused = "Error 111 connecting to 127.0.0.1:6379. Connection refused."
+
+    def broker_down(delivery_ids: Any) -> None:
+        raise redis.ConnectionError(refused)
+
+    monkeypatch.setattr(sweeping, "_enqueue", broker_down)
+    with pytest.raises(redis.ConnectionError):
+        run_reminders(as_of=paris(2027, 1, 8, 10))
+    with session_scope() as session:
+        row = session.exec(select(ReminderSweep).order_by(col(ReminderSweep.id).desc())).first()
+    assert row is not None and row.as_of == paris(2027, 1, 8, 10)
+    assert (row.claimed, row.error) == (1, f"ConnectionError: {refused}")
+    (claimed,) = deliveries(contract_id, "reminder")
+    assert claimed.status == "pending", "claimed and committed: a later sweep re-drives it"
+
+
 def test_sweep_sends_a_pending_email_whose_message_was_lost(own_database, worker, standin):
     lost_contract = send_and_wait()
     fresh_contract = send_and_wait()

@@ -53,6 +53,13 @@ def _enqueue(delivery_ids: list[int]) -> None:
     enqueue_deliveries(delivery_ids)
 
 
+def _record_totals(row: ReminderSweep, total: SweepResult) -> None:
+    row.claimed = len(total.claimed)
+    row.postponed = total.postponed
+    row.lost_races = total.lost_races
+    row.codes_renewed = total.codes_renewed
+
+
 def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None) -> SweepReport:
     """Claim every due reminder as of ``as_of`` (now by default), in batches, and enqueue them.
 
@@ -78,13 +85,15 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
                     session, now=as_of, policy=policy, codes=codes, limit=settings.reminder_batch_size
                 )
             batches += 1
-            _enqueue(batch.claimed)
-            count_reminders("enqueued", len(batch.claimed))
-            count_reminders("postponed", batch.postponed)
+            # Counted once committed: a failing enqueue below still leaves them claimed
+            # (pending, re-driven by a later sweep), and the sweep's row says so.
             total.claimed += batch.claimed
             total.postponed += batch.postponed
             total.lost_races += batch.lost_races
             total.codes_renewed += batch.codes_renewed
+            count_reminders("postponed", batch.postponed)
+            _enqueue(batch.claimed)
+            count_reminders("enqueued", len(batch.claimed))
             if len(batch.claimed) + batch.postponed + batch.lost_races < settings.reminder_batch_size:
                 break
         redriven = redrive_stale_deliveries(settings=settings)
@@ -93,6 +102,7 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
         with session_scope() as session:
             failed = session.get(ReminderSweep, sweep_id)
             if failed is not None:
+                _record_totals(failed, total)
                 failed.error = f"{type(exc).__name__}: {exc}"[:1000]
                 failed.finished_at = utc_now()
         raise
@@ -100,10 +110,7 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
     with session_scope() as session:
         done = session.get(ReminderSweep, sweep_id)
         if done is not None:
-            done.claimed = len(total.claimed)
-            done.postponed = total.postponed
-            done.lost_races = total.lost_races
-            done.codes_renewed = total.codes_renewed
+            _record_totals(done, total)
             done.redriven = redriven
             done.finished_at = finished
     count_sweep("done")
