@@ -181,6 +181,9 @@ class _Snapshot:
     nonce: str | None
     encoded: str | None
     matched: bool
+    #: Whether the code could be used when read: a locked or expired code gets no
+    #: work beyond the one verification, right or wrong, so timing cannot tell.
+    usable: bool
 
 
 def _account_of(session: Session, email: str) -> Account | None:
@@ -192,7 +195,7 @@ def _account_of(session: Session, email: str) -> Account | None:
     return find_account(session, address)
 
 
-def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy) -> _Snapshot:
+def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy, now: datetime) -> _Snapshot:
     """Read the account (no lock) and run the one argon2id verification of the call."""
     account = _account_of(session, email)
     encoded = account.access_code_hash if account is not None else None
@@ -202,6 +205,7 @@ def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy)
         nonce=account.access_code_nonce if account is not None else None,
         encoded=encoded,
         matched=matched and encoded is not None,
+        usable=account is not None and _usable(account, policy=policy, now=now),
     )
 
 
@@ -222,7 +226,7 @@ def verify_code(
 ) -> bool:
     """Whether ``code`` is the usable code of ``email``; a wrong code counts as a failed attempt."""
     with transaction() as session:
-        snapshot = _check(session, email, code, policy=policy)
+        snapshot = _check(session, email, code, policy=policy, now=now)
     rehashed = _rehash(snapshot, code, policy=policy)
     with transaction() as session:
         account = _locked(session, snapshot)
@@ -254,9 +258,15 @@ def set_password(
     """
     password = check_password_policy(new_password, code=code, policy=policy)
     with transaction() as session:
-        snapshot = _check(session, email, code, policy=policy)
-    # Hashed before the row is locked: the lock is held for a few statements only.
-    password_hash = password_hasher(policy.hash_parameters).hash(password) if snapshot.matched else None
+        snapshot = _check(session, email, code, policy=policy, now=now)
+    # Hashed before the row is locked: the lock is held for a few statements only. Only
+    # for a usable code typed right: a locked or expired code then costs the same
+    # whether the guess was right or wrong (the answer is a refusal either way).
+    password_hash = (
+        password_hasher(policy.hash_parameters).hash(password)
+        if snapshot.matched and snapshot.usable
+        else None
+    )
     with transaction() as session:
         account = _locked(session, snapshot)
         if account is None or not _usable(account, policy=policy, now=now):
@@ -309,8 +319,8 @@ def verify_password(transaction: Transaction, email: str, password: str, *, poli
 
 
 def _rehash(snapshot: _Snapshot, code: str, *, policy: FirstLoginPolicy) -> str | None:
-    """A new hash of a code that matched a hash made with lower costs, else None."""
-    if not snapshot.matched or snapshot.encoded is None:
+    """A new hash of a usable code that matched a hash made with lower costs, else None."""
+    if not (snapshot.matched and snapshot.usable) or snapshot.encoded is None:
         return None
     if not _needs_rehash(snapshot.encoded, policy.hash_parameters):
         return None

@@ -8,6 +8,7 @@ use the configured (OWASP minimum) ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import threading
@@ -125,6 +126,20 @@ def verify_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         return original(self, hash, password)
 
     monkeypatch.setattr(argon2.PasswordHasher, "verify", spy)
+    yield calls
+
+
+@pytest.fixture
+def hash_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Every argon2 hash made (of a password or a code), as a 1 per call."""
+    calls: list[int] = []
+    original = argon2.PasswordHasher.hash
+
+    def spy(self: argon2.PasswordHasher, password: str | bytes, *, salt: bytes | None = None) -> str:
+        calls.append(1)
+        return original(self, password, salt=salt)
+
+    monkeypatch.setattr(argon2.PasswordHasher, "hash", spy)
     yield calls
 
 
@@ -330,6 +345,29 @@ def test_locked_expired_and_spent_codes_cost_one_verification_too(
     verify_calls.clear()
     assert not check(spent, spent_code)
     assert len(verify_calls) == 1
+
+
+def test_a_locked_or_expired_code_costs_the_same_typed_right_or_wrong(
+    database: str, verify_calls: list[str], hash_calls: list[int]
+) -> None:
+    """Refused either way; any extra work for the right code would tell it by timing."""
+    email, code = new_account()
+    for _ in range(5):
+        check(email, wrong(code))
+    stronger = FirstLoginPolicy(hash_parameters=_STRONGER)
+    for attempt in (
+        lambda guess: spend(email, guess),  # locked
+        lambda guess: spend(email, guess, now=ISSUED + timedelta(days=8)),  # expired
+        lambda guess: check(email, guess, policy=stronger),  # locked, costs risen: no rehash
+    ):
+        costs = []
+        for guess in (code, wrong(code)):
+            verify_calls.clear()
+            hash_calls.clear()
+            with contextlib.suppress(AccessCodeRefused):
+                assert not attempt(guess)
+            costs.append((len(verify_calls), len(hash_calls)))
+        assert costs == [(1, 0), (1, 0)], costs
 
 
 def test_timing_does_not_tell_whether_the_email_exists(database: str) -> None:
