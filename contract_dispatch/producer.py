@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import redis
-from dramatiq.errors import ConnectionClosed
 from pydantic import BaseModel
 
 from models.cancelling import check_cancel_contract
@@ -41,15 +39,14 @@ from models.signing import check_notify_signatories
 from models.status import ContractReport, contract_report
 from models.types import utc_now
 from models.workspace import set_workspace as _set_workspace
+from workers.broker_errors import BROKER_ERRORS, broker_problem
 from workers.database import session_scope
 from workers.refusal_limit import RefusalLimit, refusal_limit
 from workers.reminders import SweepReport, run_sweep
 from workers.settings import get_settings
 
-#: What enqueueing raises when the broker (Redis or RabbitMQ) cannot be reached.
-#: A ResponseError is Redis refusing the command (a database index it does not have,
-#: a read-only replica): the message was not queued either.
-_BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError, ConnectionClosed)
+#: What enqueueing raises when the broker (Redis or RabbitMQ) cannot be used.
+_BROKER_ERRORS = (*BROKER_ERRORS, OSError)
 
 
 class Receipt(BaseModel):
@@ -65,13 +62,6 @@ class ResendReceipt(Receipt):
     step: int
 
 
-def _broker_problem(error: BaseException) -> str:
-    """What went wrong with the broker, in a few words (never a URL)."""
-    if isinstance(error, redis.ResponseError):
-        return f"refused the command ({str(error).splitlines()[0][:200]})"
-    return f"cannot be reached ({type(error).__name__})"
-
-
 def _enqueue(message: WireMessage) -> None:
     # Imported here: importing the actors connects to the broker, which the
     # read-only parts of this API never need.
@@ -81,7 +71,7 @@ def _enqueue(message: WireMessage) -> None:
     try:
         actor.send(message.to_payload())
     except _BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f"the message broker {_broker_problem(exc)}; nothing was sent") from None
+        raise BrokerUnavailable(f"the message broker {broker_problem(exc)}; nothing was sent") from None
 
 
 def _enqueue_many(messages: Sequence[WireMessage]) -> None:
@@ -97,7 +87,7 @@ def _enqueue_many(messages: Sequence[WireMessage]) -> None:
     try:
         enqueue_many(actors.broker, prepared)
     except _BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f"the message broker {_broker_problem(exc)}; nothing was sent") from None
+        raise BrokerUnavailable(f"the message broker {broker_problem(exc)}; nothing was sent") from None
 
 
 def _check_within_limit(
@@ -380,7 +370,7 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
     except _BROKER_ERRORS as exc:
         # Recorded but not enqueued: the stale-email sweep sends it later.
         raise BrokerUnavailable(
-            f"the invitation is recorded but the broker {_broker_problem(exc)}; "
+            f"the invitation is recorded but the broker {broker_problem(exc)}; "
             "it will be sent once the broker is back"
         ) from None
     return receipt

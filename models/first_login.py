@@ -181,9 +181,16 @@ class _Snapshot:
     nonce: str | None
     encoded: str | None
     matched: bool
-    #: Whether the code could be used when read: a locked or expired code gets no
-    #: work beyond the one verification, right or wrong, so timing cannot tell.
+    #: Whether the code could be used when read.
     usable: bool
+
+    @property
+    def earns_work(self) -> bool:
+        """A usable code typed right: only it gets argon2id work beyond the one verification.
+
+        A locked or expired code then costs the same right or wrong, so timing cannot tell.
+        """
+        return self.matched and self.usable
 
 
 def _account_of(session: Session, email: str) -> Account | None:
@@ -259,14 +266,8 @@ def set_password(
     password = check_password_policy(new_password, code=code, policy=policy)
     with transaction() as session:
         snapshot = _check(session, email, code, policy=policy, now=now)
-    # Hashed before the row is locked: the lock is held for a few statements only. Only
-    # for a usable code typed right: a locked or expired code then costs the same
-    # whether the guess was right or wrong (the answer is a refusal either way).
-    password_hash = (
-        password_hasher(policy.hash_parameters).hash(password)
-        if snapshot.matched and snapshot.usable
-        else None
-    )
+    # Hashed before the row is locked: the lock is held for a few statements only.
+    password_hash = password_hasher(policy.hash_parameters).hash(password) if snapshot.earns_work else None
     with transaction() as session:
         account = _locked(session, snapshot)
         if account is None or not _usable(account, policy=policy, now=now):
@@ -320,7 +321,7 @@ def verify_password(transaction: Transaction, email: str, password: str, *, poli
 
 def _rehash(snapshot: _Snapshot, code: str, *, policy: FirstLoginPolicy) -> str | None:
     """A new hash of a usable code that matched a hash made with lower costs, else None."""
-    if not (snapshot.matched and snapshot.usable) or snapshot.encoded is None:
+    if not snapshot.earns_work or snapshot.encoded is None:
         return None
     if not _needs_rehash(snapshot.encoded, policy.hash_parameters):
         return None

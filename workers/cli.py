@@ -14,13 +14,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-import dramatiq.errors
-import redis
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from models.errors import ConfigurationError, DispatchError, Rejected, TransientError
 from models.status import ContractReport
+from workers.broker_errors import BROKER_ERRORS, broker_problem
 from workers.logs import configure_logging
 from workers.settings import get_settings
 
@@ -28,9 +27,6 @@ EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_REFUSED = 2
 EXIT_UNAVAILABLE = 3
-
-#: What Redis or Dramatiq raises when the broker cannot be reached.
-BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, dramatiq.errors.BrokerConnectionError)
 
 #: Worker threads per process (Dramatiq's default); the work waits on I/O.
 DEFAULT_WORKER_THREADS = 8
@@ -278,11 +274,21 @@ def cmd_embedded_redis(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
+def whole_number(*, low: int = 1, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number from ``low`` to ``high`` (no bound when None)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {value[:40]!r}") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        if high is not None and number > high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}")
+        return number
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.set_defaults(handler=cmd_scheduler)
 
     worker = commands.add_parser("worker", help="run the Dramatiq worker for all queues")
-    worker.add_argument("--processes", type=_positive_int, default=os.cpu_count() or 1)
-    worker.add_argument("--threads", type=_positive_int, default=DEFAULT_WORKER_THREADS)
+    worker.add_argument("--processes", type=whole_number(), default=os.cpu_count() or 1)
+    worker.add_argument("--threads", type=whole_number(), default=DEFAULT_WORKER_THREADS)
     worker.set_defaults(handler=cmd_worker)
 
     demo = commands.add_parser("demo", help="send, deliver and sign a sample contract on embedded defaults")
@@ -422,15 +428,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TransientError, ConfigurationError, OperationalError) as error:
         sys.stderr.write(f"unavailable: {unavailable_reason(error)}\n")
         return EXIT_UNAVAILABLE
-    except redis.ResponseError as error:
-        # Redis answered, and refused: a database index it does not have, a read-only replica.
-        sys.stderr.write(f"unavailable: Redis refused the command: {str(error).splitlines()[0][:200]}\n")
-        return EXIT_UNAVAILABLE
     except BROKER_ERRORS as error:
-        # Redis or RabbitMQ stopped answering during a command that does not expect it
-        # (dead-letter retry or purge, a reminder sweep's enqueue): what was done is in
-        # SQL, and running the command again finishes it.
-        sys.stderr.write(f"unavailable: the broker cannot be reached ({type(error).__name__})\n")
+        # Redis or RabbitMQ failed during a command that does not expect it (dead-letter
+        # retry or purge, a reminder sweep's enqueue): what was done is in SQL, and
+        # running the command again finishes it.
+        sys.stderr.write(f"unavailable: the broker {broker_problem(error)}\n")
         return EXIT_UNAVAILABLE
     except DispatchError as error:
         sys.stderr.write(f"error: {error}\n")

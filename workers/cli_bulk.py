@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError
 
 from models.errors import InvalidPayload, Rejected, TransientError
 from models.messages import SendContract, contract_id_of, parse_message
-from workers.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, unavailable_reason
+from workers.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, unavailable_reason, whole_number
 from workers.cli_progress import Progress
 
 #: Contracts per ``send_contracts`` call: one transaction and one broker round trip each.
@@ -179,16 +179,6 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
     return EXIT_REFUSED if tally.refused else EXIT_OK
 
 
-def _batch_size(value: str) -> int:
-    try:
-        size = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if not 1 <= size <= MAX_BATCH_SIZE:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_BATCH_SIZE}")
-    return size
-
-
 def add_commands(commands: Any) -> None:
     """Register ``send-contracts``."""
     bulk = commands.add_parser(
@@ -204,7 +194,7 @@ def add_commands(commands: Any) -> None:
     )
     bulk.add_argument(
         "--batch-size",
-        type=_batch_size,
+        type=whole_number(high=MAX_BATCH_SIZE),
         default=DEFAULT_BATCH_SIZE,
         metavar="N",
         help=f"contracts per transaction and broker round trip (default {DEFAULT_BATCH_SIZE})",

@@ -6,19 +6,20 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import OperationalError
 
 from models.dead_letter import DeadLetter, find_dead_letters
 from models.types import utc_now
+from workers.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_REFUSED, whole_number
 from workers.cli_progress import Progress
 from workers.database import session_scope
 
-EXIT_OK = 0
-EXIT_NOT_FOUND = 1
-EXIT_REFUSED = 2
+#: What a dead-letter action returns (the retried records, or how many were purged).
+T = TypeVar("T")
 
 _DURATION_PART = re.compile(r"(\d+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -34,17 +35,6 @@ def parse_duration(value: str) -> timedelta:
 
 #: The largest dead-letter id (the column is a 32-bit integer on PostgreSQL).
 MAX_RECORD_ID = 2**31 - 1
-
-
-def record_id(value: str) -> int:
-    """A dead-letter ID as typed: a whole number from 1 to ``MAX_RECORD_ID`` (else a usage error)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a dead letter id: {value[:40]!r}") from None
-    if not 1 <= number <= MAX_RECORD_ID:
-        raise argparse.ArgumentTypeError(f"a dead letter id is from 1 to {MAX_RECORD_ID}")
-    return number
 
 
 def _broker() -> Any:
@@ -91,6 +81,18 @@ def as_json(record: DeadLetter, *, full: bool = False) -> dict[str, Any]:
         data["traceback"] = record.traceback
         data["redis_message_id"] = record.redis_message_id
     return data
+
+
+def _with_progress(action: Callable[..., T], records: list[DeadLetter]) -> T:
+    """``dead_letters.retry`` or ``purge`` of ``records``, with a progress line on stderr."""
+    ids = [r.id for r in records if r.id is not None]
+    progress = Progress(sys.stderr)
+    try:
+        return action(
+            _broker(), ids, on_each=lambda done: progress.update(f"{done} of {len(ids)} dead letters handled")
+        )
+    finally:
+        progress.finish()
 
 
 def _unknown(args: argparse.Namespace) -> int:
@@ -180,12 +182,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     records = _selected(args)
     if records is None:
         return _unknown(args)
-    ids = [r.id for r in records if r.id is not None]
-    progress = Progress(sys.stderr)
-    retried = dead_letters.retry(
-        _broker(), ids, on_each=lambda done: progress.update(f"{done} of {len(ids)} dead letters handled")
-    )
-    progress.finish()
+    retried = _with_progress(dead_letters.retry, records)
     result = {"retried": [r.id for r in retried], "count": len(retried)}
     if args.json:
         _print_json(result)
@@ -217,12 +214,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         if answer not in ("y", "yes"):
             sys.stderr.write("not purged\n")
             return EXIT_REFUSED
-    ids = [r.id for r in records if r.id is not None]
-    progress = Progress(sys.stderr)
-    count = dead_letters.purge(
-        _broker(), ids, on_each=lambda done: progress.update(f"{done} of {len(ids)} dead letters handled")
-    )
-    progress.finish()
+    count = _with_progress(dead_letters.purge, records)
     if args.json:
         _print_json({"purged": count})
     else:
@@ -243,12 +235,12 @@ def add_commands(commands: Any) -> None:
     listing.set_defaults(handler=cmd_list)
 
     show = actions.add_parser("show", help="one dead letter with its payload and traceback")
-    show.add_argument("id", type=record_id, metavar="ID")
+    show.add_argument("id", type=whole_number(high=MAX_RECORD_ID), metavar="ID")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_show)
 
     retry = actions.add_parser("retry", help="re-enqueue with a fresh retry count")
-    retry.add_argument("id", type=record_id, nargs="?", metavar="ID")
+    retry.add_argument("id", type=whole_number(high=MAX_RECORD_ID), nargs="?", metavar="ID")
     retry.add_argument("--all", action="store_true", help="every dead letter (filtered by --actor/--queue)")
     retry.add_argument("--actor", metavar="A")
     retry.add_argument("--queue", metavar="Q")
@@ -256,7 +248,7 @@ def add_commands(commands: Any) -> None:
     retry.set_defaults(handler=cmd_retry)
 
     purge = actions.add_parser("purge", help="delete from SQL and Redis (asks unless --yes)")
-    purge.add_argument("id", type=record_id, nargs="?", metavar="ID")
+    purge.add_argument("id", type=whole_number(high=MAX_RECORD_ID), nargs="?", metavar="ID")
     purge.add_argument("--older-than", type=parse_duration, metavar="DURATION", help="e.g. 30d, 12h, 1d12h")
     purge.add_argument("--actor", metavar="A")
     purge.add_argument("--queue", metavar="Q")

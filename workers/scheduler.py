@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
@@ -20,6 +21,7 @@ from typing import Any
 
 import dramatiq
 from apscheduler.schedulers import SchedulerNotRunningError
+from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -81,6 +83,24 @@ def enqueue_job(broker: dramatiq.Broker, job: PeriodicJob) -> bool:
     return True
 
 
+def stop_handler(scheduler: BaseScheduler) -> Callable[[int, FrameType | None], None]:
+    """The SIGTERM/SIGINT handler: stop ``scheduler`` once, however many signals come."""
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        # A platform that signals the whole process group can deliver the same stop
+        # twice, the second handler running inside the first: it is the same request.
+        if stopping.is_set():
+            return
+        stopping.set()
+        logger.info("Stopping the scheduler.")
+        # A signal between the check and the set above reaches here twice.
+        with contextlib.suppress(SchedulerNotRunningError):
+            scheduler.shutdown(wait=False)
+
+    return stop
+
+
 def run_scheduler() -> int:
     """Run until SIGTERM or SIGINT."""
     import actors
@@ -101,18 +121,7 @@ def run_scheduler() -> int:
             next_run_time=datetime.now(UTC),
         )
 
-    stopping = threading.Event()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        # A platform that signals the whole process group can deliver the same stop
-        # twice, the second handler running inside the first: it is the same request.
-        if stopping.is_set():
-            return
-        stopping.set()
-        logger.info("Stopping the scheduler.")
-        with contextlib.suppress(SchedulerNotRunningError):
-            scheduler.shutdown(wait=False)
-
+    stop = stop_handler(scheduler)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     logger.info(

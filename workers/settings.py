@@ -95,14 +95,26 @@ DATABASE_BACKENDS = ("sqlite", "postgresql")
 _URL_HINT = "Percent-encode the special characters of a password (/ as %2F, @ as %40, : as %3A, # as %23)."
 
 
-def _check_server_url(value: str) -> None:
-    """Refuse a server URL that cannot be read as host and port, without quoting it.
+def _scheme(url: str) -> str:
+    """``redis`` of ``redis://…``, in lower case; empty when there is none."""
+    return url.split("://", 1)[0].lower() if "://" in url else ""
 
-    An unencoded ``/`` or ``@`` in a password moves the split between password,
-    host and port: the password would then be printed as a host or port in the
-    connection errors of every command.
+
+def _server_url(value: str | None, *, name: str, schemes: tuple[str, ...]) -> str | None:
+    """``value`` (None when unset) if it is a URL of one of ``schemes`` that reads as host and port.
+
+    The errors never quote it. An unencoded ``/`` or ``@`` in a password moves the
+    split between password, host and port: the password would then be printed as
+    a host or port in the connection errors of every command.
     """
-    name = "REDIS_URL" if value.split("://", 1)[0].lower() in REDIS_BROKER_SCHEMES else "BROKER_URL"
+    if not value:
+        return None
+    scheme = _scheme(value)
+    if scheme not in schemes:
+        starts = ", ".join(f"{s}://" for s in schemes[:-1]) + f" or {schemes[-1]}://"
+        raise ValueError(f"{name} must start with {starts}")
+    if scheme == "unix":
+        return value
     try:
         parts = urlsplit(value)
         _ = parts.port  # raises ValueError for a port that is not a number
@@ -110,6 +122,7 @@ def _check_server_url(value: str) -> None:
         raise ValueError(f"{name} cannot be read as a server URL. {_URL_HINT}") from None
     if not parts.hostname:
         raise ValueError(f"{name} names no host that can be read. {_URL_HINT}")
+    return value
 
 
 #: Refused sends answered per workspace and window before the producer-side check
@@ -253,26 +266,13 @@ class Settings(BaseSettings):
 
     @field_validator("broker_url")
     @classmethod
-    def _known_broker_scheme(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-        if scheme not in BROKER_SCHEMES:
-            raise ValueError("BROKER_URL must start with redis://, rediss://, amqp:// or amqps://")
-        _check_server_url(value)
-        return value
+    def _known_broker(cls, value: str | None) -> str | None:
+        return _server_url(value, name="BROKER_URL", schemes=BROKER_SCHEMES)
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-        if scheme not in (*REDIS_BROKER_SCHEMES, "unix"):
-            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
-        if scheme != "unix":
-            _check_server_url(value)
-        return value
+    def _known_redis(cls, value: str | None) -> str | None:
+        return _server_url(value, name="REDIS_URL", schemes=(*REDIS_BROKER_SCHEMES, "unix"))
 
     @field_validator("database_url")
     @classmethod
@@ -355,7 +355,7 @@ class Settings(BaseSettings):
         """Whether BROKER_URL names a RabbitMQ broker (REDIS_URL then serves coordination only)."""
         if self.broker_url is None:
             return False
-        return self.broker_url.split("://", 1)[0].lower() in AMQP_BROKER_SCHEMES
+        return _scheme(self.broker_url) in AMQP_BROKER_SCHEMES
 
     @property
     def effective_database_url(self) -> str:

@@ -37,13 +37,16 @@ class DeadLetters(dramatiq.Middleware):
         # message there with its reason unknown. Held in Redis from now, the reason
         # outlives the worker, and sync files it.
         try:
-            dead_letters.hold(broker, self._fields(message))
+            # Kept on the message (as Dramatiq keeps its exception): after_nack files the same.
+            message._dead_letter_fields = self._fields(message)
+            dead_letters.hold(broker, message._dead_letter_fields)
         except Exception:
             logger.exception("Could not hold the reason of dying message %s.", message.message_id)
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
         try:
-            dead_letters.record(broker, self._fields(message))
+            fields = getattr(message, "_dead_letter_fields", None) or self._fields(message)
+            dead_letters.record(broker, fields)
             dead_letters.release(broker, message.message_id)
         except Exception:
             # Never let the record break the worker: the message itself is safe

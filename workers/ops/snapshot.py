@@ -228,11 +228,10 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
     """
     from workers.broker import redis_client
     from workers.database import session_scope
+    from workers.ops.health import describe_error, redact, secrets_of
     from workers.settings import get_settings
 
     settings = get_settings()
-    from workers.ops.health import describe_error, redact, secrets_of
-
     secrets = secrets_of(settings)
 
     def said(exc: BaseException) -> str:
