@@ -657,6 +657,22 @@ def test_send_contracts_refuses_a_line_that_is_not_utf8_alone(cli, worker):
     wait_for_invitation(payload["contract_id"])
 
 
+def test_send_contracts_reads_a_file_saved_with_a_byte_order_mark(cli, tmp_path):
+    # Notepad and spreadsheet exports write "UTF-8 with BOM": the mark is not JSON,
+    # but it only says the file is UTF-8; a mark on a later line is still refused.
+    first, second = contract_payload(), contract_payload()
+    path = tmp_path / "contracts.jsonl"
+    bom = b"\xef\xbb\xbf"
+    path.write_bytes(bom + json_lines(first).encode() + bom + json_lines(second).encode())
+
+    result = cli("send-contracts", str(path), "--json")
+
+    output = answers(result)
+    assert output[0] == {"line": 1, "contract_id": first["contract_id"], "status": "queued"}, describe(result)
+    assert output[1]["line"] == 2 and output[1]["error"]["code"] == "invalid_payload", describe(result)
+    assert result.returncode == 2, describe(result)
+
+
 def test_send_contracts_to_an_unreachable_broker_says_what_was_not_sent(cli):
     unreachable = Cli({**cli.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"})
     payloads = [contract_payload() for _ in range(3)]

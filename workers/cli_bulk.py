@@ -36,6 +36,9 @@ DEFAULT_BATCH_SIZE = 500
 #: Largest batch accepted: a transaction holding more locks for longer gains nothing.
 MAX_BATCH_SIZE = 5000
 
+#: The byte order mark some editors and spreadsheet exports put before the first line.
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 @dataclass(frozen=True)
 class Line:
@@ -71,9 +74,12 @@ def read_lines(stream: BinaryIO) -> Iterator[Line]:
     """The input's non-blank lines, parsed one at a time (the input is never held whole).
 
     Read as bytes: a line that is not UTF-8 is refused alone instead of
-    stopping the whole input.
+    stopping the whole input. A byte order mark before the first line is
+    skipped: it says the file is UTF-8, which is what is read anyway.
     """
     for number, raw in enumerate(stream, start=1):
+        if number == 1:
+            raw = raw.removeprefix(UTF8_BOM)
         if raw.strip():
             yield parse_line(number, raw)
 
