@@ -8,7 +8,7 @@ import dramatiq
 
 from workers import dead_letters
 from workers.redis_dispatch import run_maintenance
-from workers.reminders import expire_access_codes, redrive_stale_deliveries
+from workers.reminders import expire_access_codes, purge_code_refusals, redrive_stale_deliveries
 from workers.retry_policy import actor_options
 
 
@@ -34,5 +34,6 @@ def broker_maintenance(payload: dict[str, Any] | None = None) -> None:
     actor_name="expire_access_codes", queue_name="maintenance", **actor_options("expire_access_codes")
 )
 def expire_access_codes_job(payload: dict[str, Any] | None = None) -> None:
-    """Forget the hashes of expired temporary passwords."""
+    """Forget the hashes of expired temporary passwords, and refusal counts a day old."""
     expire_access_codes()
+    purge_code_refusals()

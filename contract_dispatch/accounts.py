@@ -24,6 +24,7 @@ def first_login_policy() -> FirstLoginPolicy:
         hash_parameters=settings.access_code_policy().hash_parameters,
         max_failed_attempts=settings.access_code_max_attempts,
         password_min_length=settings.password_min_length,
+        refusal_key=settings.secret_key_bytes(),
     )
 
 

@@ -13,6 +13,9 @@ The rules (ASVS 5.0 §6.4/§6.5, NIST SP 800-63B look-up secrets):
   refusal of a code is the same ``AccessCodeRefused``: neither the answer nor its
   timing tells whether the email exists, nor which of wrong, expired, used or
   locked applies (each distinction would be an oracle for somebody without the code);
+- every refusal of a code writes one row and commits: a wrong guess at a usable
+  code is counted on its account, any other refusal in ``models.code_refusal``
+  (a refusal that only read would commit faster than one that counted);
 - hashes made with lower costs than the current parameters are rehashed on use.
 
 The expensive argon2id work runs outside any transaction; the decision and the
@@ -28,16 +31,19 @@ import secrets
 import unicodedata
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import bindparam, update
 from sqlmodel import Session, select
 
 from models.access_codes import HashParameters, password_hasher
-from models.account import Account
+from models.account import EMAIL_MAX_LENGTH, Account
 from models.binding import find_account, normalize_email
+from models.code_refusal import address_digest, record_refusal
 from models.errors import Rejected
+from models.upsert import table_of
 
 #: Opens one transaction (commit on success, rollback on error), e.g. ``session_scope``.
 Transaction = Callable[[], AbstractContextManager[Session]]
@@ -103,6 +109,8 @@ class FirstLoginPolicy:
     max_failed_attempts: int = DEFAULT_MAX_FAILED_ATTEMPTS
     password_min_length: int = DEFAULT_PASSWORD_MIN_LENGTH
     password_max_length: int = PASSWORD_MAX_LENGTH
+    #: Keys the address digests of ``models.code_refusal`` (SECRET_KEY in the service).
+    refusal_key: bytes = field(default=b"", repr=False)
 
 
 def normalize_code(value: str) -> str:
@@ -178,6 +186,8 @@ class _Snapshot:
     """What the unlocked read saw: which code was checked, and whether it matched."""
 
     account_id: int | None
+    #: What a refusal not counted on the account is counted under (``address_digest``).
+    refusal_digest: str
     nonce: str | None
     encoded: str | None
     matched: bool
@@ -193,22 +203,30 @@ class _Snapshot:
         return self.matched and self.usable
 
 
-def _account_of(session: Session, email: str) -> Account | None:
-    """The account of ``email`` as typed; None when it is not an address."""
+def _address(email: str) -> str | None:
+    """``email`` normalised as accounts store it; None when it is not an address."""
     try:
-        address = normalize_email(email)
+        return normalize_email(email)
     except ValueError:
         return None
-    return find_account(session, address)
+
+
+def _account_of(session: Session, email: str) -> Account | None:
+    """The account of ``email`` as typed; None when it is not an address."""
+    address = _address(email)
+    return find_account(session, address) if address is not None else None
 
 
 def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy, now: datetime) -> _Snapshot:
     """Read the account (no lock) and run the one argon2id verification of the call."""
-    account = _account_of(session, email)
+    address = _address(email)
+    account = find_account(session, address) if address is not None else None
     encoded = account.access_code_hash if account is not None else None
     matched = _hash_matches(encoded, normalize_code(code), parameters=policy.hash_parameters)
     return _Snapshot(
         account_id=account.id if account is not None else None,
+        # Text that is no address is counted as typed (bounded: it is stored as a digest).
+        refusal_digest=address_digest(address or email[:EMAIL_MAX_LENGTH], key=policy.refusal_key),
         nonce=account.access_code_nonce if account is not None else None,
         encoded=encoded,
         matched=matched and encoded is not None,
@@ -216,8 +234,10 @@ def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy,
     )
 
 
-def _locked(session: Session, snapshot: _Snapshot) -> Account | None:
-    """The account the snapshot saw, locked for update, if its code is still the one checked."""
+def _locked(
+    session: Session, snapshot: _Snapshot, *, policy: FirstLoginPolicy, now: datetime
+) -> Account | None:
+    """The account the snapshot saw, locked for update, if its code is still the usable one checked."""
     # The same query runs for an unknown email (no row), so both cost one round trip.
     account = session.exec(
         select(Account).where(Account.id == (snapshot.account_id or 0)).with_for_update()
@@ -225,7 +245,26 @@ def _locked(session: Session, snapshot: _Snapshot) -> Account | None:
     if account is None or account.access_code_nonce != snapshot.nonce:
         # A new code was issued meanwhile: this answer was about the old one.
         return None
+    if not _usable(account, policy=policy, now=now):
+        return None
     return account
+
+
+# Built once: a reused statement keeps its cache key.
+_COUNT_FAILED_ATTEMPT = (
+    update(table_of(Account))
+    .where(table_of(Account).c.id == bindparam("account_id"))
+    .values(access_code_failed_attempts=table_of(Account).c.access_code_failed_attempts + 1)
+)
+
+
+def _count_refusal(session: Session, account: Account | None, snapshot: _Snapshot, *, now: datetime) -> None:
+    """One write for every refusal: on the usable code's account, else under the address's digest."""
+    if account is not None:
+        # One statement, as record_refusal is: the ORM's flush would cost more.
+        session.execute(_COUNT_FAILED_ATTEMPT, {"account_id": account.id})
+    else:
+        record_refusal(session, snapshot.refusal_digest, now=now)
 
 
 def verify_code(
@@ -236,12 +275,9 @@ def verify_code(
         snapshot = _check(session, email, code, policy=policy, now=now)
     rehashed = _rehash(snapshot, code, policy=policy)
     with transaction() as session:
-        account = _locked(session, snapshot)
-        if account is None or not _usable(account, policy=policy, now=now):
-            return False
-        if not snapshot.matched:
-            account.access_code_failed_attempts += 1
-            session.add(account)
+        account = _locked(session, snapshot, policy=policy, now=now)
+        if account is None or not snapshot.matched:
+            _count_refusal(session, account, snapshot, now=now)
             return False
         if rehashed is not None:
             account.access_code_hash = rehashed
@@ -269,13 +305,10 @@ def set_password(
     # Hashed before the row is locked: the lock is held for a few statements only.
     password_hash = password_hasher(policy.hash_parameters).hash(password) if snapshot.earns_work else None
     with transaction() as session:
-        account = _locked(session, snapshot)
-        if account is None or not _usable(account, policy=policy, now=now):
-            refused = True
-        elif not snapshot.matched or password_hash is None:
+        account = _locked(session, snapshot, policy=policy, now=now)
+        if account is None or not snapshot.matched or password_hash is None:
             # Counted, and committed: the refusal is raised after the block.
-            account.access_code_failed_attempts += 1
-            session.add(account)
+            _count_refusal(session, account, snapshot, now=now)
             refused = True
         else:
             refused = False

@@ -19,6 +19,7 @@ from typing import Any
 
 import argon2
 import pytest
+from sqlalchemy import event
 from sqlmodel import select
 
 import contract_dispatch
@@ -31,6 +32,7 @@ from models.access_codes import (
     needs_access_code,
 )
 from models.account import Account
+from models.code_refusal import CodeRefusal, address_digest, record_refusal
 from models.first_login import (
     FirstLoginPolicy,
     PasswordIsAccessCode,
@@ -44,7 +46,8 @@ from tests.processes import run_cli
 from tests.sendgrid_standin import SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract
 from tests.test_access_codes import code_in, invitation
-from workers.database import session_scope
+from workers.database import get_engine, session_scope
+from workers.reminders import purge_code_refusals
 from workers.settings import get_settings
 
 _CHEAP = HashParameters(memory_kib=1024, time_cost=1, parallelism=1)
@@ -141,6 +144,20 @@ def hash_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
     monkeypatch.setattr(argon2.PasswordHasher, "hash", spy)
     yield calls
+
+
+@pytest.fixture
+def statements(database: str) -> Iterator[list[str]]:
+    """The first word of every SQL statement run (SELECT, UPDATE, INSERT...), in order."""
+    engine = get_engine()
+    seen: list[str] = []
+
+    def record(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement.split(None, 1)[0].upper())
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
 
 
 def parameters_of(encoded: str) -> str:
@@ -387,6 +404,60 @@ def test_timing_does_not_tell_whether_the_email_exists(database: str) -> None:
             samples.append(time.perf_counter() - started)
     ratio = statistics.median(unknown) / statistics.median(known)
     assert 0.5 < ratio < 2.0, (known, unknown)
+
+
+def test_every_refused_code_writes_one_row(database: str, statements: list[str]) -> None:
+    """A refusal that only read would commit faster than one that counted: timing would tell."""
+    usable, code = new_account()
+    locked, locked_code = new_account()
+    for _ in range(5):
+        check(locked, wrong(locked_code))
+    expired, expired_code = new_account()
+    spent, spent_code = new_account()
+    spend(spent, spent_code)
+    unknown = f"{unique('nobody')}@example.com"
+    attempts: dict[str, Callable[[], Any]] = {
+        "usable code, wrong": lambda: check(usable, wrong(code)),
+        "unknown address": lambda: check(unknown, code),
+        "unknown address, set_password": lambda: spend(unknown, code),
+        "locked code, right": lambda: check(locked, locked_code),
+        "locked code, wrong, set_password": lambda: spend(locked, wrong(locked_code)),
+        "expired code, right": lambda: check(expired, expired_code, now=ISSUED + timedelta(days=8)),
+        "spent code, right": lambda: check(spent, spent_code),
+    }
+    shapes = {}
+    for name, attempt in attempts.items():
+        statements.clear()
+        with contextlib.suppress(AccessCodeRefused):
+            assert not attempt(), name
+        # SQLite's engine opens its transactions by a statement; PostgreSQL's driver does.
+        verbs = [verb for verb in statements if verb != "BEGIN"]
+        shapes[name] = ["write" if verb in {"INSERT", "UPDATE", "DELETE"} else "read" for verb in verbs]
+    assert all(shape == ["read", "read", "write"] for shape in shapes.values()), shapes
+
+    # Counted where the lock-out reads it only for the usable code; the rest by address.
+    assert stored(usable).access_code_failed_attempts == 1
+    assert stored(locked).access_code_failed_attempts == 5
+    assert stored(spent).access_code_failed_attempts == 0
+    with session_scope() as session:
+        counted = {
+            row.address_digest: row.refusals
+            for row in session.exec(select(CodeRefusal))
+            if row.address_digest in {address_digest(email, key=b"") for email in (unknown, locked)}
+        }
+    assert counted == {address_digest(unknown, key=b""): 2, address_digest(locked, key=b""): 2}
+
+
+def test_refusal_counts_are_kept_a_day(database: str) -> None:
+    now = datetime(2030, 3, 4, 10, 0, tzinfo=UTC)
+    old, recent = address_digest(unique("old"), key=b"k"), address_digest(unique("recent"), key=b"k")
+    with session_scope() as session:
+        record_refusal(session, old, now=now - timedelta(days=1, seconds=1))
+        record_refusal(session, recent, now=now - timedelta(hours=23))
+    assert purge_code_refusals(now=now) >= 1
+    with session_scope() as session:
+        left = {row.address_digest for row in session.exec(select(CodeRefusal))}
+    assert recent in left and old not in left
 
 
 # -- rehash ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session, SQLModel, create_engine
 
 # Importing the tables registers them on SQLModel.metadata.
-from models import account, contract, dead_letter, delivery, reminders, workspace  # noqa: F401
+from models import account, code_refusal, contract, dead_letter, delivery, reminders, workspace  # noqa: F401
 from workers.settings import Settings, get_settings
 
 #: How long SQLite waits for another writer before giving up, in seconds.

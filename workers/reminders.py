@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import update
 
 from models.account import Account
+from models.code_refusal import purge_refusals
 from models.delivery import touch_deliveries
 from models.reminders import ReminderSweep, SweepResult, stale_pending_deliveries, sweep_due_reminders
 from models.types import utc_now
@@ -153,3 +154,9 @@ def expire_access_codes(*, now: datetime | None = None) -> int:
             .values(access_code_hash=None)
         )
         return affected_rows(result)
+
+
+def purge_code_refusals(*, now: datetime | None = None) -> int:
+    """Delete refusal counts over ``REFUSAL_RETENTION`` old (see ``models.code_refusal``)."""
+    with session_scope() as session:
+        return purge_refusals(session, now=now or utc_now())
