@@ -703,6 +703,50 @@ def test_redis_outage_is_ridden_out_and_the_producer_fails_fast(
 
 
 @pytest.mark.slow
+def test_sigterm_during_a_redis_outage_stops_at_once_and_loses_nothing(
+    own_redis, own_client, test_environment, tmp_path, standin_factory, sqlite_url, fleet
+):
+    """A deploy while Redis is down: the stop does not wait out REDIS_OUTAGE_PATIENCE_SECONDS (120 s).
+
+    What the worker held stays reserved in Redis under its broker id, as after a
+    SIGKILL: once Redis is back, another worker takes it over after the heartbeat timeout.
+    """
+    slow = threading.Event()
+    slow.set()
+    standin = standin_factory(lambda arrival: Answer(delay=2.0) if slow.is_set() else None)
+    namespace = "dramatiq"
+    env = worker_env(
+        test_environment,
+        tmp_path,
+        redis_url=own_redis.url,
+        namespace=namespace,
+        database_url=sqlite_url,
+        standin=standin,
+    )
+    first, _ = fleet.start(env, "first", own_client, namespace)
+    payloads = [contract_payload() for _ in range(6)]
+    for payload in payloads:
+        enqueue(own_client, namespace, payload)
+    wait_until(lambda: len(standin.sending()) == 2, timeout=30, what="both threads to be mid-send")
+
+    own_redis.stop()
+    stopping_at = time.monotonic()
+    code = first.terminate(timeout=GRACEFUL_STOP_SECONDS)
+    report("SIGTERM with Redis down: exited after", time.monotonic() - stopping_at)
+    assert code == 0, first.log()
+    assert "Killing worker process" not in first.log()
+
+    slow.clear()
+    own_redis.start()
+    fleet.start(env, "second", own_client, namespace)
+    contract_ids = [p["contract_id"] for p in payloads]
+    wait_delivered(sqlite_url, contract_ids, timeout=90, what="the second worker")
+    wait_until(lambda: settled(own_client, namespace), timeout=60, what="no message left")
+    assert_each_invitation_sent_once(sqlite_url, standin, contract_ids)
+    assert_nothing_dead(sqlite_url, own_client, namespace)
+
+
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_postgres_outage_is_ridden_out(
     test_environment, tmp_path, standin_factory, client, namespace, redis_server, fleet

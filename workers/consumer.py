@@ -20,22 +20,31 @@ worker that is alive and never heard of them, until it stops. So after any
 Redis connection error, and when a consumer (re)starts, each consumer compares
 its queue's unacknowledged set with what this process holds, before its next
 fetch, and puts the difference back on the queue.
+
+Dramatiq retries a failed acknowledgement every 5 seconds for as long as Redis
+is down, and a stopping worker waits for those retries: a stop during an outage
+would take until Redis came back. Once the worker has been stopping for
+``STOPPING_PATIENCE_SECONDS``, an acknowledgement that cannot reach Redis is
+given up instead: the message stays reserved under this worker's id and is
+processed again after its heartbeat expires, as after a kill (the actors are
+idempotent: a contract or an email already done is not done twice).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import compute_backoff
-from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
 from workers import dead_letters
@@ -47,6 +56,31 @@ _lock = threading.Lock()
 _held: defaultdict[str, set[str]] = defaultdict(set)
 #: Redis connection errors seen by this process so far.
 _connection_errors = 0
+
+#: Once a worker is stopping, how long its Redis commands keep retrying, in seconds:
+#: long enough for a failover, not the whole outage patience.
+STOPPING_PATIENCE_SECONDS = 5.0
+
+#: ``time.monotonic()`` when this worker process began to stop, else None.
+_stopping_since: float | None = None
+
+
+def begin_stopping() -> None:
+    """This worker process is stopping: Redis outages are no longer waited out for long."""
+    global _stopping_since
+    _stopping_since = time.monotonic()
+
+
+def end_stopping() -> None:
+    """The worker has stopped: another one this process boots (as tests do) starts patient again."""
+    global _stopping_since
+    _stopping_since = None
+
+
+def stopping_patience_spent() -> bool:
+    """Whether this worker process has been stopping for ``STOPPING_PATIENCE_SECONDS``."""
+    since = _stopping_since
+    return since is not None and time.monotonic() - since >= STOPPING_PATIENCE_SECONDS
 
 
 def note_connection_error() -> None:
@@ -126,17 +160,50 @@ class TolerantRedisConsumer(_RedisConsumer):
         return message
 
     def ack(self, message: Any) -> None:
-        super().ack(message)  # type: ignore[no-untyped-call]
+        with self._given_up_when_stopping(message, "acknowledged"):
+            super().ack(message)  # type: ignore[no-untyped-call]
         # Only once Redis took it: an ack retried through an outage is still held.
         _release(self.queue_name, [message.options.get("redis_message_id")])
 
     def nack(self, message: Any) -> None:
-        super().nack(message)  # type: ignore[no-untyped-call]
+        with self._given_up_when_stopping(message, "dead-lettered"):
+            super().nack(message)  # type: ignore[no-untyped-call]
         _release(self.queue_name, [message.options.get("redis_message_id")])
+
+    @contextlib.contextmanager
+    def _given_up_when_stopping(self, message: Any, done: str) -> Iterator[None]:
+        """Let a connection error through, unless the stopping worker has waited long enough."""
+        try:
+            yield
+        except BrokerConnectionError as error:
+            if not stopping_patience_spent():
+                raise
+            logger.warning(
+                "Message %s on %s could not be %s while stopping (%s): it is processed again "
+                "once this worker's heartbeat expires.",
+                message.message_id,
+                self.queue_name,
+                done,
+                type(error).__name__,
+            )
 
     def requeue(self, messages: Iterable[Any]) -> None:
         messages = list(messages)
-        super().requeue(messages)  # type: ignore[no-untyped-call]
+        try:
+            super().requeue(messages)  # type: ignore[no-untyped-call]
+        except redis.ConnectionError as error:
+            # Dramatiq's consumer lets this one through untranslated: a stopping
+            # worker would exit on it with a traceback (its callers expect ConnectionClosed).
+            if not stopping_patience_spent():
+                raise ConnectionClosed(error) from None  # type: ignore[no-untyped-call]
+            logger.warning(
+                "%d message(s) on %s could not be put back while stopping (%s): "
+                "they return once this worker's heartbeat expires.",
+                len(messages),
+                self.queue_name,
+                type(error).__name__,
+            )
+            return
         _release(self.queue_name, [m.options.get("redis_message_id") for m in messages])
 
     def close(self) -> None:

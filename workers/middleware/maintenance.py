@@ -78,10 +78,14 @@ class _OutageRetry(Retry):
     def call_with_retry(
         self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False
     ) -> Any:
-        def failed(*args: Any) -> Any:
+        def failed(error: Exception, *args: Any) -> Any:
             # The command may have run with its reply lost: consumers check what they fetched.
             consumer.note_connection_error()
-            return fail(*args)
+            result = fail(error, *args)
+            if consumer.stopping_patience_spent():
+                # A stopping worker does not wait out the outage: no more tries.
+                raise error
+            return result
 
         try:
             return super().call_with_retry(do, failed, is_retryable, with_failure_count)
@@ -136,6 +140,8 @@ class BrokerMaintenance(dramatiq.Middleware):
         self._thread.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # From here on, a Redis outage is not waited out: a stop must not take minutes.
+        consumer.begin_stopping()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -154,6 +160,9 @@ class BrokerMaintenance(dramatiq.Middleware):
                 pipe.hdel(workers_key(broker.namespace), broker.broker_id)
                 pipe.zrem(heartbeats_key(broker.namespace), broker.broker_id)
                 pipe.execute()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        consumer.end_stopping()
 
     def _info(self) -> str:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": self._started_at})
