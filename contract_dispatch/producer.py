@@ -40,7 +40,7 @@ from models.status import ContractReport, contract_report
 from models.types import utc_now
 from models.workspace import set_workspace as _set_workspace
 from workers.broker_errors import BROKER_ERRORS, broker_problem
-from workers.database import session_scope
+from workers.database import require_database, session_scope
 from workers.refusal_limit import RefusalLimit, refusal_limit
 from workers.reminders import SweepReport, run_sweep
 from workers.settings import get_settings
@@ -322,10 +322,15 @@ def notify_signatories(
 
 
 def contract_status(contract_id: str) -> ContractReport | None:
-    """The contract's status and its emails', or None if no contract has this id."""
+    """The contract's status and its emails', or None if no contract has this id.
+
+    Raises ``DatabaseMissing`` when DATABASE_URL names a SQLite file that does not exist.
+    """
     if not is_valid_identifier(contract_id):
         # No contract has it; and PostgreSQL would refuse some (a NUL) as a query parameter.
         return None
+    # A mistyped SQLite path is an error, not a database where no contract is known.
+    require_database()
     with session_scope() as session:
         return contract_report(session, contract_id)
 

@@ -181,3 +181,7 @@ class BrokerUnavailable(TransientError):
 
 class ConfigurationError(DispatchError):
     """The settings cannot work (e.g. the SendGrid backend without an API key)."""
+
+
+class DatabaseMissing(ConfigurationError):
+    """A command that only reads was pointed at a SQLite file that does not exist."""

@@ -452,6 +452,28 @@ def test_contract_status_of_an_unknown_contract_exits_1(cli, worker):
         assert json.loads(result.stdout)["error"]["code"] == "unknown_contract"
 
 
+def test_reading_commands_refuse_a_mistyped_sqlite_path_and_create_nothing(cli_without_database, tmp_path):
+    """Opening the file would create it: a typo would read as an empty system, a contract as unknown."""
+    missing = tmp_path / "tpyo" / "contract-dispatch.db"
+    typo = Cli({**cli_without_database.env, "DATABASE_URL": f"sqlite:///{missing}"})
+    said = f"no database at {missing}: nothing was ever recorded there (check DATABASE_URL)"
+    for args in (
+        ["contract-status", unique("c"), "--json"],
+        ["dead-letters", "list"],
+        ["dead-letters", "purge", "--older-than", "1d", "--yes"],
+    ):
+        result = typo(*args)
+        assert result.returncode == 3, describe(result)
+        assert result.stderr == f"unavailable: {said}\n", describe(result)
+        assert result.stdout == "", describe(result)
+    status = typo("status", "--json")
+    assert status.returncode == 3, describe(status)
+    errors = json.loads(status.stdout)["errors"]
+    database_errors = [error for error in errors if error.startswith("database: ")]
+    assert database_errors == [f"database: DatabaseMissing: {said}"], errors
+    assert not missing.parent.exists()
+
+
 def test_send_contract_to_an_unreachable_broker_leaves_no_contract(cli):
     """Exit 3, and the contract reserved before enqueueing is forgotten again (on both databases)."""
     with socket.socket() as probe:

@@ -44,7 +44,7 @@ from tests.conftest import database_of_its_own
 from tests.processes import CLI, WorkerProcess
 from tests.sendgrid_standin import Answer, Received, SendGridStandIn
 from tests.support import contract_payload, free_port, unique, wait_until
-from workers.database import session_scope
+from workers.database import get_engine, session_scope
 from workers.ops.snapshot import QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -736,6 +736,7 @@ def test_metrics_command_still_prints_what_it_can_read_when_redis_is_down(test_e
         "REDIS_OUTAGE_PATIENCE_SECONDS": "0",
         "METRICS_DIR": str(tmp_path / "no-worker-ran-here"),
     }
+    get_engine(env["DATABASE_URL"])  # metrics read a database; they never create one
     result = run_cli(env, "metrics")
     assert result.returncode == 3, result.stderr
     assert "unavailable: broker" in result.stderr

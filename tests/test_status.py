@@ -38,6 +38,7 @@ from tests.status_system import (
     text,
 )
 from tests.support import RedisServer, free_port
+from workers.database import get_engine
 
 #: Messages a worker takes from each queue beyond the one it processes: none, so
 #: that which worker holds what is known.
@@ -417,6 +418,7 @@ def test_status_never_starts_the_embedded_redis(test_environment: dict[str, str]
         "DATA_DIR": str(data_dir),
         "DATABASE_URL": f"sqlite:///{tmp_path / 'status.db'}",
     }
+    get_engine(env["DATABASE_URL"])  # status reads a database; it never creates one
     result = subprocess.run(
         [CLI, "status", "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
     )

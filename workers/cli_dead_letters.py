@@ -16,7 +16,7 @@ from models.dead_letter import DeadLetter, find_dead_letters
 from models.types import utc_now
 from workers.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_REFUSED, whole_number
 from workers.cli_progress import Progress
-from workers.database import session_scope
+from workers.database import require_database, session_scope
 
 #: What a dead-letter action returns (the retried records, or how many were purged).
 T = TypeVar("T")
@@ -44,9 +44,14 @@ def _broker() -> Any:
 
 
 def _sync_quietly() -> None:
-    """File dead letters that only Redis knows about; say so if Redis is unreachable."""
+    """File dead letters that only Redis knows about; say so if Redis is unreachable.
+
+    Raises ``DatabaseMissing`` first: filing them into a mistyped SQLite path
+    would create a database of their own there.
+    """
     from workers import dead_letters
 
+    require_database()
     try:
         broker = _broker()
         dead_letters.sync(broker, broker.get_declared_queues())

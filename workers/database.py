@@ -16,6 +16,7 @@ from sqlmodel import Session, SQLModel, create_engine
 
 # Importing the tables registers them on SQLModel.metadata.
 from models import account, code_refusal, contract, dead_letter, delivery, reminders, workspace  # noqa: F401
+from models.errors import DatabaseMissing
 from workers.settings import Settings, get_settings
 
 #: How long SQLite waits for another writer before giving up, in seconds.
@@ -43,6 +44,23 @@ def normalize_database_url(url: str) -> str:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
+
+
+def require_database(url: str | None = None) -> None:
+    """Raise ``DatabaseMissing`` when ``url`` (DATABASE_URL by default) is a SQLite file not there.
+
+    Commands that only read call this first: opening the file would create it,
+    with its directory and tables, and a mistyped path would then read as an
+    empty system (a contract "unknown", no dead letters) instead of an error.
+    """
+    url = normalize_database_url(url or get_settings().effective_database_url)
+    if not url.startswith("sqlite"):
+        return
+    database = make_url(url).database
+    if database and database != ":memory:" and not Path(database).exists():
+        raise DatabaseMissing(
+            f"no database at {database}: nothing was ever recorded there (check DATABASE_URL)"
+        )
 
 
 def _sqlite_engine(url: str) -> Engine:

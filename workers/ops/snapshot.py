@@ -227,7 +227,7 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
     No broker is built: a plain client reads, so nothing can enqueue or heartbeat.
     """
     from workers.broker import redis_client
-    from workers.database import session_scope
+    from workers.database import require_database, session_scope
     from workers.ops.health import describe_error, redact, secrets_of
     from workers.settings import get_settings
 
@@ -276,6 +276,8 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
             errors.append(f"registry: {said(exc)}")
     figures: dict[str, Any] = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
     try:
+        # Reading must not create a database (and its tables) at a mistyped path.
+        require_database()
         with session_scope() as session:
             figures = database_figures(session, now=now)
     except Exception as exc:
