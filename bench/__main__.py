@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import time
-from types import ModuleType
+from types import FrameType, ModuleType
 
 from bench import BENCHMARKS, RESULTS_PATH, DatabaseKind, Workbench, postgres_reachable, save_results
 
@@ -77,7 +78,14 @@ def database_kinds(choice: str) -> tuple[list[DatabaseKind], str | None]:
     return (["postgresql"] if choice == "postgresql" else ["sqlite", "postgresql"]), None
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Unwinds as Ctrl-C does: the workers, the servers, the schemas and the
+    # temporary directory are cleaned up on the way out (a CI timeout sends SIGTERM).
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     options = parse_args(argv)
     kinds, note = database_kinds(options.database)
     if note:
