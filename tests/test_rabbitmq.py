@@ -56,7 +56,7 @@ from tests.support import (
     wait_until,
 )
 from workers import dead_letters
-from workers.database import session_scope
+from workers.database import get_engine, session_scope
 
 #: The RabbitMQ server the tests use (guest/guest on this machine and on CI).
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
@@ -601,6 +601,7 @@ def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
             "REDIS_NAMESPACE": namespace,
             "METRICS_DIR": str(tmp_path / "no-worker-ran-here"),
         }
+        get_engine(env["DATABASE_URL"])  # status reads a database; it never creates one
 
         status = run_cli(env, "status", "--json")
         assert status.returncode == 0, status.stdout + status.stderr
