@@ -452,7 +452,9 @@ def test_contract_status_of_an_unknown_contract_exits_1(cli, worker):
         assert json.loads(result.stdout)["error"]["code"] == "unknown_contract"
 
 
-def test_reading_commands_refuse_a_mistyped_sqlite_path_and_create_nothing(cli_without_database, tmp_path):
+def test_reading_commands_refuse_a_database_without_our_tables_and_create_nothing(
+    cli_without_database, tmp_path
+):
     """Opening the file would create it: a typo would read as an empty system, a contract as unknown."""
     missing = tmp_path / "tpyo" / "contract-dispatch.db"
     typo = Cli({**cli_without_database.env, "DATABASE_URL": f"sqlite:///{missing}"})
@@ -472,6 +474,16 @@ def test_reading_commands_refuse_a_mistyped_sqlite_path_and_create_nothing(cli_w
     database_errors = [error for error in errors if error.startswith("database: ")]
     assert database_errors == [f"database: DatabaseMissing: {said}"], errors
     assert not missing.parent.exists()
+
+    # A file that is there but not ours (empty here): read, never given our tables.
+    other = tmp_path / "other.db"
+    other.touch()
+    elsewhere = Cli({**cli_without_database.env, "DATABASE_URL": f"sqlite:///{other}"})
+    for args in (["contract-status", unique("c")], ["dead-letters", "list"], ["status", "--json"]):
+        result = elsewhere(*args)
+        assert result.returncode == 3, describe(result)
+        assert f"no contract-dispatch tables in {other} (check DATABASE_URL)" in result.stdout + result.stderr
+    assert other.stat().st_size == 0
 
 
 def test_send_contract_to_an_unreachable_broker_leaves_no_contract(cli):

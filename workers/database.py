@@ -12,11 +12,14 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.pool import NullPool
 from sqlmodel import Session, SQLModel, create_engine
 
 # Importing the tables registers them on SQLModel.metadata.
 from models import account, code_refusal, contract, dead_letter, delivery, reminders, workspace  # noqa: F401
+from models.contract import Contract
 from models.errors import DatabaseMissing
+from models.upsert import table_of
 from workers.settings import Settings, get_settings
 
 #: How long SQLite waits for another writer before giving up, in seconds.
@@ -30,6 +33,8 @@ _SCHEMA_LOCK_KEY = 0x636F6E7472616374  # "contract"
 
 _engines: dict[str, Engine] = {}
 _ready: set[str] = set()
+#: URLs whose tables ``require_database`` found (without creating them).
+_checked: set[str] = set()
 #: The engine of DATABASE_URL and the settings object it was looked up for.
 _default: tuple[Settings, Engine] | None = None
 _lock = threading.Lock()
@@ -47,20 +52,38 @@ def normalize_database_url(url: str) -> str:
 
 
 def require_database(url: str | None = None) -> None:
-    """Raise ``DatabaseMissing`` when ``url`` (DATABASE_URL by default) is a SQLite file not there.
+    """Raise ``DatabaseMissing`` unless ``url`` (DATABASE_URL by default) holds this service's tables.
 
-    Commands that only read call this first: opening the file would create it,
-    with its directory and tables, and a mistyped path would then read as an
-    empty system (a contract "unknown", no dead letters) instead of an error.
+    Commands that only read call this first: opening a SQLite file that is not
+    there creates it, and any first use creates the tables, so a mistyped path
+    or database would read as an empty system (a contract "unknown", no dead
+    letters) instead of an error, and leave tables in somebody else's database.
+    Checked once per process and URL, on a connection of its own.
     """
     url = normalize_database_url(url or get_settings().effective_database_url)
-    if not url.startswith("sqlite"):
+    if url in _ready or url in _checked:
         return
-    database = make_url(url).database
-    if database and database != ":memory:" and not Path(database).exists():
-        raise DatabaseMissing(
-            f"no database at {database}: nothing was ever recorded there (check DATABASE_URL)"
-        )
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        where = parsed.database or ":memory:"
+        if where != ":memory:" and not Path(where).exists():
+            raise DatabaseMissing(
+                f"no database at {where}: nothing was ever recorded there (check DATABASE_URL)"
+            )
+    else:
+        # Never the URL itself: it may hold a password.
+        host = parsed.host or "localhost"
+        where = f"{parsed.get_backend_name()} database {parsed.database or ''!r} at {host}"
+    # A throwaway engine: get_engine would create the tables it is looking for.
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            found = inspect(connection).has_table(table_of(Contract).name)
+    finally:
+        engine.dispose()
+    if not found:
+        raise DatabaseMissing(f"no contract-dispatch tables in {where} (check DATABASE_URL)")
+    _checked.add(url)
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -195,6 +218,7 @@ def dispose_engines() -> None:
             engine.dispose()
         _engines.clear()
         _ready.clear()
+        _checked.clear()
         _default = None
 
 
