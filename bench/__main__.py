@@ -78,14 +78,32 @@ def database_kinds(choice: str) -> tuple[list[DatabaseKind], str | None]:
     return (["postgresql"] if choice == "postgresql" else ["sqlite", "postgresql"]), None
 
 
+#: A stop that arrived while a finalizer ran is delivered again after this long, in seconds.
+STOP_RETRY_SECONDS = 0.05
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Unwinds as Ctrl-C does: the workers, the servers, the schemas and the
-    # temporary directory are cleaned up on the way out (a CI timeout sends SIGTERM).
-    raise SystemExit(128 + signum)
+    """Unwind as Ctrl-C does, so the workers, the servers, the schemas and the
+    temporary directory are cleaned up on the way out (a CI timeout sends SIGTERM)."""
+    if _in_finalizer(frame):
+        # Python swallows an exception raised in a __del__ (it prints "Exception
+        # ignored"): the stop would be lost. SIGALRM brings it back in a moment.
+        signal.setitimer(signal.ITIMER_REAL, STOP_RETRY_SECONDS)
+        return
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGALRM, _exit_on_sigterm)
     options = parse_args(argv)
     kinds, note = database_kinds(options.database)
     if note:

@@ -60,3 +60,30 @@ def test_a_bench_stopped_by_sigterm_cleans_up(tmp_path: Path) -> None:
     reader.join(timeout=10)
     assert list(scratch.iterdir()) == [], "".join(output)
     assert running_under(scratch) == []
+
+
+def test_a_stop_arriving_in_a_finalizer_is_delivered_again() -> None:
+    """Python swallows an exception raised in ``__del__``: a SIGTERM landing there would be lost."""
+    from bench.__main__ import _exit_on_sigterm
+
+    seen: list[BaseException | None] = []
+
+    class Finalized:
+        def __del__(self) -> None:
+            try:
+                _exit_on_sigterm(signal.SIGTERM, sys._getframe())
+                seen.append(None)
+            except BaseException as error:  # what the handler raised is the point
+                seen.append(error)
+
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: None)
+    try:
+        Finalized()  # finalized at once (no other reference)
+        assert seen == [None], "raised inside __del__, where Python would swallow it"
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 0, "the stop was not scheduled again"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(SystemExit) as stopped:
+        _exit_on_sigterm(signal.SIGALRM, sys._getframe())
+    assert stopped.value.code == 128 + signal.SIGTERM
