@@ -426,3 +426,31 @@ def test_status_never_starts_the_embedded_redis(test_environment: dict[str, str]
     (error,) = json.loads(result.stdout)["errors"]
     assert error.startswith("broker: the embedded Redis is not running (ConnectionError: "), error
     assert not (data_dir / "redis").exists() or not any((data_dir / "redis").iterdir())
+
+
+def test_message_counts_outlive_a_redis_outage_and_say_so_in_one_line(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker stopping during an outage flushes its counts: kept, and logged without a traceback."""
+    import logging
+    from types import SimpleNamespace
+
+    import redis
+
+    from tests.support import unique
+    from workers.ops.history import ThroughputCounter, flush_counts, processed_key
+
+    at = datetime.now(UTC).timestamp()
+    counter = ThroughputCounter()
+    counter.add("contracts", "done", at=at)
+    broker = SimpleNamespace(middleware=[SimpleNamespace(throughput=counter)], namespace=unique("flush"))
+    with caplog.at_level(logging.WARNING, logger="workers.ops.history"):
+        flush_counts(broker, redis.Redis(port=free_port(), socket_connect_timeout=1))
+    (record,) = [record for record in caplog.records if record.name == "workers.ops.history"]
+    assert record.exc_info is None and "(ConnectionError)" in record.getMessage(), record.getMessage()
+
+    client = redis_server.client()
+    flush_counts(broker, client)
+    key = processed_key(broker.namespace, int(at // 60 * 60))
+    assert client.hget(key, "contracts:done") == b"1"
+    client.delete(key)

@@ -186,6 +186,13 @@ def flush_counts(broker: Any, client: Any) -> None:
         if isinstance(counter, ThroughputCounter):
             try:
                 counter.flush(client, broker.namespace)
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                # Redis unreachable (an outage, a stop during one): its name says it all,
+                # and the counts are kept for the next flush.
+                logger.warning(
+                    "Could not record message counts for the status history (%s); kept for later.",
+                    type(error).__name__,
+                )
             except Exception:
                 logger.warning("Could not record message counts for the status history.", exc_info=True)
 
