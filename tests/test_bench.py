@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,9 +58,14 @@ def test_a_bench_stopped_by_sigterm_cleans_up(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+        # Whatever the outcome, nothing of the bench's outlives the test.
+        left = running_under(scratch)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     reader.join(timeout=10)
+    assert left == []
     assert list(scratch.iterdir()) == [], "".join(output)
-    assert running_under(scratch) == []
 
 
 def test_a_stop_arriving_in_a_finalizer_is_delivered_again() -> None:
