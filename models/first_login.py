@@ -211,16 +211,15 @@ def _address(email: str) -> str | None:
         return None
 
 
-def _account_of(session: Session, email: str) -> Account | None:
-    """The account of ``email`` as typed; None when it is not an address."""
-    address = _address(email)
+def _account_of(session: Session, address: str | None) -> Account | None:
+    """The account of a normalised ``address``; None for none (``_address`` found no address)."""
     return find_account(session, address) if address is not None else None
 
 
 def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy, now: datetime) -> _Snapshot:
     """Read the account (no lock) and run the one argon2id verification of the call."""
     address = _address(email)
-    account = find_account(session, address) if address is not None else None
+    account = _account_of(session, address)
     encoded = account.access_code_hash if account is not None else None
     matched = _hash_matches(encoded, normalize_code(code), parameters=policy.hash_parameters)
     return _Snapshot(
@@ -336,7 +335,7 @@ def verify_password(transaction: Transaction, email: str, password: str, *, poli
     """
     normalized = normalize_password(password[: PASSWORD_MAX_LENGTH * 4])
     with transaction() as session:
-        account = _account_of(session, email)
+        account = _account_of(session, _address(email))
         encoded = account.password_hash if account is not None else None
         account_id = account.id if account is not None else None
     if not _hash_matches(encoded, normalized, parameters=policy.hash_parameters) or encoded is None:

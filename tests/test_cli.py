@@ -482,7 +482,8 @@ def test_reading_commands_refuse_a_database_without_our_tables_and_create_nothin
     for args in (["contract-status", unique("c")], ["dead-letters", "list"], ["status", "--json"]):
         result = elsewhere(*args)
         assert result.returncode == 3, describe(result)
-        assert f"no contract-dispatch tables in {other} (check DATABASE_URL)" in result.stdout + result.stderr
+        said = f"no contract-dispatch tables in sqlite file {other} (check DATABASE_URL)"
+        assert said in result.stdout + result.stderr, describe(result)
     assert other.stat().st_size == 0
 
 

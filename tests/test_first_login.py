@@ -447,6 +447,13 @@ def test_every_refused_code_writes_one_row(database: str, statements: list[str])
         }
     assert counted == {address_digest(unknown, key=b""): 2, address_digest(locked, key=b""): 2}
 
+    # The service keys the digest with SECRET_KEY: no table row is the address's plain hash.
+    stranger = f"{unique('nobody')}@example.com"
+    assert not contract_dispatch.verify_code(stranger, code)
+    with session_scope() as session:
+        keyed = session.get(CodeRefusal, address_digest(stranger, key=get_settings().secret_key_bytes()))
+    assert keyed is not None and keyed.refusals == 1
+
 
 def test_refusal_counts_are_kept_a_day(database: str) -> None:
     now = datetime(2030, 3, 4, 10, 0, tzinfo=UTC)

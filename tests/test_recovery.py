@@ -160,6 +160,15 @@ def standin_factory() -> Iterator[Callable[..., WatchedStandIn]]:
         server.stop()
 
 
+def slowed_standin(
+    standin_factory: Callable[..., WatchedStandIn], *, delay: float
+) -> tuple[WatchedStandIn, threading.Event]:
+    """A stand-in answering after ``delay`` seconds while the returned event is set (it starts set)."""
+    slow = threading.Event()
+    slow.set()
+    return standin_factory(lambda arrival: Answer(delay=delay) if slow.is_set() else None), slow
+
+
 # -- worker processes ----------------------------------------------------------
 
 
@@ -544,9 +553,7 @@ def test_sigterm_finishes_what_it_sends_and_requeues_the_rest(
     test_environment, tmp_path, standin_factory, client, namespace, sqlite_url, redis_server, fleet
 ):
     """A deploy: in-flight sends finish and are recorded, the rest goes back to the queue at once."""
-    slow = threading.Event()
-    slow.set()
-    standin = standin_factory(lambda arrival: Answer(delay=2.0) if slow.is_set() else None)
+    standin, slow = slowed_standin(standin_factory, delay=2.0)
     env = worker_env(
         test_environment,
         tmp_path,
@@ -639,9 +646,7 @@ def test_redis_outage_is_ridden_out_and_the_producer_fails_fast(
     own_redis, own_client, test_environment, tmp_path, standin_factory, sqlite_url, fleet
 ):
     """Redis stopped for 30 s, then restarted on its port and append-only file."""
-    slow = threading.Event()
-    slow.set()
-    standin = standin_factory(lambda arrival: Answer(delay=0.5) if slow.is_set() else None)
+    standin, slow = slowed_standin(standin_factory, delay=0.5)
     namespace = "dramatiq"
     client = own_client
     env = worker_env(
@@ -711,9 +716,7 @@ def test_sigterm_during_a_redis_outage_stops_at_once_and_loses_nothing(
     What the worker held stays reserved in Redis under its broker id, as after a
     SIGKILL: once Redis is back, another worker takes it over after the heartbeat timeout.
     """
-    slow = threading.Event()
-    slow.set()
-    standin = standin_factory(lambda arrival: Answer(delay=2.0) if slow.is_set() else None)
+    standin, slow = slowed_standin(standin_factory, delay=2.0)
     namespace = "dramatiq"
     env = worker_env(
         test_environment,
@@ -758,9 +761,7 @@ def test_postgres_outage_is_ridden_out(
     try:
         through_proxy = make_url(direct_url).set(port=proxy.port).render_as_string(hide_password=False)
         prepare_database(direct_url)
-        slow = threading.Event()
-        slow.set()
-        standin = standin_factory(lambda arrival: Answer(delay=0.3) if slow.is_set() else None)
+        standin, slow = slowed_standin(standin_factory, delay=0.3)
         env = worker_env(
             test_environment,
             tmp_path,

@@ -196,13 +196,7 @@ class TolerantRedisConsumer(_RedisConsumer):
             # worker would exit on it with a traceback (its callers expect ConnectionClosed).
             if not stopping_patience_spent():
                 raise ConnectionClosed(error) from None  # type: ignore[no-untyped-call]
-            logger.warning(
-                "%d message(s) on %s could not be put back while stopping (%s): "
-                "they return once this worker's heartbeat expires.",
-                len(messages),
-                self.queue_name,
-                type(error).__name__,
-            )
+            self._not_put_back(len(messages), error)
             return
         _release(self.queue_name, [m.options.get("redis_message_id") for m in messages])
 
@@ -226,14 +220,17 @@ class TolerantRedisConsumer(_RedisConsumer):
             try:
                 self.broker.do_requeue(self.queue_name, *redis_ids)
             except redis.RedisError as error:
-                logger.warning(
-                    "%d fetched message(s) on %s could not be put back (%s): "
-                    "they return once this worker's heartbeat expires.",
-                    len(redis_ids),
-                    self.queue_name,
-                    type(error).__name__,
-                )
+                self._not_put_back(len(redis_ids), error)
         super().close()
+
+    def _not_put_back(self, count: int, error: Exception) -> None:
+        logger.warning(
+            "%d message(s) on %s could not be put back (%s): they return once this worker's "
+            "heartbeat expires.",
+            count,
+            self.queue_name,
+            type(error).__name__,
+        )
 
     def _reconcile(self) -> None:
         """Requeue what this worker reserved in Redis but does not hold (called with an empty cache).

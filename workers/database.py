@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, SQLModel, create_engine
@@ -51,6 +51,14 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+def database_location(url: URL) -> str:
+    """Where ``url`` points, for messages: never the URL itself, which may hold a password."""
+    if url.get_backend_name() == "sqlite":
+        return f"sqlite file {url.database}"
+    server = f"{url.host or 'localhost'}:{url.port or 'default port'}"
+    return f"{url.get_backend_name()} at {server}/{url.database or ''}"
+
+
 def require_database(url: str | None = None) -> None:
     """Raise ``DatabaseMissing`` unless ``url`` (DATABASE_URL by default) holds this service's tables.
 
@@ -64,16 +72,9 @@ def require_database(url: str | None = None) -> None:
     if url in _ready or url in _checked:
         return
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        where = parsed.database or ":memory:"
-        if where != ":memory:" and not Path(where).exists():
-            raise DatabaseMissing(
-                f"no database at {where}: nothing was ever recorded there (check DATABASE_URL)"
-            )
-    else:
-        # Never the URL itself: it may hold a password.
-        host = parsed.host or "localhost"
-        where = f"{parsed.get_backend_name()} database {parsed.database or ''!r} at {host}"
+    path = parsed.database
+    if parsed.get_backend_name() == "sqlite" and path and path != ":memory:" and not Path(path).exists():
+        raise DatabaseMissing(f"no database at {path}: nothing was ever recorded there (check DATABASE_URL)")
     # A throwaway engine: get_engine would create the tables it is looking for.
     engine = create_engine(url, poolclass=NullPool)
     try:
@@ -82,7 +83,9 @@ def require_database(url: str | None = None) -> None:
     finally:
         engine.dispose()
     if not found:
-        raise DatabaseMissing(f"no contract-dispatch tables in {where} (check DATABASE_URL)")
+        raise DatabaseMissing(
+            f"no contract-dispatch tables in {database_location(parsed)} (check DATABASE_URL)"
+        )
     _checked.add(url)
 
 

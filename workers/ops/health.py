@@ -179,23 +179,20 @@ def check_database(settings: Settings, timeout: float) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
-    from workers.database import normalize_database_url
+    from workers.database import database_location, normalize_database_url
 
     url = make_url(normalize_database_url(settings.effective_database_url))
+    where = database_location(url)
     connect_args: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
-        where = f"sqlite file {url.database}"
         if url.database and url.database != ":memory:" and not Path(url.database).exists():
             # Connecting would create an empty database: say what is missing instead.
             raise CheckFailed(f"{where} does not exist (the worker creates it when it starts)")
         if url.database and url.database != ":memory:":
             _writable_sqlite(Path(url.database), where)
         connect_args["timeout"] = timeout
-    else:
-        where = f"{url.get_backend_name()} at {url.host or 'localhost'}:{url.port or 'default port'}"
-        where += f"/{url.database or ''}"
-        if url.get_backend_name() == "postgresql":
-            connect_args["connect_timeout"] = max(_MIN_PG_CONNECT_TIMEOUT_SECONDS, math.ceil(timeout))
+    elif url.get_backend_name() == "postgresql":
+        connect_args["connect_timeout"] = max(_MIN_PG_CONNECT_TIMEOUT_SECONDS, math.ceil(timeout))
     # A throwaway engine: no pool to keep, and no table creation (get_engine does that).
     engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
     started = time.monotonic()
