@@ -6,6 +6,7 @@ again when they process the message, because two sends can race.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -212,7 +213,7 @@ def send_contracts(contracts: Iterable[Mapping[str, Any]]) -> list[Receipt | Rej
 
     Each item holds ``send_contract``'s keyword arguments. The checks and
     reservations run in one database transaction (what the checks need is read
-    in three queries, the new contracts are inserted by one executemany) and the
+    in four queries, the new contracts are inserted by one executemany) and the
     accepted messages are enqueued in one round trip to the broker, which is
     what makes this much cheaper per contract than ``send_contract`` in a loop.
 
@@ -220,18 +221,34 @@ def send_contracts(contracts: Iterable[Mapping[str, Any]]) -> list[Receipt | Rej
     already accepted earlier) and the ``Rejected`` refusal for each refused one:
     a refusal does not stop the others. Raises ``BrokerUnavailable`` when the
     broker cannot be reached; then nothing was enqueued and the contracts this
-    call reserved are forgotten. Unknown keyword arguments raise ``TypeError``
-    before anything is checked.
+    call reserved are forgotten. An item that is not a mapping, or whose keys
+    are not ``send_contract``'s keyword arguments (unknown or missing), raises
+    ``TypeError`` naming the item, before anything is checked.
     """
     # Parsed first: a malformed item is refused without a database round trip,
     # and a programming error (TypeError) surfaces before anything is written.
     parsed: list[SendContract | Rejected] = []
-    for item in contracts:
+    for index, item in enumerate(contracts):
         try:
-            parsed.append(parse_message(SendContract, _send_contract_payload(**item)))
+            payload = _send_contract_payload(**item)
+        except TypeError:
+            raise TypeError(f"send_contracts: item {index}: {_call_problem(item)}") from None
+        try:
+            parsed.append(parse_message(SendContract, payload))
         except Rejected as refusal:
             parsed.append(refusal)
     return submit_send_contracts(parsed)
+
+
+def _call_problem(item: Any) -> str:
+    """Why ``send_contract(**item)`` is not a call, in the public function's terms."""
+    if not isinstance(item, Mapping):
+        return f"a {type(item).__name__}, not a mapping of send_contract's keyword arguments"
+    try:
+        inspect.signature(send_contract).bind(**item)
+    except TypeError as error:
+        return f"send_contract() {error}"
+    return "not send_contract's keyword arguments"
 
 
 def submit_send_contracts(parsed: Sequence[SendContract | Rejected]) -> list[Receipt | Rejected]:

@@ -250,10 +250,22 @@ def _send_check_reads() -> CompoundSelect[Any]:
     """What the producer's check reads, as one statement (one round trip, not three).
 
     Rows tagged in their last column: ``contract`` (status, content hash) if the
-    contract is recorded, ``account`` (bound company) if the address is bound, and
-    the ``workspace_group_pairs`` of the workspace if it is registered.
+    contract is recorded, ``account`` (bound company) if the address is bound,
+    ``pending`` (company) for the earliest other contract to the address still
+    queued, and the ``workspace_group_pairs`` of the workspace if it is registered.
     """
     contracts, accounts = table_of(Contract), table_of(Account)
+    earliest_pending = (
+        sql.select(contracts.c.company_name)
+        .where(
+            contracts.c.email == bindparam("email"),
+            contracts.c.status == ContractStatus.QUEUED.value,
+            contracts.c.id != bindparam("contract_id"),
+        )
+        .order_by(contracts.c.created_at, contracts.c.id)
+        .limit(1)
+        .subquery()
+    )
     return union_all(
         sql.select(contracts.c.status, contracts.c.content_hash, literal_column("'contract'")).where(
             contracts.c.id == bindparam("contract_id")
@@ -261,6 +273,7 @@ def _send_check_reads() -> CompoundSelect[Any]:
         sql.select(accounts.c.company_name, null(), literal_column("'account'")).where(
             accounts.c.email == bindparam("email")
         ),
+        sql.select(earliest_pending.c.company_name, null(), literal_column("'pending'")),
         workspace_group_pairs()
         .add_columns(literal_column("'workspace'"))
         .where(col(Workspace.id) == bindparam("workspace_id")),
@@ -282,6 +295,7 @@ def check_send_contract(session: Session, message: SendContract) -> ContractStat
     )
     existing: ContractState | None = None
     bound_company: str | None = None
+    pending_company: str | None = None
     workspace_rows: list[tuple[str, str | None]] = []
     for first, second, tag in rows:
         if tag == "contract":
@@ -290,6 +304,8 @@ def check_send_contract(session: Session, message: SendContract) -> ContractStat
             )
         elif tag == "account":
             bound_company = str(first)
+        elif tag == "pending":
+            pending_company = str(first)
         else:
             workspace_rows.append((first, second))
     groups = fold_groups(workspace_rows, {}).get(message.workspace_id)
@@ -297,13 +313,13 @@ def check_send_contract(session: Session, message: SendContract) -> ContractStat
         message,
         stored_hash=existing.content_hash if existing is not None else None,
         groups=groups,
-        bound_company=bound_company,
+        bound_company=bound_company if bound_company is not None else pending_company,
     )
     return existing
 
 
 class SendChecks:
-    """``check_send_contract`` for a batch: what it reads, read once for all (three queries)."""
+    """``check_send_contract`` for a batch: what it reads, read once for all (four queries)."""
 
     def __init__(self, session: Session, messages: Sequence[SendContract]) -> None:
         #: The contracts already recorded, as read.
@@ -311,6 +327,10 @@ class SendChecks:
         #: The content hash of each contract accepted earlier in this batch (not written yet).
         self.accepted_here: dict[str, str] = {}
         self.bound: dict[str, str] = {}
+        #: Per address, its contracts still queued (id, company), earliest first.
+        self.pending: dict[str, list[tuple[str, str]]] = {}
+        #: The company of the first contract accepted in this batch per address not bound yet.
+        self.claimed_here: dict[str, str] = {}
         for ids in chunks(sorted({message.contract_id for message in messages})):
             self.read.update(
                 (contract.id, contract)
@@ -323,6 +343,23 @@ class SendChecks:
                     select(Account.email, Account.company_name).where(col(Account.email).in_(emails))
                 ).all()
             )
+            pending = session.exec(
+                select(Contract.email, Contract.id, Contract.company_name)
+                .where(col(Contract.email).in_(emails), col(Contract.status) == ContractStatus.QUEUED.value)
+                .order_by(col(Contract.created_at), col(Contract.id))
+            )
+            for email, contract_id, company_name in pending:
+                self.pending.setdefault(email, []).append((contract_id, company_name))
+
+    def _bound_company(self, message: SendContract) -> str | None:
+        """The name the address is bound to, or will be by the contracts queued before this one."""
+        bound = self.bound.get(message.email)
+        if bound is not None:
+            return bound
+        for contract_id, company_name in self.pending.get(message.email, ()):
+            if contract_id != message.contract_id:
+                return company_name
+        return self.claimed_here.get(message.email)
 
     def check(self, message: SendContract) -> ContractState | None:
         """``check_send_contract`` on what was read; returns the existing contract's state as read."""
@@ -334,13 +371,19 @@ class SendChecks:
             message,
             stored_hash=stored_hash,
             groups=self.groups.get(message.workspace_id),
-            bound_company=self.bound.get(message.email),
+            bound_company=self._bound_company(message),
         )
         return ContractState.of(existing) if existing is not None else None
 
     def accepted(self, message: SendContract) -> None:
-        """A later copy in the batch is checked against this one (not written yet)."""
+        """Later lines of the batch are checked against this one (not written yet).
+
+        A later copy of the same contract against its content; a later contract
+        to the same address not bound yet against its company: the first contract
+        sent to an address binds it, so the worker would refuse the other name.
+        """
         self.accepted_here.setdefault(message.contract_id, message.content_hash())
+        self.claimed_here.setdefault(message.email, message.company_name)
 
 
 def reserve_contract(session: Session, message: SendContract, *, now: datetime) -> bool:

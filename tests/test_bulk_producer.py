@@ -96,8 +96,20 @@ def test_bulk_send_forgets_its_reservations_when_the_broker_is_down(database, mo
 
 def test_bulk_send_with_an_unknown_argument_writes_nothing(database, enqueue_calls):
     good = contract_payload()
-    with pytest.raises(TypeError):
-        send_contracts([good, {**contract_payload(), "colour": "blue"}])
+    missing = {"contract_id": "P-9"}
+    for bad, problem in (
+        (
+            {**contract_payload(), "colour": "blue"},
+            "send_contract() got an unexpected keyword argument 'colour'",
+        ),
+        (missing, "send_contract() missing a required argument: 'email'"),
+        ("P-9", "a str, not a mapping of send_contract's keyword arguments"),
+        (None, "a NoneType, not a mapping"),
+    ):
+        with pytest.raises(TypeError) as caught:
+            send_contracts([good, bad])
+        assert str(caught.value).startswith(f"send_contracts: item 1: {problem}"), caught.value
+        assert "_send_contract_payload" not in str(caught.value)
     assert contract_status(good["contract_id"]) is None
     assert enqueue_calls == []
 
@@ -190,3 +202,77 @@ def test_bulk_send_records_each_contract_as_a_single_send_does(database, monkeyp
     created = [row.created_at for row in rows if row]
     assert all(moment.tzinfo is not None for moment in created)
     assert abs((created[1] - created[0]).total_seconds()) < 60
+
+
+def test_a_contract_still_queued_holds_its_address_against_another_name(database, monkeypatch):
+    """Rule 4's "first contract sent" is the producer's order: a later name is refused at once,
+    not answered "queued" and refused by the worker (or binding the address if taken first)."""
+    import contract_dispatch.producer
+    from models.cancelling import record_cancellation
+    from models.messages import CancelContract
+    from models.types import utc_now
+    from workers.database import session_scope
+
+    # Kept out of the broker: the first contract must stay queued, as behind a busy worker.
+    monkeypatch.setattr(contract_dispatch.producer, "_enqueue", lambda message: None)
+    monkeypatch.setattr(contract_dispatch.producer, "_enqueue_many", lambda messages: None)
+    first = contract_payload(company_name="Alpha Conseil")
+    assert send_contract(**first).status == "queued"
+    email = first["email"]
+
+    with pytest.raises(Rejected) as other:
+        send_contract(**contract_payload(email=email, company_name="Beta Conseil"))
+    assert other.value.code == "email_bound_to_other_company"
+    assert "Alpha" not in other.value.message
+    with pytest.raises(Rejected) as case_only:
+        send_contract(**contract_payload(email=email, company_name="ALPHA CONSEIL"))
+    assert "differ only by letter case or spacing" in case_only.value.message
+    same = contract_payload(email=email, company_name="Alpha Conseil")
+    assert send_contract(**same).status == "queued"
+    # The same contract sent again is not held against itself.
+    assert send_contract(**first).status == "queued"
+
+    bulk_other, bulk_same = (
+        contract_payload(email=email, company_name=name) for name in ("Beta", first["company_name"])
+    )
+    results = send_contracts([bulk_other, bulk_same])
+    assert isinstance(results[0], Rejected) and results[0].code == "email_bound_to_other_company"
+    assert results[1] == Receipt(contract_id=bulk_same["contract_id"], status="queued")
+
+    # Cancelled while queued, the contracts no longer hold the address.
+    with session_scope() as session:
+        for payload in (first, same, bulk_same):
+            record_cancellation(session, CancelContract(contract_id=payload["contract_id"]), now=utc_now())
+    beta = contract_payload(email=email, company_name="Beta Conseil")
+    assert send_contract(**beta).status == "queued"
+
+
+def test_bulk_send_refuses_a_second_name_for_an_address_earlier_in_the_batch(database, enqueue_calls):
+    email = contract_payload()["email"]
+    first, other, case_only, same = (
+        contract_payload(email=email, company_name=name)
+        for name in (
+            "Atelier Martin SARL",
+            "Atelier Dupont SARL",
+            "atelier martin sarl",
+            "Atelier Martin SARL",
+        )
+    )
+    elsewhere = contract_payload(company_name="Atelier Dupont SARL")
+    results = send_contracts([first, other, elsewhere, case_only, same])
+
+    assert results[0] == Receipt(contract_id=first["contract_id"], status="queued")
+    assert isinstance(results[1], Rejected) and results[1].code == "email_bound_to_other_company"
+    assert "Martin" not in results[1].message
+    assert results[2] == Receipt(contract_id=elsewhere["contract_id"], status="queued")
+    assert isinstance(results[3], Rejected) and results[3].code == "email_bound_to_other_company"
+    assert "differ only by letter case or spacing" in results[3].message
+    assert results[4] == Receipt(contract_id=same["contract_id"], status="queued")
+    (call,) = enqueue_calls
+    assert [message.args[0]["contract_id"] for message in call] == [
+        first["contract_id"],
+        elsewhere["contract_id"],
+        same["contract_id"],
+    ]
+    for refused in (other, case_only):
+        assert contract_status(refused["contract_id"]) is None
