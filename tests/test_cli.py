@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Callable
@@ -613,7 +614,8 @@ def test_send_contracts_refuses_json_python_cannot_read_line_by_line(cli):
 
 def test_send_contracts_whose_reader_goes_away_stops_with_one_line(cli, tmp_path):
     path = tmp_path / "many.jsonl"
-    path.write_text(json_lines(*(contract_payload() for _ in range(600))))
+    payloads = [contract_payload() for _ in range(600)]
+    path.write_text(json_lines(*payloads))
     process = subprocess.Popen(
         [CLI, "send-contracts", str(path), "--json", "--batch-size", "50"],
         env=cli.env,
@@ -630,6 +632,16 @@ def test_send_contracts_whose_reader_goes_away_stops_with_one_line(cli, tmp_path
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     (closed,) = [line for line in stderr.splitlines() if line.startswith("stdout was closed: ")]
     assert "sending the same input again is safe" in closed
+    # The summary counts every contract sent, answered on stdout or not.
+    found = re.search(r"lines up to (\d+) were answered .*\((\d+) contracts: (\d+) queued", closed)
+    assert found is not None, closed
+    from contract_dispatch import contract_status
+
+    through, counted, queued = (int(group) for group in found.groups())
+    assert through % 50 == 0 and through >= 50 and counted == queued == through, closed
+    assert contract_status(payloads[through - 1]["contract_id"]) is not None
+    if through < len(payloads):
+        assert contract_status(payloads[through]["contract_id"]) is None
 
 
 def test_settings_found_unusable_late_exit_3_in_one_line(cli, tmp_path):

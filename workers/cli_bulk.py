@@ -125,14 +125,20 @@ class Tally:
         )
 
 
-def _report(args: argparse.Namespace, line: Line, result: Any, tally: Tally, progress: Progress) -> None:
+def _count(batch: list[Line], results: list[Any], tally: Tally) -> None:
+    """Count a batch's outcomes: all of them were sent or refused, whether or not answered yet."""
+    from contract_dispatch import Receipt
+
+    for line, result in zip(batch, results, strict=True):
+        tally.add(line.number, result.status if isinstance(result, Receipt) else "refused")
+
+
+def _report(args: argparse.Namespace, line: Line, result: Any, progress: Progress) -> None:
     from contract_dispatch import Receipt
 
     if isinstance(result, Receipt):
-        tally.add(line.number, result.status)
         answer: dict[str, Any] = {"line": line.number, **result.model_dump()}
     else:
-        tally.add(line.number, "refused")
         answer = {"line": line.number, "contract_id": line.contract_id, "error": result.as_dict()}
         progress.write(f"line {line.number}: {line.contract_id or '-'}: {result.code}: {result.message}")
     if args.json:
@@ -162,9 +168,12 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
                     "were not sent (sending the same input again is safe)\n"
                 )
                 return EXIT_UNAVAILABLE
+            # Counted before answering: if the reader goes away midway, the summary
+            # still says what was sent.
             sent_through = batch[-1].number
+            _count(batch, results, tally)
             for line, result in zip(batch, results, strict=True):
-                _report(args, line, result, tally, progress)
+                _report(args, line, result, progress)
             sys.stdout.flush()
             progress.update(tally.describe())
     except BrokenPipeError:
