@@ -575,3 +575,44 @@ def test_outbox_file_names_are_safe_for_any_reference(tmp_path):
     written = tmp_path / name
     assert re.fullmatch(r"[A-Za-z0-9._-]+\.eml", name)
     assert written.is_file() and written.parent == tmp_path
+
+
+@pytest.mark.parametrize("locale", ["fr", "en"])
+@pytest.mark.parametrize("title", [None, "Bureau privatif"])
+def test_every_email_names_the_contract_once(locale, title):
+    """The label is the title, or "contrat C-1" without one: no "le contrat contrat C-1"."""
+    from models.delivery import DeliveryRow
+    from workers.email.delivery import AccountFacts, ContractFacts, compose
+
+    signed_at = datetime(2024, 7, 1, 8, 30, tzinfo=UTC)
+    contract = ContractFacts(
+        id="C-1",
+        status="signed",
+        title=title,
+        company_name="Atelier Martin SARL",
+        email="client@example.com",
+        signed_at=signed_at,
+        legal_name="Atelier Martin SARL",
+        registration_number=None,
+        signer_name=None,
+    )
+    account = AccountFacts(first_login_at=signed_at, access_code_nonce=None, access_code_expires_at=None)
+    word = "contract" if locale == "en" else "contrat"
+    label = title or f"{word} C-1"
+    for kind in EmailKind:
+        delivery = DeliveryRow(
+            id=1,
+            kind=kind.value,
+            contract_id="C-1",
+            recipient="manager@example.com",
+            recipient_name=None,
+            step=0,
+            locale=locale,
+            includes_access_code=False,
+            status="pending",
+            lease_expires_at=None,
+        )
+        outgoing = compose(delivery, contract, account, get_settings())
+        for part in (outgoing.subject, outgoing.text):
+            assert label in part, (kind, part)
+            assert re.search(rf"\b{word}\W+{word}\b", part, re.IGNORECASE) is None, (kind, part)

@@ -64,7 +64,7 @@ BODY_ONLY = (
     "Accéder au contrat",  # the HTML button
     "Mot de passe temporaire",
     "Pour le consulter et le signer",
-    "Le client a signé le contrat",
+    "Le client a signé :",
     "https://app.example.com/contracts/",  # the link (APP_BASE_URL of the tests)
 )
 
