@@ -57,6 +57,15 @@ Identifier = Annotated[
     StringConstraints(min_length=1, max_length=IDENTIFIER_MAX_LENGTH, pattern=IDENTIFIER_PATTERN),
 ]
 
+#: Length guards checked before a text is normalised (normalising may shorten it, so
+#: the real limit is checked after), each with the limit it stands guard for: so
+#: that work on a huge input stays bounded, while a refusal still names the real limit.
+_LENGTH_GUARDS = {
+    EMAIL_MAX_LENGTH + 64: EMAIL_MAX_LENGTH,
+    COMPANY_NAME_MAX_LENGTH * 4: COMPANY_NAME_MAX_LENGTH,
+    TEXT_MAX_LENGTH * 4: TEXT_MAX_LENGTH,
+}
+
 EmailAddress = Annotated[
     str,
     StringConstraints(max_length=EMAIL_MAX_LENGTH + 64),
@@ -266,7 +275,7 @@ _FIELD_CODES: dict[str, type[Rejected]] = {
 
 def rejection_for(error: ValidationError) -> Rejected:
     """Turn a pydantic validation error into the named rejection of its first problem."""
-    problems = error.errors(include_url=False, include_input=False, include_context=False)
+    problems = error.errors(include_url=False, include_input=False)
     first = problems[0]
     location = [str(part) for part in first["loc"]]
     field = location[-1] if location and location[0] == "signatories" else (location[0] if location else "")
@@ -283,6 +292,9 @@ def rejection_for(error: ValidationError) -> Rejected:
     message = first["msg"].removeprefix("Value error, ")
     if rejection is InvalidLeadSource:
         message = "lead source must be one of bap, network or other"
+    elif first["type"] == "string_too_long":
+        guard = first.get("ctx", {}).get("max_length")
+        message = f"String should have at most {_LENGTH_GUARDS.get(guard, guard)} characters"
     text = f"{where}: {message}"
     if len(problems) > 1:
         text += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -662,3 +663,22 @@ def test_cli_process_refuses_bad_input_with_exit_2(
     assert stderr.startswith(f"{code}: ") and stderr.count("\n") == 1, stderr[:500]
     assert "Traceback" not in stderr
     assert contract_status(payload["contract_id"]) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"),
+    [("company_name", COMPANY_NAME_MAX_LENGTH), ("title", TEXT_MAX_LENGTH), ("email", EMAIL_MAX_LENGTH)],
+)
+@pytest.mark.parametrize("excess", [1, 10_000])
+def test_a_refusal_for_length_names_the_real_limit(field, limit, excess):
+    """A huge value is cut short by a guard of a multiple of the limit; the refusal
+    still names the limit itself, not the guard's."""
+    from models.messages import SendContract, parse_message
+
+    filler = "a" * (limit + excess)
+    value = filler[: -len("@example.com")] + "@example.com" if field == "email" else filler
+    with pytest.raises(Rejected) as caught:
+        parse_message(SendContract, {**contract_payload(), field: value})
+    # (email-validator counts the characters too many itself.)
+    assert str(limit) in caught.value.message or "too long" in caught.value.message, caught.value.message
+    assert not re.search(r"\b(318|800)\b", caught.value.message), caught.value.message
