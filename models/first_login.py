@@ -26,6 +26,7 @@ uses of one code therefore serialise on the row: the second finds it used.
 
 from __future__ import annotations
 
+import base64
 import functools
 import secrets
 import unicodedata
@@ -34,7 +35,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from argon2 import DEFAULT_HASH_LENGTH, DEFAULT_RANDOM_SALT_LENGTH
 from argon2.exceptions import InvalidHashError, VerificationError
+from argon2.low_level import ARGON2_VERSION
 from sqlalchemy import bindparam, update
 from sqlmodel import Session, select
 
@@ -146,11 +149,25 @@ def check_password_policy(password: str, *, code: str, policy: FirstLoginPolicy)
     return normalized
 
 
+def _unpadded_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
 @functools.cache
 def _dummy_hash(parameters: HashParameters) -> str:
-    # Verified against whenever there is no real hash, so that such a call costs
-    # the same argon2id work as a real one: same parameters, random unknown input.
-    return password_hasher(parameters).hash(secrets.token_urlsafe(32))
+    """An encoded argon2id hash with these costs that no input matches.
+
+    Verified against whenever there is no real hash, so that such a call costs
+    the same argon2id work as a real one. Random salt and digest, written in
+    argon2's encoding rather than computed: hashing here would make the first
+    such call of every process (every ``verify-code`` command) one hash slower
+    than a call for a real account, which would tell the two apart.
+    """
+    return (
+        f"$argon2id$v={ARGON2_VERSION}$m={parameters.memory_kib},t={parameters.time_cost},"
+        f"p={parameters.parallelism}${_unpadded_base64(secrets.token_bytes(DEFAULT_RANDOM_SALT_LENGTH))}"
+        f"${_unpadded_base64(secrets.token_bytes(DEFAULT_HASH_LENGTH))}"
+    )
 
 
 def _hash_matches(encoded: str | None, secret: str, *, parameters: HashParameters) -> bool:

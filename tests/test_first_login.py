@@ -320,7 +320,7 @@ def test_the_attempt_limit_is_a_setting(database: str) -> None:
 
 
 def test_unknown_email_answers_like_a_wrong_code_and_costs_one_verification(
-    database: str, verify_calls: list[str]
+    database: str, verify_calls: list[str], hash_calls: list[int]
 ) -> None:
     email, code = new_account()
     real_hash = stored(email).access_code_hash
@@ -336,6 +336,20 @@ def test_unknown_email_answers_like_a_wrong_code_and_costs_one_verification(
         assert len(verify_calls) == 1, "an unknown email must cost one argon2id verification"
         assert parameters_of(verify_calls[0]) == parameters_of(real_hash), "the dummy hash's costs differ"
         assert verify_calls[0] != real_hash
+
+    # The first such call of a process (each verify-code command is one) costs no more:
+    # the dummy hash is not computed, only verified against.
+    from models.first_login import _dummy_hash
+
+    _dummy_hash.cache_clear()
+    verify_calls.clear()
+    hash_calls.clear()
+    assert not check(f"{unique('nobody')}@example.com", code)
+    assert (len(verify_calls), len(hash_calls)) == (1, 0), (
+        "the first unknown email cost more than one verification"
+    )
+    assert parameters_of(verify_calls[0]) == parameters_of(real_hash)
+    assert len(verify_calls[0]) == len(real_hash), "the dummy hash's salt or digest length differs"
 
     with pytest.raises(AccessCodeRefused) as known:
         spend(email, wrong(code))
