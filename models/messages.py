@@ -293,7 +293,7 @@ def rejection_for(error: ValidationError) -> Rejected:
     if rejection is InvalidLeadSource:
         message = "lead source must be one of bap, network or other"
     elif first["type"] == "string_too_long":
-        guard = first.get("ctx", {}).get("max_length")
+        guard = int(first.get("ctx", {}).get("max_length", 0))
         message = f"String should have at most {_LENGTH_GUARDS.get(guard, guard)} characters"
     text = f"{where}: {message}"
     if len(problems) > 1:

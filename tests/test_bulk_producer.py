@@ -97,6 +97,7 @@ def test_bulk_send_forgets_its_reservations_when_the_broker_is_down(database, mo
 def test_bulk_send_with_an_unknown_argument_writes_nothing(database, enqueue_calls):
     good = contract_payload()
     missing = {"contract_id": "P-9"}
+    bad: Any
     for bad, problem in (
         (
             {**contract_payload(), "colour": "blue"},
