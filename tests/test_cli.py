@@ -919,3 +919,14 @@ def test_full_journey_through_the_cli_only(cli, worker, standin):
     assert "Boulangerie Lefèvre & Fils" in text
     assert "552 100 554" in text
     assert "Paul Lefèvre" in text
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00+00:00"])
+def test_reminders_run_at_the_ends_of_the_calendar_is_a_usage_error(moment, capsys):
+    """A sweep adds days (delays, windows, code lifetimes): it would overflow there, with a traceback."""
+    from workers.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["reminders", "run", "--now", moment])
+    assert exited.value.code == 2
+    assert "is out of range (years 3 to 9997)" in capsys.readouterr().err

@@ -137,6 +137,11 @@ def _aware_datetime(value: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 date and time") from None
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{value!r} has no time zone (add Z or +01:00)")
+    # Room for the days a sweep adds (delays, windows, code lifetimes) within the calendar.
+    if not datetime.min.year + 1 < moment.year < datetime.max.year - 1:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is out of range (years {datetime.min.year + 2} to {datetime.max.year - 2})"
+        )
     return moment
 
 
