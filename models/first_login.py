@@ -63,8 +63,9 @@ PASSWORD_MAX_LENGTH = 128
 #: Longer inputs than this cannot be a code; they are cut before hashing (characters).
 CODE_INPUT_MAX_LENGTH = 64
 
-#: Characters a reader may add while typing a code: spaces and dashes between groups.
-_CODE_SEPARATORS = str.maketrans("", "", " \t-_.")
+#: Characters a reader may add while typing a code: spaces and dashes between groups,
+#: and the line break a code copied out of an email often brings along.
+_CODE_SEPARATORS = str.maketrans("", "", " \t\r\n-_.")
 
 
 class AccessCodeRefused(Rejected):
@@ -116,9 +117,16 @@ class FirstLoginPolicy:
     refusal_key: bytes = field(default=b"", repr=False)
 
 
+def _text(value: str) -> str:
+    """``value`` with what cannot be UTF-8 (lone surrogates: undecodable bytes from a
+    command line) replaced, so that it can be hashed, stored and compared: it then
+    matches nothing, instead of failing the call."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def normalize_code(value: str) -> str:
     """A code as typed, compared as issued: NFKC, no spaces or dashes, upper case."""
-    text = unicodedata.normalize("NFKC", value[: CODE_INPUT_MAX_LENGTH * 2])
+    text = unicodedata.normalize("NFKC", _text(value[: CODE_INPUT_MAX_LENGTH * 2]))
     return _code_form(text)[:CODE_INPUT_MAX_LENGTH]
 
 
@@ -134,6 +142,8 @@ def normalize_password(value: str) -> str:
 
 def check_password_policy(password: str, *, code: str, policy: FirstLoginPolicy) -> str:
     """The normalised password, or ``PasswordRefused`` saying which rule it breaks."""
+    if _text(password) != password:
+        raise PasswordRefused("The password is not text (it holds bytes that are not UTF-8).")
     normalized = normalize_password(password)
     if len(normalized) < policy.password_min_length:
         raise PasswordTooShort(f"The password must have at least {policy.password_min_length} characters.")
@@ -223,7 +233,7 @@ class _Snapshot:
 def _address(email: str) -> str | None:
     """``email`` normalised as accounts store it; None when it is not an address."""
     try:
-        return normalize_email(email)
+        return normalize_email(_text(email))
     except ValueError:
         return None
 

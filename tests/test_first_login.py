@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import argon2
@@ -42,7 +45,7 @@ from models.first_login import (
     verify_code,
     verify_password,
 )
-from tests.processes import run_cli
+from tests.processes import CLI, COMMAND_TIMEOUT_SECONDS, describe, run_cli
 from tests.sendgrid_standin import SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract
 from tests.test_access_codes import code_in, invitation
@@ -628,3 +631,66 @@ def test_cli_first_login_with_the_emailed_code(
     assert (again.returncode, again.stderr) == (1, wrong_code.stderr), again
     spent = run_cli(env, "verify-code", "--email", email, "--code", code)
     assert spent.returncode == 1, spent
+
+
+def test_odd_input_matches_nothing_or_is_refused_by_name(database: str) -> None:
+    """Never an exception other than the refusals: what a command line or a form may pass."""
+    email, code = new_account()
+    # A code copied out of an email often brings its line break along.
+    assert check(email, code + "\r\n")
+    assert check(email, "\n" + code.lower() + "\n")
+    # Lone surrogates: how Python reads bytes that are not UTF-8 from a command line.
+    assert not check(email, code[:-1] + "\udcff")
+    assert not check(email[:3] + "\udcff" + email[3:], code)
+    with pytest.raises(PasswordRefused) as not_text:
+        spend(email, code, GOOD_PASSWORD + "\udcff")
+    assert not_text.value.code == "password_refused" and "not text" in not_text.value.message
+    spend(email, code)
+
+
+def test_cli_first_login_odd_input_gets_a_named_answer(
+    database: str, test_environment: dict[str, str], tmp_path: Path
+) -> None:
+    email, code = new_account()
+    env = {**test_environment, "DATABASE_URL": database}
+
+    # Bytes that are not UTF-8 in an argument: refused like any wrong code or unknown address.
+    for args in (
+        ("--email", email, "--code", code[:-1] + "\udcff"),
+        ("--email", "a\udcff" + email, "--code", code),
+    ):
+        result = run_cli(env, "verify-code", *args)
+        assert result.returncode == 1 and result.stderr.startswith("access_code_refused: "), describe(result)
+
+    command = [CLI, "set-password", "--email", email, "--code", code]
+    not_utf8 = subprocess.run(
+        command, env=env, input=b"\xff\xfe not utf-8\n", capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS
+    )
+    assert not_utf8.returncode == 2, not_utf8
+    assert not_utf8.stderr.startswith(b"password_refused: The password is not text"), not_utf8
+    closed = subprocess.run(
+        command,
+        env=env,
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT_SECONDS,
+        preexec_fn=lambda: os.close(0),  # as `<&-` does
+    )
+    assert closed.returncode == 2 and closed.stderr.startswith(b"password_refused: No password"), closed
+    # Only the wrong code was counted; the code not spent, and with the email's line
+    # break it is still the code.
+    assert stored(email).access_code_failed_attempts == 1
+    valid = run_cli(env, "verify-code", "--email", email, "--code", code + "\r\n")
+    assert (valid.returncode, valid.stdout) == (0, "valid\n"), describe(valid)
+
+    # A mistyped database path: told so, and nothing created there.
+    nowhere = tmp_path / "nowhere" / "cd.db"
+    for command_line in (
+        ("verify-code", "--email", email, "--code", code),
+        ("set-password", "--email", email, "--code", code),
+    ):
+        missing = run_cli(
+            {**env, "DATABASE_URL": f"sqlite:///{nowhere}"}, *command_line, stdin=GOOD_PASSWORD + "\n"
+        )
+        assert missing.returncode == 3, describe(missing)
+        assert missing.stderr.startswith(f"unavailable: no database at {nowhere}"), describe(missing)
+    assert not nowhere.parent.exists()

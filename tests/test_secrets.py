@@ -185,19 +185,21 @@ def test_settings_errors_never_echo_a_secret(monkeypatch: pytest.MonkeyPatch, tm
     """Settings that cannot be built: the error names the problem, never the values read.
 
     pydantic quotes a model's whole input in its errors (shortened in the
-    middle): with few variables set, a short key would be printed whole.
+    middle): with few variables set, a short key would be printed whole. A key
+    too short to be accepted is refused without being quoted either.
     """
     monkeypatch.chdir(tmp_path)  # no .env file
     for name in Settings.model_fields:
         monkeypatch.delenv(name.upper(), raising=False)
-    short_secrets = {"the SECRET_KEY": "s3cr3t"}
-    monkeypatch.setenv("SECRET_KEY", short_secrets["the SECRET_KEY"])
-    # Longer than the default send lease: refused by a check of the whole model.
-    monkeypatch.setenv("SENDGRID_TIMEOUT", "100")
-    with pytest.raises(ValueError) as error:
-        Settings()
-    assert "SEND_LEASE_SECONDS" in str(error.value)
-    assert not leaks({"str": str(error.value), "repr": repr(error.value)}, short_secrets)
+    for key, refused in (("s3cr3t-" * 5, "SEND_LEASE_SECONDS"), ("s3cr3t", "at least 32 characters")):
+        key_secrets = {"the SECRET_KEY": key}
+        monkeypatch.setenv("SECRET_KEY", key)
+        # Longer than the default send lease: refused by a check of the whole model.
+        monkeypatch.setenv("SENDGRID_TIMEOUT", "100")
+        with pytest.raises(ValueError) as error:
+            Settings()
+        assert refused in str(error.value)
+        assert not leaks({"str": str(error.value), "repr": repr(error.value)}, key_secrets)
 
     monkeypatch.setattr(settings_module, "_settings", None)  # read again, and fail
     out, err = io.StringIO(), io.StringIO()
@@ -205,7 +207,7 @@ def test_settings_errors_never_echo_a_secret(monkeypatch: pytest.MonkeyPatch, tm
         code = main(["schema"])
     assert code == 3, (out.getvalue(), err.getvalue())
     assert "configuration error" in err.getvalue()
-    assert not leaks({"stdout": out.getvalue(), "stderr": err.getvalue()}, short_secrets)
+    assert not leaks({"stdout": out.getvalue(), "stderr": err.getvalue()}, key_secrets)
 
 
 def test_sendgrid_debug_logging_is_silenced_even_with_the_root_logger_at_debug(

@@ -11,6 +11,8 @@ error never quotes the value.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from workers.settings import Settings
@@ -58,6 +60,10 @@ PASSWORD = "s3cret-pw"
     [
         ("REDIS_URL", f"redis://:{PASSWORD}/x@127.0.0.1:6379/0", "REDIS_URL"),
         ("REDIS_URL", "127.0.0.1:6379", "REDIS_URL"),
+        # The password's digits before its "/" would read as a port: u:12 as host and port.
+        ("REDIS_URL", f"redis://u:12/{PASSWORD}@127.0.0.1:6379/0", "REDIS_URL"),
+        ("REDIS_URL", f"redis://u:12#{PASSWORD}@127.0.0.1:6379/0", "REDIS_URL"),
+        ("BROKER_URL", f"amqp://u:12?{PASSWORD}@127.0.0.1:5672/", "BROKER_URL"),
         ("BROKER_URL", f"amqp://guest:{PASSWORD}/x@127.0.0.1:5672/", "BROKER_URL"),
         ("DATABASE_URL", f"postgresql://bob:pw@{PASSWORD}@127.0.0.1/test", "DATABASE_URL"),
         ("DATABASE_URL", f"mysql://bob:{PASSWORD}@127.0.0.1/test", "DATABASE_URL"),
@@ -94,3 +100,83 @@ def test_well_formed_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, variable
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.setenv(variable, value)
     assert getattr(Settings(), variable.lower()) is not None
+
+
+#: A value that must never be printed back, whatever variable it is given to.
+MARKER = "Zq9-Marker-Sat"
+
+
+@pytest.mark.parametrize("name", sorted(field.upper() for field in Settings.model_fields))
+def test_no_configuration_error_quotes_the_value(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(name, MARKER)
+    try:
+        Settings()
+    except ValueError as refused:
+        problems = refused.errors(include_input=False, include_url=False)  # type: ignore[attr-defined]
+        text = " ".join(str(problem["msg"]) for problem in problems)
+        assert MARKER.lower() not in text.lower(), text
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"ACCESS_CODE_TTL_DAYS": "inf"}, "ACCESS_CODE_TTL_DAYS"),
+        ({"ACCESS_CODE_TTL_DAYS": "nan"}, "ACCESS_CODE_TTL_DAYS"),
+        ({"ACCESS_CODE_TTL_DAYS": "1e9"}, "ACCESS_CODE_TTL_DAYS"),
+        ({"ACCESS_CODE_TTL_DAYS": "366"}, "ACCESS_CODE_TTL_DAYS"),
+        ({"ARGON2_MEMORY_KIB": "99999999999"}, "ARGON2_MEMORY_KIB"),
+        ({"ARGON2_TIME_COST": "1000000"}, "ARGON2_TIME_COST"),
+        ({"ARGON2_PARALLELISM": "100000"}, "ARGON2_PARALLELISM"),
+        ({"ARGON2_MEMORY_KIB": "8", "ARGON2_PARALLELISM": "2"}, "ARGON2_MEMORY_KIB"),
+        ({"SENDGRID_TIMEOUT": "nan"}, "SENDGRID_TIMEOUT"),
+        ({"SENDGRID_API_HOST": "ftp://api.sendgrid.com"}, "SENDGRID_API_HOST"),
+        ({"SENDGRID_API_HOST": "api.sendgrid.com"}, "SENDGRID_API_HOST"),
+        ({"SECRET_KEY": ""}, "SECRET_KEY"),
+        ({"SECRET_KEY": "x" * 31}, "SECRET_KEY"),
+    ],
+)
+def test_settings_that_would_fail_every_code_or_email_later_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], named: str
+) -> None:
+    """Each was accepted, then failed each new client's send or every first login with a traceback."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as refused:
+        Settings()
+    problems = refused.value.errors(include_input=False, include_url=False)  # type: ignore[attr-defined]
+    text = " ".join(f"{'.'.join(map(str, problem['loc']))} {problem['msg']}" for problem in problems)
+    assert named.lower() in text.lower(), text
+
+
+def test_the_largest_costs_and_lifetime_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.settings import MAX_ACCESS_CODE_TTL_DAYS, MAX_ARGON2_MEMORY_KIB, SECRET_KEY_MIN_LENGTH
+
+    monkeypatch.setenv("ACCESS_CODE_TTL_DAYS", str(MAX_ACCESS_CODE_TTL_DAYS))
+    monkeypatch.setenv("ARGON2_MEMORY_KIB", str(MAX_ARGON2_MEMORY_KIB))
+    monkeypatch.setenv("SECRET_KEY", "k" * SECRET_KEY_MIN_LENGTH)
+    monkeypatch.setenv("SENDGRID_API_HOST", "http://127.0.0.1:8025/")
+    settings = Settings()
+    assert settings.access_code_policy().ttl.days == MAX_ACCESS_CODE_TTL_DAYS
+    assert settings.sendgrid_api_host == "http://127.0.0.1:8025"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"), [("", "is empty: remove it"), (f"{MARKER}\n", "at least 32 characters")]
+)
+def test_a_generated_key_file_left_empty_or_too_short_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str, problem: str
+) -> None:
+    """An empty file is what a process stopped between creating and writing it leaves."""
+    from models.errors import ConfigurationError
+    from workers import settings as settings_module
+
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    # The wait for a concurrent writer, cut short.
+    monkeypatch.setattr("workers.settings.clock.sleep", lambda seconds: None)
+    (tmp_path / "secret_key").write_text(content)
+    settings_module._load_or_create_secret_key.cache_clear()
+    with pytest.raises(ConfigurationError) as refused:
+        Settings().secret_key_bytes()
+    assert problem in str(refused.value), refused.value
+    assert MARKER not in str(refused.value)

@@ -36,13 +36,19 @@ def _answer(args: argparse.Namespace, result: dict[str, Any], error: Rejected | 
 
 
 def _read_password() -> str | None:
-    """One line from stdin, never echoed: through getpass on a terminal."""
+    """One line from stdin, never echoed: through getpass on a terminal; None for none.
+
+    Read as bytes: a line that is not UTF-8 keeps its undecodable bytes as lone
+    surrogates, which the password policy refuses by name.
+    """
+    if sys.stdin is None:  # started with stdin closed
+        return None
     if sys.stdin.isatty():
         return getpass.getpass("New password: ")
-    line = sys.stdin.readline(_STDIN_LINE_LIMIT)
+    line = sys.stdin.buffer.readline(_STDIN_LINE_LIMIT)
     if not line:
         return None
-    return line.rstrip("\r\n")
+    return line.decode("utf-8", "surrogateescape").rstrip("\r\n")
 
 
 def cmd_verify_code(args: argparse.Namespace) -> int:

@@ -31,6 +31,19 @@ DEFAULT_DATA_DIR = Path(".data")
 #: How long a temporary password stays valid, in days.
 DEFAULT_ACCESS_CODE_TTL_DAYS = 7
 
+#: Longest lifetime of a temporary password, in days: a longer one is not temporary
+#: (and a lifetime past the calendar's end failed every code issued).
+MAX_ACCESS_CODE_TTL_DAYS = 365
+
+#: Upper bounds of the argon2id costs: 4 GiB of memory per hash, in KiB, 100
+#: iterations, 64 lanes (argon2 itself would take more, and fail every hash).
+MAX_ARGON2_MEMORY_KIB = 4 * 1024 * 1024
+MAX_ARGON2_TIME_COST = 100
+MAX_ARGON2_PARALLELISM = 64
+
+#: Shortest SECRET_KEY accepted, in characters (a generated one has 64).
+SECRET_KEY_MIN_LENGTH = 32
+
 #: OWASP's argon2id minimum: 19 MiB of memory, 2 iterations, 1 lane.
 DEFAULT_ARGON2_MEMORY_KIB = 19 * 1024
 DEFAULT_ARGON2_TIME_COST = 2
@@ -122,6 +135,10 @@ def _server_url(value: str | None, *, name: str, schemes: tuple[str, ...]) -> st
         raise ValueError(f"{name} cannot be read as a server URL. {_URL_HINT}") from None
     if not parts.hostname:
         raise ValueError(f"{name} names no host that can be read. {_URL_HINT}")
+    if "@" in f"{parts.path}{parts.query}{parts.fragment}":
+        # An unencoded / ? or # in the password ended the host part early: "u:12" would
+        # be read as host and port, the rest of the password as the path.
+        raise ValueError(f"{name} cannot be read as a server URL. {_URL_HINT}")
     return value
 
 
@@ -167,7 +184,7 @@ class Settings(BaseSettings):
     email_backend: Literal["sendgrid", "file", "console"] = "file"
     sendgrid_api_key: SecretStr | None = None
     sendgrid_api_host: str = "https://api.sendgrid.com"
-    sendgrid_timeout: float = Field(default=DEFAULT_SENDGRID_TIMEOUT_SECONDS, gt=0)
+    sendgrid_timeout: float = Field(default=DEFAULT_SENDGRID_TIMEOUT_SECONDS, gt=0, allow_inf_nan=False)
     mail_from: str = "no-reply@localhost"
     mail_from_name: str = "Contract Dispatch"
     app_base_url: str = "http://localhost:8000"
@@ -176,10 +193,12 @@ class Settings(BaseSettings):
         default=None, description="File backend output; unset is data_dir/outbox."
     )
     secret_key: SecretStr | None = Field(default=None, description="Unset: generated into data_dir once.")
-    access_code_ttl_days: float = Field(default=DEFAULT_ACCESS_CODE_TTL_DAYS, gt=0)
-    argon2_memory_kib: int = Field(default=DEFAULT_ARGON2_MEMORY_KIB, ge=8)
-    argon2_time_cost: int = Field(default=DEFAULT_ARGON2_TIME_COST, ge=1)
-    argon2_parallelism: int = Field(default=DEFAULT_ARGON2_PARALLELISM, ge=1)
+    access_code_ttl_days: float = Field(
+        default=DEFAULT_ACCESS_CODE_TTL_DAYS, gt=0, le=MAX_ACCESS_CODE_TTL_DAYS, allow_inf_nan=False
+    )
+    argon2_memory_kib: int = Field(default=DEFAULT_ARGON2_MEMORY_KIB, ge=8, le=MAX_ARGON2_MEMORY_KIB)
+    argon2_time_cost: int = Field(default=DEFAULT_ARGON2_TIME_COST, ge=1, le=MAX_ARGON2_TIME_COST)
+    argon2_parallelism: int = Field(default=DEFAULT_ARGON2_PARALLELISM, ge=1, le=MAX_ARGON2_PARALLELISM)
     argon2_max_concurrent: int | None = Field(
         default=None,
         ge=1,
@@ -259,6 +278,27 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _argon2_memory_holds_its_lanes(self) -> Settings:
+        # argon2 needs 8 KiB per lane; fewer failed every hash, so every new client's send.
+        if self.argon2_memory_kib < 8 * self.argon2_parallelism:
+            raise ValueError("ARGON2_MEMORY_KIB must be at least 8 x ARGON2_PARALLELISM")
+        return self
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_secret_key(value.get_secret_value(), name="SECRET_KEY")
+        return value
+
+    @field_validator("sendgrid_api_host")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if _scheme(value) not in ("http", "https") or not urlsplit(value).hostname:
+            raise ValueError("SENDGRID_API_HOST must be an http(s) URL with a host")
+        return value
+
+    @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Settings:
         if self.send_lease_seconds <= self.sendgrid_timeout:
             raise ValueError("SEND_LEASE_SECONDS must be longer than SENDGRID_TIMEOUT")
@@ -302,7 +342,13 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(float(part) for part in value.replace(" ", "").split(",") if part)
+            try:
+                return tuple(float(part) for part in value.replace(" ", "").split(",") if part)
+            except ValueError:
+                # float()'s own message quotes the value.
+                raise ValueError(
+                    "reminder delays must be numbers of days separated by commas, e.g. 3,7,14"
+                ) from None
         return value
 
     @field_validator("reminder_delays_days")
@@ -421,11 +467,13 @@ class Settings(BaseSettings):
         """SECRET_KEY, or the key generated once into ``data_dir``."""
         if self.secret_key is not None:
             return self.secret_key.get_secret_value().encode()
+        from models.errors import ConfigurationError
+
         try:
             return _load_or_create_secret_key(self.data_dir.resolve())
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
         except OSError as error:
-            from models.errors import ConfigurationError
-
             raise ConfigurationError(
                 f"no SECRET_KEY, and DATA_DIR cannot hold a generated one ({error.strerror}): "
                 "set SECRET_KEY, or DATA_DIR to a writable directory"
@@ -438,7 +486,8 @@ def parse_days(value: str) -> frozenset[int]:
     for part in value.lower().replace(" ", "").split(","):
         first, _, last = part.partition("-")
         if first not in DAY_NAMES or (last and last not in DAY_NAMES):
-            raise ValueError(f"{part!r} is not a day or a range of days (mon, tue, ... sun)")
+            # The value is not quoted: a configuration error never prints what was read.
+            raise ValueError("days must be day names or ranges of them, e.g. mon-fri or mon,wed,fri")
         start, end = DAY_NAMES.index(first), DAY_NAMES.index(last or first)
         days.update(range(start, end + 1) if start <= end else [*range(start, 7), *range(0, end + 1)])
     return frozenset(days)
@@ -460,10 +509,22 @@ def _load_or_create_secret_key(data_dir: Path) -> bytes:
     for _ in range(100):
         key = path.read_text().strip()
         if key:
+            check_secret_key(key, name=f"the secret key file {path}")
             return key.encode()
         # The other process created the file but has not written it yet.
         clock.sleep(0.01)
-    raise RuntimeError(f"secret key file {path} stays empty")
+    # Left empty by a process stopped between creating and writing it: no key was
+    # ever read from it, so removing it loses nothing.
+    raise ValueError(f"the secret key file {path} is empty: remove it to have a new key generated")
+
+
+def check_secret_key(key: str, *, name: str) -> None:
+    """Refuse a key too short to keep the access codes secret (the message never quotes it)."""
+    if len(key.strip()) < SECRET_KEY_MIN_LENGTH:
+        raise ValueError(
+            f"{name} must hold at least {SECRET_KEY_MIN_LENGTH} characters "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+        )
 
 
 _settings: Settings | None = None
