@@ -337,13 +337,36 @@ def record_attempt_error(
     return affected_rows(result) == 1
 
 
-def reopen_delivery(session: Session, delivery_id: int) -> None:
-    """A failed delivery becomes pending again (an operator retries it); sent stays sent."""
+def reopen_delivery(session: Session, delivery_id: int) -> bool:
+    """A failed delivery becomes pending again (an operator retries it); sent stays sent.
+
+    Returns whether it was failed (so this call reopened it).
+    """
     table = table_of(EmailDelivery)
-    session.execute(
+    result = session.execute(
         update(table)
         .where(table.c.id == delivery_id, table.c.status == DeliveryStatus.FAILED.value)
         .values(status=DeliveryStatus.PENDING.value, lease_expires_at=None, updated_at=utc_now())
+    )
+    return affected_rows(result) == 1
+
+
+def undo_reopen(session: Session, delivery_id: int) -> None:
+    """``reopen_delivery`` taken back: its retry could not be enqueued.
+
+    Only a delivery no attempt has taken since (pending, no lease): left pending,
+    the reminder sweep's re-drive of lost messages would send it on its own,
+    while its dead letter still reads dead.
+    """
+    table = table_of(EmailDelivery)
+    session.execute(
+        update(table)
+        .where(
+            table.c.id == delivery_id,
+            table.c.status == DeliveryStatus.PENDING.value,
+            table.c.lease_expires_at.is_(None),
+        )
+        .values(status=DeliveryStatus.FAILED.value, updated_at=utc_now())
     )
 
 

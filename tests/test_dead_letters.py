@@ -575,6 +575,64 @@ def test_retry_and_purge_with_the_broker_down_exit_3_and_change_nothing(
         assert "argument ID" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_retry_the_broker_refuses_leaves_the_email_failed_and_a_record_retried_is_not_retried_again(
+    worker, broker, standin, redis_server, cli_env, ledger
+):
+    """Its email was made pending before the enqueue: left so, the sweep's re-drive of lost
+    messages would send it behind a dead letter that still reads dead."""
+    standin.script(Answer(status=400, body=b'{"errors":[{"message":"The to field is invalid."}]}'))
+    payload = contract_payload()
+    send_contract(**payload)
+    wait_for_contract(
+        payload["contract_id"], lambda r: [e.status for e in r.emails] == ["failed"], what="the email to fail"
+    )
+    (delivery,) = deliveries_of(payload["contract_id"])
+    record = wait_email_dead(delivery.id)
+    ledger.add(record.message_id)
+
+    down = {**cli_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    result = run_cli(down, "dead-letters", "retry", str(record.id))
+    assert result.returncode == 3 and "Traceback" not in result.stderr, describe(result)
+    (after,) = deliveries_of(payload["contract_id"])
+    assert after.status == "failed", "a retry that was not enqueued reopened the email"
+    assert after.last_error == delivery.last_error
+    stored = record_of(record.message_id)
+    assert stored is not None and stored.status == "dead" and stored.retry_count == 0
+
+    result = run_cli(cli_env, "dead-letters", "retry", str(record.id))
+    assert result.returncode == 0 and "retried 1" in result.stdout, describe(result)
+    wait_for_contract(payload["contract_id"], all_emails_sent(1), what="the retried email to be sent")
+    wait_settled(redis_server.client(), payload["contract_id"])
+
+    # Retried already: nothing to send again, said so (exit 2), not "retried 0".
+    for args in ([], ["--json"]):
+        again = run_cli(cli_env, "dead-letters", "retry", str(record.id), *args)
+        assert again.returncode == 2, describe(again)
+        assert again.stderr.startswith("dead_letter_not_retryable: "), describe(again)
+        if args:
+            assert json.loads(again.stdout)["error"]["code"] == "dead_letter_not_retryable"
+    assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
+    ledger.assert_consistent()
+
+
+def test_a_rate_limited_email_that_runs_out_of_retries_is_recorded_as_rate_limited():
+    """honour_retry_after turns the provider's 429 into Dramatiq's Retry: the record, the
+    email's error and the log line name the 429's own error, not Retry."""
+    from models.errors import ProviderRateLimited
+    from workers.retry_policy import honour_retry_after
+
+    with pytest.raises(dramatiq.Retry) as raised, honour_retry_after():
+        raise ProviderRateLimited("SendGrid answered 429", retry_after_ms=2000)
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="emails", actor_name="deliver_email", args=({"delivery_id": 1},), kwargs={}, options={}
+    )
+    fields = dead_letters.describe(message, raised.value, now=utc_now())
+    assert (fields["exception_type"], fields["exception_message"]) == (
+        "ProviderRateLimited",
+        "SendGrid answered 429",
+    )
+
+
 # -- the database is down when a message dies ---------------------------------
 
 
@@ -644,6 +702,53 @@ def test_reason_parked_in_redis_while_sql_is_down_is_filed_later(
     assert filed.redis_message_id == lost_redis_id
     assert filed.contract_id == lost_payload["contract_id"]
     ledger.assert_consistent()
+
+
+def test_an_email_whose_retries_ran_out_while_sql_was_down_is_failed_when_its_reason_is_filed(
+    worker, broker, standin, redis_server, ledger, monkeypatch
+):
+    """Left pending, the sweep's re-drive of lost messages would send it behind a dead
+    letter that reads dead (README: "its delivery marked failed")."""
+    from workers.middleware import delivery_outcomes
+
+    client = redis_server.client()
+    reasons = f"{broker.namespace}:__dead_letter_reasons__"
+    monkeypatch.setattr(maintenance, "DEAD_LETTER_SYNC_INTERVAL_MS", 10**12)
+    monkeypatch.setattr(dead_letters, "RECORD_PATIENCE_SECONDS", 0.2)
+    tries = get_settings().retry_policy("deliver_email").max_retries + 1
+    standin.script(*[Answer(status=500, body=b'{"errors":[{"message":"try later"}]}')] * tries)
+    payload = contract_payload()
+    with monkeypatch.context() as outage:
+        outage.setattr(dead_letters, "record_dead_letter", _database_down)
+        outage.setattr(delivery_outcomes, "fail_deliveries", _database_down)
+        send_contract(**payload)
+        wait_until(lambda: deliveries_of(payload["contract_id"]), what="the invitation to be recorded")
+        (delivery,) = deliveries_of(payload["contract_id"])
+        wait_until(
+            lambda: _parked_for(client, reasons, delivery.id) is not None, what="the reason to be parked"
+        )
+    parked_id = _parked_for(client, reasons, delivery.id)
+    assert parked_id is not None
+    ledger.add(parked_id)
+    (still,) = deliveries_of(payload["contract_id"])
+    assert still.status == "pending", "the outage did not keep the email from being failed"
+
+    dead_letters.sync(broker, broker.get_declared_queues())
+    record = record_of(parked_id)
+    assert record is not None and record.exception_type == "ProviderUnavailable"
+    (failed,) = deliveries_of(payload["contract_id"])
+    assert failed.status == "failed" and failed.last_error is not None and "500" in failed.last_error
+    assert len(requests_for(standin, f"invitation:{payload['contract_id']}:")) == tries
+    ledger.assert_consistent()
+
+
+def _parked_for(client: redis.Redis, key: str, delivery_id: int | None) -> str | None:
+    """The message id of the parked reason of the deliver_email of ``delivery_id``."""
+    for message_id, raw in client.hgetall(key).items():
+        fields = json.loads(raw)
+        if fields.get("message_args") == [DeliverEmail(delivery_id=delivery_id).to_payload()]:
+            return text_of(message_id)
+    return None
 
 
 def test_reason_of_a_worker_killed_between_nack_and_record_is_filed_by_sync(

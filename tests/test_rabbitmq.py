@@ -327,6 +327,22 @@ def test_refusal_is_dead_lettered_with_its_reason_then_retried(
     assert workspace in record.exception_message
     assert message_id in system.dead_copies("contracts"), _log_of(system)
 
+    # With the broker unreachable: exit 3 and nothing changed (pika's own errors,
+    # met when RabbitMQ's copies are read or removed, were a traceback and exit 1).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    if system.kind == "redis":
+        env = {**system.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port}/0"}
+    else:
+        env = {**system.env, "BROKER_URL": f"amqp://guest:guest@127.0.0.1:{closed_port}/nowhere"}
+    for args in (["retry", str(record.id)], ["purge", str(record.id), "--yes"]):
+        down = run_cli(env, "dead-letters", *args)
+        assert down.returncode == 3, (down.returncode, down.stderr)
+        assert "unavailable: the broker cannot be reached" in down.stderr and "Traceback" not in down.stderr
+        unchanged = record_of(message_id)
+        assert unchanged is not None and (unchanged.status, unchanged.retry_count) == ("dead", 0)
+
     # The cause is fixed; the SQL record is enough to send the message again.
     set_workspace(workspace, ["rg-1"])
     retried = system.cli("dead-letters", "retry", str(record.id))

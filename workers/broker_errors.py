@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dramatiq.errors
+import pika.exceptions
 import redis
 
 #: The broker cannot be reached, or Redis answered and refused the command (a
 #: database index it does not have, a read-only replica): nothing was queued.
+#: pika's errors: what the service does on RabbitMQ without Dramatiq (reading and
+#: removing dead-letter copies) meets them unwrapped.
 BROKER_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.ResponseError,
     dramatiq.errors.BrokerConnectionError,
+    pika.exceptions.AMQPError,
 )
 
 

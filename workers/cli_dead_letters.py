@@ -10,9 +10,10 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import redis
 from sqlalchemy.exc import OperationalError
 
-from models.dead_letter import DeadLetter, find_dead_letters
+from models.dead_letter import DeadLetter, DeadLetterStatus, find_dead_letters
 from models.types import utc_now
 from workers.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_REFUSED, whole_number
 from workers.cli_progress import Progress
@@ -58,8 +59,10 @@ def _sync_quietly() -> None:
     except OperationalError:
         raise  # the database: the command cannot show anything
     except Exception as exc:
+        # On RabbitMQ, Redis only coordinates: name the one that failed.
+        what = "Redis" if isinstance(exc, redis.RedisError) else "the broker"
         sys.stderr.write(
-            f"warning: the broker could not be read, showing SQL records only ({type(exc).__name__})\n"
+            f"warning: {what} could not be read, showing SQL records only ({type(exc).__name__})\n"
         )
 
 
@@ -177,6 +180,27 @@ def _selected(args: argparse.Namespace) -> list[DeadLetter] | None:
         )
 
 
+#: The refusal of ``retry ID`` for a record that holds nothing to send again.
+NOT_RETRYABLE = "dead_letter_not_retryable"
+
+
+def _not_retryable(record: DeadLetter) -> str | None:
+    """Why ``retry`` would do nothing with this record, or None."""
+    from workers.dead_letters import MALFORMED_ACTOR
+
+    if record.status != DeadLetterStatus.DEAD:
+        return (
+            f"dead letter {record.id} was already retried: its message went back to its queue "
+            "(dead-letters show tells whether it died again)"
+        )
+    if record.actor_name == MALFORMED_ACTOR:
+        return (
+            f"dead letter {record.id} is not a Dramatiq message: there is nothing to send again "
+            "(read it with dead-letters show, fix its producer, then purge it)"
+        )
+    return None
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     from workers import dead_letters
 
@@ -187,6 +211,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
     records = _selected(args)
     if records is None:
         return _unknown(args)
+    if args.id is not None and (problem := _not_retryable(records[0])) is not None:
+        if args.json:
+            _print_json({"id": args.id, "error": {"code": NOT_RETRYABLE, "message": problem}})
+        sys.stderr.write(f"{NOT_RETRYABLE}: {problem}\n")
+        return EXIT_REFUSED
     retried = _with_progress(dead_letters.retry, records)
     result = {"retried": [r.id for r in retried], "count": len(retried)}
     if args.json:

@@ -35,11 +35,14 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
 from models.dead_letter import DeadLetter, DeadLetterStatus, mark_retried, record_dead_letter
-from models.delivery import reopen_delivery
+from models.delivery import EmailDelivery, record_attempt_error, reopen_delivery, undo_reopen
+from models.errors import DeliveryGroupMismatch, UnknownDelivery
 from models.messages import contract_id_of, delivery_ids_of
 from models.types import utc_now
 from workers.coordination import coordination_client, coordination_namespace
 from workers.database import session_scope
+from workers.ops.metrics import count_email
+from workers.retry_policy import underlying
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ def describe(
     message: dramatiq.Message[Any], exception: BaseException | None, *, now: datetime
 ) -> dict[str, Any]:
     """The dead-letter fields of a message that just died."""
+    exception = underlying(exception)
     options = dict(message.options)
     args = list(message.args) if isinstance(message.args, list | tuple) else [message.args]
     if exception is not None:
@@ -266,6 +270,43 @@ def dead_letter_malformed(
     logger.error("A malformed message on %s could not be found among the fetched ones.", queue_name)
 
 
+#: The deaths of messages that named deliveries not theirs: those are not failed.
+_NOT_THEIRS = frozenset({UnknownDelivery.__name__, DeliveryGroupMismatch.__name__})
+
+
+def fail_deliveries(actor_name: str, payload: Any, *, exception_type: str | None, reason: str) -> None:
+    """Fail the still-pending deliveries a dead deliver_email(_group) message named, and count them.
+
+    Only those this call made failed are counted: a permanent error already
+    failed its delivery (and counted it) when it happened.
+    """
+    delivery_ids = delivery_ids_of(actor_name, payload)
+    if not delivery_ids or exception_type in _NOT_THEIRS:
+        return
+    failed: dict[str, int] = {}
+    with session_scope() as session:
+        now = utc_now()
+        for delivery_id in delivery_ids:
+            if record_attempt_error(session, delivery_id, error=reason, now=now, permanent=True):
+                delivery = session.get(EmailDelivery, delivery_id)
+                if delivery is not None:
+                    failed[delivery.kind] = failed.get(delivery.kind, 0) + 1
+    for kind, amount in failed.items():
+        count_email(kind, "failed", amount)
+
+
+def _fail_filed(fields: dict[str, Any]) -> None:
+    """Fail the deliveries of a dead letter filed late (its worker could not, the database
+    being down): left pending, the sweep's re-drive would send them while it reads dead."""
+    args = fields.get("message_args") or [None]
+    fail_deliveries(
+        str(fields.get("actor_name")),
+        args[0],
+        exception_type=fields.get("exception_type"),
+        reason=f"{fields.get('exception_type')}: {fields.get('exception_message', '')}",
+    )
+
+
 def record(broker: dramatiq.Broker, fields: dict[str, Any]) -> None:
     """File a dead letter in SQL; if the database stays down, park the reason in Redis."""
     deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
@@ -274,6 +315,9 @@ def record(broker: dramatiq.Broker, fields: dict[str, Any]) -> None:
         try:
             with session_scope() as session:
                 record_dead_letter(session, **fields)
+            # DeliveryOutcomes fails them too, and cannot while the database is down;
+            # this waited for it (idempotent: a failed delivery is not failed twice).
+            _fail_filed(fields)
             return
         except OperationalError:
             if time.monotonic() > deadline:
@@ -364,6 +408,7 @@ def sync(broker: dramatiq.Broker, queues: Iterable[str]) -> int:
                 # it right now: never overwrite it with a guess.
                 knows_reason = parked is not None or message.message_id in held
                 record_dead_letter(session, overwrite=knows_reason or known is not None, **fields)
+            _fail_filed(fields)
             broker.client.hdel(reasons_key, message.message_id)
             filed += 1
     # Filed now or before; or, past the grace, never nacked: either way done with.
@@ -381,8 +426,10 @@ def _sync_parked(broker: dramatiq.Broker) -> int:
     key = _reasons_key(broker)
     filed = 0
     for message_id, raw in client.hgetall(key).items():
+        fields = _unpark(raw)
         with session_scope() as session:
-            record_dead_letter(session, **_unpark(raw))
+            record_dead_letter(session, **fields)
+        _fail_filed(fields)
         client.hdel(key, message_id)
         filed += 1
     return filed + _sync_held_on_rabbitmq(broker, client)
@@ -406,6 +453,7 @@ def _sync_held_on_rabbitmq(broker: dramatiq.Broker, client: redis.Redis) -> int:
             with session_scope() as session:
                 # The worker may have filed it and died before releasing the hold.
                 record_dead_letter(session, overwrite=False, **held[message_id][1])
+            _fail_filed(held[message_id][1])
             filed += 1
     client.hdel(key, *stale)
     return filed
@@ -473,25 +521,35 @@ def retry(
                 logger.warning("Dead letter %s is not a Dramatiq message and cannot be retried.", record_id)
                 continue
             named = dead.message_args[0] if dead.message_args else None
-            for delivery_id in delivery_ids_of(dead.actor_name, named):
-                # Its death failed the delivery; a sent one stays sent, and
-                # the message will find it so.
-                reopen_delivery(session, delivery_id)
-        if not isinstance(broker, RedisBroker):
-            # RabbitMQ finds copies by message id, which the retried message keeps:
-            # removed first, so a copy from a new death is never taken for the old one.
-            _remove_redis_copy(broker, dead)
-        # Committed before the enqueue: a worker may take the message at once.
-        broker.enqueue(
-            dramatiq.Message(
-                queue_name=dead.queue_name,
-                actor_name=dead.actor_name,
-                args=tuple(dead.message_args),
-                kwargs=dict(dead.message_kwargs),
-                options={},
-                message_id=dead.message_id,
+            # Its death failed the delivery; a sent one stays sent, and the
+            # message will find it so.
+            reopened = [
+                delivery_id
+                for delivery_id in delivery_ids_of(dead.actor_name, named)
+                if reopen_delivery(session, delivery_id)
+            ]
+        try:
+            if not isinstance(broker, RedisBroker):
+                # RabbitMQ finds copies by message id, which the retried message keeps:
+                # removed first, so a copy from a new death is never taken for the old one.
+                _remove_redis_copy(broker, dead)
+            # Committed before the enqueue: a worker may take the message at once.
+            broker.enqueue(
+                dramatiq.Message(
+                    queue_name=dead.queue_name,
+                    actor_name=dead.actor_name,
+                    args=tuple(dead.message_args),
+                    kwargs=dict(dead.message_kwargs),
+                    options={},
+                    message_id=dead.message_id,
+                )
             )
-        )
+        except BaseException:
+            # Not retried: the emails go back to failed, as their dead letter says.
+            with session_scope() as session:
+                for delivery_id in reopened:
+                    undo_reopen(session, delivery_id)
+            raise
         if isinstance(broker, RedisBroker):
             _remove_redis_copy(broker, dead)
         with session_scope() as session:

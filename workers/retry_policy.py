@@ -53,6 +53,17 @@ def honour_retry_after() -> Iterator[None]:
         raise dramatiq.Retry(str(exc), delay=exc.retry_after_ms) from exc
 
 
+def underlying(exception: BaseException | None) -> BaseException | None:
+    """The error a ``honour_retry_after`` ``Retry`` stands for (its cause); any other as it is.
+
+    What records and logs name: a rate-limited email that runs out of retries
+    died of ``ProviderRateLimited``, not of Dramatiq's ``Retry``.
+    """
+    if isinstance(exception, dramatiq.Retry) and exception.__cause__ is not None:
+        return exception.__cause__
+    return exception
+
+
 def actor_options(actor_name: str) -> dict[str, Any]:
     """Dramatiq actor options: this actor's retry policy from settings; refusals never retried."""
     policy = get_settings().retry_policy(actor_name)

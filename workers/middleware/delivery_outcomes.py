@@ -7,12 +7,8 @@ from typing import Any
 
 import dramatiq
 
-from models.delivery import EmailDelivery, record_attempt_error
-from models.errors import DeliveryGroupMismatch, UnknownDelivery
-from models.messages import delivery_ids_of
-from models.types import utc_now
-from workers.database import session_scope
-from workers.ops.metrics import count_email
+from workers.dead_letters import fail_deliveries
+from workers.retry_policy import underlying
 
 logger = logging.getLogger(__name__)
 
@@ -25,26 +21,15 @@ class DeliveryOutcomes(dramatiq.Middleware):
     """
 
     def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
-        delivery_ids = delivery_ids_of(message.actor_name, message.args[0] if message.args else None)
-        if not delivery_ids:
-            return
-        exception = getattr(message, "_exception", None)
-        if isinstance(exception, UnknownDelivery | DeliveryGroupMismatch):
-            # The message named the wrong deliveries: they are not its to fail.
-            return
-        reason = f"{type(exception).__name__}: {exception}" if exception is not None else "dead-lettered"
-        failed: dict[str, int] = {}
+        exception = underlying(getattr(message, "_exception", None))
         try:
-            with session_scope() as session:
-                now = utc_now()
-                for delivery_id in delivery_ids:
-                    if record_attempt_error(session, delivery_id, error=reason, now=now, permanent=True):
-                        delivery = session.get(EmailDelivery, delivery_id)
-                        if delivery is not None:
-                            failed[delivery.kind] = failed.get(delivery.kind, 0) + 1
+            fail_deliveries(
+                message.actor_name,
+                message.args[0] if message.args else None,
+                exception_type=type(exception).__name__ if exception is not None else None,
+                reason=f"{type(exception).__name__}: {exception}" if exception else "dead-lettered",
+            )
         except Exception:
-            logger.exception("Could not mark deliveries %s as failed.", delivery_ids)
-            return
-        # Only those this made failed: a permanent error already did and was counted then.
-        for kind, amount in failed.items():
-            count_email(kind, "failed", amount)
+            # The database is down: the dead letter's reason waits in Redis, and
+            # filing it later fails these deliveries (workers.dead_letters.sync).
+            logger.exception("Could not mark the deliveries of message %s as failed.", message.message_id)

@@ -19,6 +19,7 @@ from models.messages import contract_id_of
 from workers.dead_letters import ATTEMPTS_OPTION
 from workers.logs import apply_log_format
 from workers.ops.history import ThroughputCounter
+from workers.retry_policy import underlying
 from workers.settings import get_settings
 
 #: The logger of these lines (configure it to ship them elsewhere).
@@ -92,7 +93,7 @@ class MessageLog(dramatiq.Middleware):
             "attempt": int(message.options.get(ATTEMPTS_OPTION) or 0) + (exception is None),
         }
         if exception is not None:
-            fields["error"] = type(exception).__name__
+            fields["error"] = type(underlying(exception)).__name__
         level = logging.WARNING if outcome == "failed" else logging.INFO
         text = " ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
         logger.log(level, "%s", text, extra={"fields": fields})
