@@ -18,6 +18,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -54,7 +55,9 @@ MAX_SECTIONS = 200
 
 Identifier = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=IDENTIFIER_MAX_LENGTH, pattern=IDENTIFIER_PATTERN),
+    StringConstraints(
+        strict=True, min_length=1, max_length=IDENTIFIER_MAX_LENGTH, pattern=IDENTIFIER_PATTERN
+    ),
 ]
 
 #: Length guards checked before a text is normalised (normalising may shorten it, so
@@ -68,14 +71,14 @@ _LENGTH_GUARDS = {
 
 EmailAddress = Annotated[
     str,
-    StringConstraints(max_length=EMAIL_MAX_LENGTH + 64),
+    StringConstraints(strict=True, max_length=EMAIL_MAX_LENGTH + 64),
     AfterValidator(normalize_email),
     WithJsonSchema({"type": "string", "format": "email", "maxLength": EMAIL_MAX_LENGTH}),
 ]
 
 CompanyName = Annotated[
     str,
-    StringConstraints(max_length=COMPANY_NAME_MAX_LENGTH * 4),
+    StringConstraints(strict=True, max_length=COMPANY_NAME_MAX_LENGTH * 4),
     AfterValidator(normalize_company_name),
     WithJsonSchema(
         {
@@ -94,12 +97,19 @@ def _text(what: str) -> Any:
 
 Text = Annotated[
     str,
-    StringConstraints(max_length=TEXT_MAX_LENGTH * 4),
+    StringConstraints(strict=True, max_length=TEXT_MAX_LENGTH * 4),
     _text("text"),
     WithJsonSchema({"type": "string", "minLength": 1, "maxLength": TEXT_MAX_LENGTH}),
 ]
 
 Locale = Literal["fr", "en"]
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # True equals 1 in Python, so a Literal[1] would take it for the version.
+    if isinstance(value, bool):
+        raise ValueError("version must be the number 1, not a boolean")
+    return value
 
 
 class WireMessage(BaseModel):
@@ -111,7 +121,9 @@ class WireMessage(BaseModel):
     actor_name: ClassVar[str]
     queue_name: ClassVar[str]
 
-    version: Annotated[Literal[1], Field(description="Wire contract version.")] = SCHEMA_VERSION
+    version: Annotated[
+        Literal[1], BeforeValidator(_not_a_boolean), Field(description="Wire contract version.")
+    ] = SCHEMA_VERSION
 
     def to_payload(self) -> dict[str, Any]:
         """The JSON object that is the message's only argument."""

@@ -682,3 +682,25 @@ def test_a_refusal_for_length_names_the_real_limit(field, limit, excess):
     # (email-validator counts the characters too many itself.)
     assert str(limit) in caught.value.message or "too long" in caught.value.message, caught.value.message
     assert not re.search(r"\b(318|800)\b", caught.value.message), caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("email", b"client@example.com"),
+        ("company_name", b"Atelier Martin SARL"),
+        ("contract_id", bytearray(b"C-1001")),
+        ("title", b"Bureau"),
+        ("version", True),
+    ],
+)
+def test_values_python_would_convert_are_wrong_types(field: str, value: Any) -> None:
+    """Bytes are not text (in which encoding?), and True is not the version 1 it equals.
+
+    Through the validation every way in shares (the API, the CLI, the actors).
+    """
+    from models.messages import SendContract, parse_message
+
+    with pytest.raises(Rejected) as refused:
+        parse_message(SendContract, {**contract_payload(), field: value})
+    assert refused.value.code == "invalid_payload", refused.value
