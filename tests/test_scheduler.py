@@ -202,3 +202,32 @@ def test_a_stop_signal_delivered_inside_the_first_stops_the_scheduler_once():
     stop(signal.SIGTERM, None)
     assert not scheduler.running
     assert shutdowns == [False]
+
+
+def test_a_stop_signal_repeated_until_the_scheduler_is_gone_still_ends_it_with_0(
+    redis_server, test_environment, scheduler_namespace, tmp_path
+):
+    """A duplicate that lands once the scheduler has stopped, while Python exits, used to
+    find the default action back in place (Python restores it at exit) and kill it: -15."""
+    env = {
+        **os.environ,
+        **test_environment,
+        "REDIS_NAMESPACE": scheduler_namespace,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'scheduler.db'}",
+    }
+    log = tmp_path / "scheduler.log"
+    scheduler = start_scheduler(env, log)
+    try:
+        wait_until(lambda: "Scheduler started" in log.read_text(), what="the scheduler to start")
+        deadline = time.monotonic() + 15
+        while scheduler.poll() is None and time.monotonic() < deadline:
+            # As a supervisor that repeats its stop request until the process is gone.
+            os.kill(scheduler.pid, signal.SIGTERM)
+            time.sleep(0.0005)
+        code = wait_for_exit(scheduler, timeout=5)
+    finally:
+        if scheduler.poll() is None:
+            scheduler.kill()
+            scheduler.wait()
+    assert code == 0, log.read_text()
+    assert log.read_text().count("Stopping the scheduler") == 1

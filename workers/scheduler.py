@@ -128,4 +128,10 @@ def run_scheduler() -> int:
         "Scheduler started: %s", ", ".join(f"{j.name} every {j.interval:g} s" for j in periodic_jobs())
     )
     scheduler.start()
+    # Stopped. A duplicate of the stop signal may still come (a supervisor repeating
+    # it, a platform signalling the whole group): ignored, since while Python exits
+    # it would find the default action back in place and kill the process (exit -15).
+    # Python leaves an ignored signal ignored at exit.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
