@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from tests.processes import CLI, COMMAND_TIMEOUT_SECONDS, describe, run_cli
 from tests.support import (
     all_emails_sent,
     contract_payload,
+    forget_namespace,
     send_args,
     unique,
     wait_for_contract,
@@ -136,9 +137,24 @@ def resource_groups(workspace_id: str) -> list[str] | None:
 
 
 @pytest.fixture
-def cli(test_environment: dict[str, str], database: str) -> Cli:
-    """The CLI on the database under test (the one the ``worker`` fixture uses)."""
-    return Cli({**os.environ, **test_environment, "DATABASE_URL": database})
+def cli(
+    test_environment: dict[str, str], database: str, request: pytest.FixtureRequest, redis_server: Any
+) -> Iterator[Cli]:
+    """The CLI on the database under test (the one the ``worker`` fixture uses).
+
+    A test that runs no worker sends into a Redis namespace of its own, dropped
+    afterwards: a message it left in the worker's namespace would be processed
+    later, into whichever database a later test had made this process's.
+    """
+    env = {**os.environ, **test_environment, "DATABASE_URL": database}
+    if "worker" in request.fixturenames:
+        yield Cli(env)
+        return
+    env["REDIS_NAMESPACE"] = unique("cli")
+    try:
+        yield Cli(env)
+    finally:
+        forget_namespace(redis_server.client(), env["REDIS_NAMESPACE"])
 
 
 @pytest.fixture
