@@ -163,12 +163,19 @@ def _postpone(session: Session, contract: Contract, *, now: datetime, policy: Re
 
 
 def _codes_for_reminders(
-    session: Session, contracts: list[Contract], *, now: datetime, codes: AccessCodePolicy
+    session: Session,
+    contracts: list[Contract],
+    *,
+    now: datetime,
+    codes: AccessCodePolicy,
+    max_failed_attempts: int | None,
 ) -> list[tuple[bool, bool]]:
     """For each contract: whether its reminder carries codes, and whether they were renewed for it.
 
-    A client who never logged in gets the current code again while it is valid,
-    and a new one (the old one stops working) once it has expired. The accounts
+    A client who never logged in gets the current code again while it is
+    usable, and a new one (the old one stops working) once it has expired or
+    was locked by ``max_failed_attempts`` wrong attempts: a reminder carrying a
+    code that cannot work would leave the client stuck. The accounts
     are read and locked in one statement per 500, in id order (two sweeps lock
     them in the same order); a client with two contracts due is renewed once.
     """
@@ -190,10 +197,14 @@ def _codes_for_reminders(
             found.append((False, False))
             continue
         expired = account.access_code_expires_at is None or account.access_code_expires_at <= now
-        if expired:
+        locked = (
+            max_failed_attempts is not None and account.access_code_failed_attempts >= max_failed_attempts
+        )
+        renewed = expired or locked
+        if renewed:
             issue_access_code(account, policy=codes, now=now)
             session.add(account)
-        found.append((True, expired))
+        found.append((True, renewed))
     return found
 
 
@@ -233,6 +244,7 @@ def sweep_due_reminders(
     policy: ReminderPolicy,
     codes: AccessCodePolicy,
     limit: int,
+    max_failed_attempts: int | None = None,
 ) -> SweepResult:
     """Claim up to ``limit`` due reminders and record their emails (the caller commits, then enqueues).
 
@@ -256,7 +268,9 @@ def sweep_due_reminders(
     result.lost_races = len(due) - len(claimed)
     if not claimed:
         return result
-    codes_carried = _codes_for_reminders(session, claimed, now=now, codes=codes)
+    codes_carried = _codes_for_reminders(
+        session, claimed, now=now, codes=codes, max_failed_attempts=max_failed_attempts
+    )
     result.codes_renewed = sum(renewed for _, renewed in codes_carried)
     steps = _next_reminder_steps(session, [contract.id for contract in claimed])
     result.claimed = add_deliveries(

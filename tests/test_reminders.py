@@ -654,6 +654,33 @@ def test_reminders_carry_codes_only_to_clients_who_never_logged_in(own_database,
     assert account_of(logged).access_code_issued_at == MONDAY
 
 
+def test_a_code_locked_by_wrong_attempts_is_renewed_by_the_next_reminder(own_database, worker, standin):
+    """Otherwise the reminder repeats a code that cannot work until it expires."""
+    from contract_dispatch import verify_code
+
+    contract_id = send_and_wait()["contract_id"]
+    invited_at(MONDAY, contract_id)
+    (invitation,) = received(standin, "invitation", contract_id)
+    first_code = code_in(invitation)
+    assert first_code is not None
+    email = stored(contract_id).email
+    day2 = MONDAY + timedelta(days=2)
+    wrong = ("3" if first_code[0] != "3" else "4") + first_code[1:]
+    for _ in range(get_settings().access_code_max_attempts):
+        assert not verify_code(email, wrong, now=day2)
+    assert not verify_code(email, first_code, now=day2), "the code was not locked"
+
+    day3 = run_reminders(as_of=MONDAY + timedelta(days=3))
+    assert (day3.claimed, day3.codes_renewed) == (1, 1)
+    wait_reminders(contract_id, 1)
+    second_code = code_in(received(standin, "reminder", contract_id)[0])
+    assert second_code is not None and second_code != first_code
+    renewed = account_of(contract_id)
+    assert renewed.access_code_failed_attempts == 0
+    assert verifies(renewed, second_code) and not verifies(renewed, first_code)
+    assert verify_code(email, second_code, now=MONDAY + timedelta(days=3, hours=1))
+
+
 # -- two sweeps at once, in two processes ------------------------------------------------
 
 #: Due contracts for the concurrent sweeps.

@@ -83,7 +83,12 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
         while True:
             with session_scope() as session:
                 batch = sweep_due_reminders(
-                    session, now=as_of, policy=policy, codes=codes, limit=settings.reminder_batch_size
+                    session,
+                    now=as_of,
+                    policy=policy,
+                    codes=codes,
+                    limit=settings.reminder_batch_size,
+                    max_failed_attempts=settings.access_code_max_attempts,
                 )
             batches += 1
             # Counted once committed: a failing enqueue below still leaves them claimed
