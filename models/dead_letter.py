@@ -34,8 +34,21 @@ _NAME_LENGTHS = {
 
 
 def storable(text: str) -> str:
-    """``text`` as every database stores it: PostgreSQL refuses NUL characters, so they are escaped."""
-    return text.replace("\x00", "\\x00")
+    """``text`` as every database stores it: PostgreSQL refuses NUL characters, so they are
+    escaped; a lone surrogate (JSON's ``"\\ud800"``) cannot be encoded at all, so it is
+    written as that escape."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def storable_json(value: Any) -> Any:
+    """A message's arguments with every string, keys included, made ``storable``."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, list):
+        return [storable_json(item) for item in value]
+    if isinstance(value, dict):
+        return {storable(str(key)): storable_json(item) for key, item in value.items()}
+    return value
 
 
 class DeadLetterStatus(StrEnum):
@@ -89,6 +102,9 @@ def record_dead_letter(session: Session, *, overwrite: bool = True, **fields: An
     for name, length in _NAME_LENGTHS.items():
         if isinstance(fields.get(name), str):
             fields[name] = storable(fields[name])[:length]
+    for name in ("message_args", "message_kwargs", "exception_type"):
+        if name in fields:
+            fields[name] = storable_json(fields[name])
     inserted = insert_ignoring_conflict(
         session,
         DeadLetter,

@@ -105,6 +105,13 @@ Text = Annotated[
 Locale = Literal["fr", "en"]
 
 
+def _date_time_text(value: Any) -> Any:
+    # pydantic would read a number as Unix time; the wire contract (the JSON Schema) says text.
+    if isinstance(value, int | float):
+        raise ValueError("must be an ISO 8601 date and time with its offset, e.g. 2024-07-01T08:30:00Z")
+    return value
+
+
 def _not_a_boolean(value: Any) -> Any:
     # True equals 1 in Python, so a Literal[1] would take it for the version.
     if isinstance(value, bool):
@@ -200,7 +207,7 @@ class NotifySignatories(WireMessage):
         Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 .\-/]+$")] | None
     ) = None
     signer_name: Text | None = None
-    signed_at: AwareDatetime | None = Field(
+    signed_at: Annotated[AwareDatetime, BeforeValidator(_date_time_text)] | None = Field(
         default=None, description="When the client signed; the processing time if absent."
     )
 
@@ -212,7 +219,15 @@ class CancelContract(WireMessage):
     queue_name: ClassVar[str] = "contracts"
 
     contract_id: Identifier
-    reason: Annotated[str, StringConstraints(max_length=2000), _text("reason")] | None = None
+    reason: (
+        Annotated[
+            str,
+            StringConstraints(strict=True, max_length=TEXT_MAX_LENGTH * 4),
+            _text("reason"),
+            WithJsonSchema({"type": "string", "minLength": 1, "maxLength": TEXT_MAX_LENGTH}),
+        ]
+        | None
+    ) = None
 
 
 class SweepReminders(WireMessage):

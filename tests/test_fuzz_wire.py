@@ -667,6 +667,29 @@ HAZARDS = [
     _with_options("max_age text", {"max_age": "x"}, "x"),
     _with_options("eta text", {"eta": "x"}, "x"),
     _with_options("pipe_target", {"pipe_target": {"a": 1}}, "x"),
+    # Held in memory against the prefetch: a few stopped the queue for a year.
+    _with_options("eta a year ahead", {"eta": int(time.time() * 1000) + 365 * 86_400_000}, "x"),
+    Broken(
+        "message_timestamp text",
+        lambda redis_id: as_json(
+            envelope(redis_id, actor="send_contract", args=["x"], changes={"message_timestamp": "now"})
+        ),
+        BAD_ENVELOPE,
+    ),
+    Broken(
+        "actor name with a lone surrogate",
+        lambda redis_id: as_json(envelope(redis_id, actor="send_\ud800contract", args=[contract_payload()])),
+        BAD_ENVELOPE,
+    ),
+    Broken(
+        "kwargs key with a lone surrogate",
+        lambda redis_id: as_json(
+            envelope(
+                redis_id, actor="send_contract", args=[contract_payload()], changes={"kwargs": {"\ud800": 1}}
+            )
+        ),
+        BAD_ENVELOPE,
+    ),
     Broken(
         "actor name of 300 characters",
         lambda redis_id: as_json(envelope(redis_id, actor="x" * 300, args=[contract_payload()])),

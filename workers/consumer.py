@@ -43,7 +43,7 @@ from typing import Any
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import _RedisConsumer
-from dramatiq.common import compute_backoff
+from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
@@ -151,7 +151,7 @@ class TolerantRedisConsumer(_RedisConsumer):
                 self.broker, self.queue_name, data, exception_type="DecodeError", reason=reason
             )
             return None
-        problem = dead_letters.envelope_problem(message, (self.queue_name,))
+        problem = dead_letters.envelope_problem(message, (self.queue_name,), fetched_at_ms=current_millis())
         if problem is not None:
             dead_letters.dead_letter_malformed(
                 self.broker, self.queue_name, data, exception_type="MalformedMessage", reason=problem

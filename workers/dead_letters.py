@@ -149,14 +149,19 @@ def describe(
 
 
 def envelope_problem(
-    message: dramatiq.Message[Any], queue_names: Iterable[str], *, redis_id: bool = True
+    message: dramatiq.Message[Any],
+    queue_names: Iterable[str],
+    *,
+    redis_id: bool = True,
+    fetched_at_ms: int | None = None,
 ) -> str | None:
     """What makes a decoded message unprocessable whatever its payload, or None.
 
     Dramatiq trusts these fields: a foreign ``queue_name`` kills the worker thread
     that finishes the message, and on Redis (``redis_id``) a message without its
     Redis id can never be acknowledged nor dead-lettered (RabbitMQ acknowledges by
-    delivery tag).
+    delivery tag). ``fetched_at_ms``: the message was just fetched from
+    ``queue_names[0]``, whose delay it must not claim (see ``eta_problem``).
     """
     # Decoded from JSON written by anyone: the fields' declared types are not checked.
     fields: Any = message
@@ -167,15 +172,60 @@ def envelope_problem(
         return f"message_id is longer than {MESSAGE_ID_MAX_LENGTH} characters or holds control characters"
     if not isinstance(fields.actor_name, str):
         return "actor_name is not a string"
+    if not _is_text(fields.actor_name):
+        # A lone surrogate (JSON's "\ud800"): Dramatiq's own error for an unknown
+        # actor would carry it into the logs, which cannot encode it.
+        return "actor_name holds a character that is not text (a lone surrogate)"
     if not isinstance(fields.options, dict):
         return "options is not an object"
     if redis_id and not isinstance(fields.options.get("redis_message_id"), str):
         return "options.redis_message_id is missing"
     if not isinstance(fields.kwargs, dict):
         return "kwargs is not an object"
-    if fields.queue_name not in tuple(queue_names):
+    if not all(isinstance(key, str) and _is_text(key) for key in fields.kwargs):
+        return "kwargs has a key that is not text (a lone surrogate)"
+    queues = tuple(queue_names)
+    if fields.queue_name not in queues:
         return f"its queue_name {str(fields.queue_name)[:64]!r} is not the queue it was on"
-    return options_problem(fields.options)
+    timestamp = fields.message_timestamp
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool) or timestamp < 0:
+        # Dramatiq's age limit subtracts it from the clock (a CRITICAL traceback, the limit ignored).
+        return "message_timestamp is not a whole number of milliseconds"
+    problem = options_problem(fields.options)
+    if problem is None and fetched_at_ms is not None:
+        problem = eta_problem(fields.options.get("eta"), queues[0], now_ms=fetched_at_ms)
+    return problem
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` can be written as UTF-8 (no lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+#: How far in the future an ``eta`` may be on a queue that is not a delay queue, in
+#: milliseconds: Dramatiq moves a delayed message there once due by its host's clock,
+#: and another host's clock may be behind.
+ETA_CLOCK_SKEW_MS = 60_000
+
+
+def eta_problem(eta: int | None, queue_name: str, *, now_ms: int) -> str | None:
+    """Why a message fetched from ``queue_name`` may not carry this ``eta``, or None.
+
+    A worker holds a message whose eta is still ahead in memory, counted against
+    the queue's prefetch: a few such messages on ``contracts`` would stop it for
+    as long as their delay. Delays go through the delay queue (``contracts.DQ``),
+    which Dramatiq reads apart.
+    """
+    if eta is None or queue_name.endswith(".DQ") or eta <= now_ms + ETA_CLOCK_SKEW_MS:
+        return None
+    return (
+        f"options.eta is {(eta - now_ms) // 1000} s ahead on {queue_name}: a delayed message goes "
+        f"to {queue_name}.DQ (a worker would hold this one, blocking the queue)"
+    )
 
 
 #: Options that name code to run (callbacks, pipelines, exception classes). Only a
@@ -388,28 +438,37 @@ def sync(broker: dramatiq.Broker, queues: Iterable[str]) -> int:
                 filed += _sync_malformed(broker, queue, redis_id, "MalformedMessage", problem)
                 continue
             dead_ids.add(message.message_id)
-            with session_scope() as session:
-                known = session.exec(
-                    select(DeadLetter).where(DeadLetter.message_id == message.message_id)
-                ).first()
-                if known is not None and known.status == DeadLetterStatus.DEAD:
-                    continue
-                parked = broker.client.hget(reasons_key, message.message_id)
-                if parked is not None:
-                    fields = _unpark(parked)
-                elif message.message_id in held:
-                    fields = held[message.message_id][1]
-                else:
-                    dead_at = _from_millis(broker.client.zscore(xq, redis_id)) or utc_now()
-                    fields = describe(message, None, now=dead_at)
-                    fields["exception_message"] = LOST_REASON
-                fields["redis_message_id"] = redis_id.decode() if isinstance(redis_id, bytes) else redis_id
-                # Without the reason its worker wrote, that worker may be recording
-                # it right now: never overwrite it with a guess.
-                knows_reason = parked is not None or message.message_id in held
-                record_dead_letter(session, overwrite=knows_reason or known is not None, **fields)
-            _fail_filed(fields)
-            broker.client.hdel(reasons_key, message.message_id)
+            try:
+                with session_scope() as session:
+                    known = session.exec(
+                        select(DeadLetter).where(DeadLetter.message_id == message.message_id)
+                    ).first()
+                    if known is not None and known.status == DeadLetterStatus.DEAD:
+                        continue
+                    parked = broker.client.hget(reasons_key, message.message_id)
+                    if parked is not None:
+                        fields = _unpark(parked)
+                    elif message.message_id in held:
+                        fields = held[message.message_id][1]
+                    else:
+                        dead_at = _from_millis(broker.client.zscore(xq, redis_id)) or utc_now()
+                        fields = describe(message, None, now=dead_at)
+                        fields["exception_message"] = LOST_REASON
+                    fields["redis_message_id"] = (
+                        redis_id.decode() if isinstance(redis_id, bytes) else redis_id
+                    )
+                    # Without the reason its worker wrote, that worker may be recording
+                    # it right now: never overwrite it with a guess.
+                    knows_reason = parked is not None or message.message_id in held
+                    record_dead_letter(session, overwrite=knows_reason or known is not None, **fields)
+                _fail_filed(fields)
+                broker.client.hdel(reasons_key, message.message_id)
+            except OperationalError:
+                raise  # the database: nothing can be filed now
+            except Exception:
+                # One message that cannot be filed must not keep the others from it.
+                logger.exception("Dead message %s on %s could not be filed.", message.message_id, queue)
+                continue
             filed += 1
     # Filed now or before; or, past the grace, never nacked: either way done with.
     finished = {message_id for message_id in held if message_id in dead_ids}.union(_stale(held))

@@ -26,7 +26,7 @@ import pika
 import pika.exceptions
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _RabbitmqMessage
-from dramatiq.common import xq_name
+from dramatiq.common import current_millis, xq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
 
@@ -111,7 +111,9 @@ class TolerantRabbitmqConsumer(_RabbitmqConsumer):
                 method, properties, "DecodeError", dead_letters.decode_problem(body, error)
             )
             return None
-        problem = dead_letters.envelope_problem(message, (self.queue_name,), redis_id=False)
+        problem = dead_letters.envelope_problem(
+            message, (self.queue_name,), redis_id=False, fetched_at_ms=current_millis()
+        )
         if problem is not None:
             self._reject_malformed(method, properties, "MalformedMessage", problem)
             return None
