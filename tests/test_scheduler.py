@@ -180,30 +180,6 @@ def test_two_schedulers_enqueue_each_slot_once_and_stop_on_sigterm(
     assert set(enqueued) == {"sweep_reminders", "broker_maintenance", "expire_access_codes"}
 
 
-def test_a_stop_signal_delivered_inside_the_first_stops_the_scheduler_once():
-    """A process-group SIGTERM can reach the handler again while it runs: one stop, no error."""
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    from workers.scheduler import stop_handler
-
-    scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.start()
-    stop = stop_handler(scheduler)
-    shutdown = scheduler.shutdown
-    shutdowns: list[bool] = []
-
-    def shutdown_interrupted(wait: bool = True) -> None:
-        if not shutdowns:
-            stop(signal.SIGTERM, None)  # the second signal arrives here
-        shutdowns.append(wait)
-        shutdown(wait=wait)
-
-    scheduler.shutdown = shutdown_interrupted
-    stop(signal.SIGTERM, None)
-    assert not scheduler.running
-    assert shutdowns == [False]
-
-
 def test_a_stop_signal_repeated_until_the_scheduler_is_gone_still_ends_it_with_0(
     redis_server, test_environment, scheduler_namespace, tmp_path
 ):

@@ -8,21 +8,15 @@ sweeps did run, each reminder is claimed in the database, so none goes twice.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any
 
 import dramatiq
-from apscheduler.schedulers import SchedulerNotRunningError
-from apscheduler.schedulers.base import BaseScheduler
-from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from models.messages import SweepReminders
@@ -83,30 +77,24 @@ def enqueue_job(broker: dramatiq.Broker, job: PeriodicJob) -> bool:
     return True
 
 
-def stop_handler(scheduler: BaseScheduler) -> Callable[[int, FrameType | None], None]:
-    """The SIGTERM/SIGINT handler: stop ``scheduler`` once, however many signals come."""
-    stopping = threading.Event()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        # A platform that signals the whole process group can deliver the same stop
-        # twice, the second handler running inside the first: it is the same request.
-        if stopping.is_set():
-            return
-        stopping.set()
-        logger.info("Stopping the scheduler.")
-        # A signal between the check and the set above reaches here twice.
-        with contextlib.suppress(SchedulerNotRunningError):
-            scheduler.shutdown(wait=False)
-
-    return stop
+#: The signals that stop the scheduler.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def run_scheduler() -> int:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT.
+
+    The stop signals are blocked before any thread starts (threads inherit the
+    mask) and waited for by the main thread: no handler runs in the middle of
+    other code (logging from one could fail on a stream it interrupted), and a
+    repeated stop (a supervisor insisting, a platform signalling the whole group)
+    stays pending, blocked, until the process is gone: one stop, exit 0.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     import actors
 
     broker = actors.broker
-    scheduler = BlockingScheduler(timezone="UTC")
+    scheduler = BackgroundScheduler(timezone="UTC")
     for job in periodic_jobs():
         scheduler.add_job(
             enqueue_job,
@@ -120,18 +108,11 @@ def run_scheduler() -> int:
             # First run at once: a scheduler that restarts often must not starve the jobs.
             next_run_time=datetime.now(UTC),
         )
-
-    stop = stop_handler(scheduler)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    scheduler.start()
     logger.info(
         "Scheduler started: %s", ", ".join(f"{j.name} every {j.interval:g} s" for j in periodic_jobs())
     )
-    scheduler.start()
-    # Stopped. A duplicate of the stop signal may still come (a supervisor repeating
-    # it, a platform signalling the whole group): ignored, since while Python exits
-    # it would find the default action back in place and kill the process (exit -15).
-    # Python leaves an ignored signal ignored at exit.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.sigwait(STOP_SIGNALS)
+    logger.info("Stopping the scheduler.")
+    scheduler.shutdown(wait=False)
     return 0
