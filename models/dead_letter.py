@@ -30,6 +30,7 @@ _NAME_LENGTHS = {
     "queue_name": 128,
     "actor_name": 128,
     "contract_id": 128,
+    "exception_type": 128,
 }
 
 
@@ -102,7 +103,7 @@ def record_dead_letter(session: Session, *, overwrite: bool = True, **fields: An
     for name, length in _NAME_LENGTHS.items():
         if isinstance(fields.get(name), str):
             fields[name] = storable(fields[name])[:length]
-    for name in ("message_args", "message_kwargs", "exception_type"):
+    for name in ("message_args", "message_kwargs"):
         if name in fields:
             fields[name] = storable_json(fields[name])
     inserted = insert_ignoring_conflict(

@@ -46,6 +46,7 @@ from models.account import EMAIL_MAX_LENGTH, Account
 from models.binding import find_account, normalize_email
 from models.code_refusal import address_digest, record_refusal
 from models.errors import Rejected
+from models.text import utf8_text
 from models.upsert import table_of
 
 #: Opens one transaction (commit on success, rollback on error), e.g. ``session_scope``.
@@ -117,16 +118,9 @@ class FirstLoginPolicy:
     refusal_key: bytes = field(default=b"", repr=False)
 
 
-def _text(value: str) -> str:
-    """``value`` with what cannot be UTF-8 (lone surrogates: undecodable bytes from a
-    command line) replaced, so that it can be hashed, stored and compared: it then
-    matches nothing, instead of failing the call."""
-    return value.encode("utf-8", "replace").decode("utf-8")
-
-
 def normalize_code(value: str) -> str:
     """A code as typed, compared as issued: NFKC, no spaces or dashes, upper case."""
-    text = unicodedata.normalize("NFKC", _text(value[: CODE_INPUT_MAX_LENGTH * 2]))
+    text = unicodedata.normalize("NFKC", utf8_text(value[: CODE_INPUT_MAX_LENGTH * 2]))
     return _code_form(text)[:CODE_INPUT_MAX_LENGTH]
 
 
@@ -142,7 +136,7 @@ def normalize_password(value: str) -> str:
 
 def check_password_policy(password: str, *, code: str, policy: FirstLoginPolicy) -> str:
     """The normalised password, or ``PasswordRefused`` saying which rule it breaks."""
-    if _text(password) != password:
+    if utf8_text(password) != password:
         raise PasswordRefused("The password is not text (it holds bytes that are not UTF-8).")
     normalized = normalize_password(password)
     if len(normalized) < policy.password_min_length:
@@ -233,7 +227,8 @@ class _Snapshot:
 def _address(email: str) -> str | None:
     """``email`` normalised as accounts store it; None when it is not an address."""
     try:
-        return normalize_email(_text(email))
+        # Undecodable bytes match nothing (answered like any unknown address), never fail the call.
+        return normalize_email(utf8_text(email))
     except ValueError:
         return None
 

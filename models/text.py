@@ -53,3 +53,12 @@ def clean_text(value: str, *, max_length: int, what: str) -> str:
 def is_identifier(value: str) -> bool:
     """True if ``value`` uses only letters, digits, ``.``, ``_`` and ``-``."""
     return bool(_IDENTIFIER_RE.match(value))
+
+
+def utf8_text(value: str) -> str:
+    """``value`` with what UTF-8 cannot hold replaced by "?": lone surrogates, which is
+    how Python keeps bytes a command line could not decode, or JSON's ``"\\ud800"``.
+
+    ``utf8_text(value) == value`` tells whether ``value`` is text at all.
+    """
+    return value.encode("utf-8", "replace").decode("utf-8")

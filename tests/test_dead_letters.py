@@ -33,6 +33,7 @@ from sqlmodel import col, select
 import actors
 from contract_dispatch import contract_status, send_contract, set_workspace
 from models.dead_letter import DeadLetter
+from models.delivery import EmailDelivery
 from models.messages import DeliverEmail
 from models.types import utc_now
 from tests.processes import WorkerProcess, describe, run_cli
@@ -144,6 +145,22 @@ def wait_email_dead(delivery_id: int | None) -> DeadLetter:
     )
     assert found is not None
     return found
+
+
+def invitation_dead(ledger: Ledger) -> tuple[dict[str, Any], EmailDelivery, DeadLetter]:
+    """Send a contract whose invitation the provider (as the caller scripted it) fails for good.
+
+    Returns the payload, the failed delivery and its dead letter (added to ``ledger``).
+    """
+    payload = contract_payload()
+    send_contract(**payload)
+    wait_for_contract(
+        payload["contract_id"], lambda r: [e.status for e in r.emails] == ["failed"], what="the email to fail"
+    )
+    (delivery,) = deliveries_of(payload["contract_id"])
+    record = wait_email_dead(delivery.id)
+    ledger.add(record.message_id)
+    return payload, delivery, record
 
 
 def text_of(value: Any) -> str:
@@ -315,15 +332,8 @@ def test_exhausted_retries_count_every_attempt_and_retry_sends_once(
     tries = get_settings().retry_policy("deliver_email").max_retries + 1
     assert tries == 4, "the session runs with MAX_RETRIES=3"
     standin.script(*[Answer(status=500, body=b'{"errors":[{"message":"try later"}]}')] * tries)
-    payload = contract_payload()
+    payload, delivery, record = invitation_dead(ledger)
     prefix = f"invitation:{payload['contract_id']}:"
-    send_contract(**payload)
-    wait_for_contract(
-        payload["contract_id"], lambda r: [e.status for e in r.emails] == ["failed"], what="the email to fail"
-    )
-    (delivery,) = deliveries_of(payload["contract_id"])
-    record = wait_email_dead(delivery.id)
-    ledger.add(record.message_id)
 
     # One attempt per request the provider saw: the first try and MAX_RETRIES retries.
     assert [r.status for r in requests_for(standin, prefix)] == [500] * tries
@@ -581,14 +591,7 @@ def test_a_retry_the_broker_refuses_leaves_the_email_failed_and_a_record_retried
     """Its email was made pending before the enqueue: left so, the sweep's re-drive of lost
     messages would send it behind a dead letter that still reads dead."""
     standin.script(Answer(status=400, body=b'{"errors":[{"message":"The to field is invalid."}]}'))
-    payload = contract_payload()
-    send_contract(**payload)
-    wait_for_contract(
-        payload["contract_id"], lambda r: [e.status for e in r.emails] == ["failed"], what="the email to fail"
-    )
-    (delivery,) = deliveries_of(payload["contract_id"])
-    record = wait_email_dead(delivery.id)
-    ledger.add(record.message_id)
+    payload, delivery, record = invitation_dead(ledger)
 
     down = {**cli_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     result = run_cli(down, "dead-letters", "retry", str(record.id))
@@ -709,8 +712,6 @@ def test_an_email_whose_retries_ran_out_while_sql_was_down_is_failed_when_its_re
 ):
     """Left pending, the sweep's re-drive of lost messages would send it behind a dead
     letter that reads dead (README: "its delivery marked failed")."""
-    from workers.middleware import delivery_outcomes
-
     client = redis_server.client()
     reasons = f"{broker.namespace}:__dead_letter_reasons__"
     monkeypatch.setattr(maintenance, "DEAD_LETTER_SYNC_INTERVAL_MS", 10**12)
@@ -720,7 +721,6 @@ def test_an_email_whose_retries_ran_out_while_sql_was_down_is_failed_when_its_re
     payload = contract_payload()
     with monkeypatch.context() as outage:
         outage.setattr(dead_letters, "record_dead_letter", _database_down)
-        outage.setattr(delivery_outcomes, "fail_deliveries", _database_down)
         send_contract(**payload)
         wait_until(lambda: deliveries_of(payload["contract_id"]), what="the invitation to be recorded")
         (delivery,) = deliveries_of(payload["contract_id"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import dramatiq
 from sqlmodel import select
 
 from contract_dispatch import notify_signatories, send_contract
@@ -183,14 +184,12 @@ def test_copies_of_a_group_are_what_each_recipient_reads():
 
 
 def test_a_dead_group_message_that_named_the_wrong_deliveries_fails_none_of_them(database, broker):
-    from types import SimpleNamespace
 
     from models.delivery import EmailKind, add_delivery
     from models.errors import DeliveryGroupMismatch, ProviderUnavailable
     from models.messages import SendContract, parse_message
     from models.sending import reserve_contract
     from models.types import utc_now
-    from workers.middleware.delivery_outcomes import DeliveryOutcomes
 
     payload = contract_payload()
     with session_scope() as session:
@@ -211,13 +210,19 @@ def test_a_dead_group_message_that_named_the_wrong_deliveries_fails_none_of_them
         with session_scope() as session:
             return [row.status for row in (session.get(EmailDelivery, i) for i in ids) if row]
 
-    def dead(exception: Exception) -> Any:
-        return SimpleNamespace(
-            actor_name="deliver_email_group", args=({"delivery_ids": ids},), _exception=exception
+    def file_death(exception: Exception) -> None:
+        """What the worker does when the message dies: its dead letter filed."""
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name="emails",
+            actor_name="deliver_email_group",
+            args=({"delivery_ids": ids},),
+            kwargs={},
+            options={},
         )
+        dead_letters.record(broker, dead_letters.describe(message, exception, now=utc_now()))
 
-    DeliveryOutcomes().after_nack(broker, dead(DeliveryGroupMismatch("not of one contract")))
+    file_death(DeliveryGroupMismatch("not of one contract"))
     assert statuses() == ["pending", "pending"]
     # A group that died sending its own deliveries fails them, like deliver_email.
-    DeliveryOutcomes().after_nack(broker, dead(ProviderUnavailable("503 for too long")))
+    file_death(ProviderUnavailable("503 for too long"))
     assert statuses() == ["failed", "failed"]

@@ -11,7 +11,7 @@ from dramatiq.middleware import Retries, default_middleware
 
 from workers import embedded_redis
 from workers.consumer import TolerantRedisConsumer
-from workers.middleware import BrokerMaintenance, DeadLetters, DeliveryOutcomes, MessageLog, SingleStopSignal
+from workers.middleware import BrokerMaintenance, DeadLetters, MessageLog, SingleStopSignal
 from workers.middleware.metrics import Refusals, dramatiq_prometheus
 from workers.rabbitmq import ServiceRabbitmqBroker
 from workers.retry_policy import retry_when
@@ -86,8 +86,8 @@ def build_broker(settings: Settings) -> ServiceBroker:
         )
     )
     # After Retries: their "after" hooks run before it (see DeadLetters).
+    # Filing a dead deliver_email also fails its emails (workers.dead_letters.record).
     middleware.append(DeadLetters())
-    middleware.append(DeliveryOutcomes())
     middleware.append(Refusals())
     middleware.append(
         BrokerMaintenance(

@@ -38,6 +38,7 @@ from models.dead_letter import DeadLetter, DeadLetterStatus, mark_retried, recor
 from models.delivery import EmailDelivery, record_attempt_error, reopen_delivery, undo_reopen
 from models.errors import DeliveryGroupMismatch, UnknownDelivery
 from models.messages import contract_id_of, delivery_ids_of
+from models.text import utf8_text
 from models.types import utc_now
 from workers.coordination import coordination_client, coordination_namespace
 from workers.database import session_scope
@@ -172,7 +173,7 @@ def envelope_problem(
         return f"message_id is longer than {MESSAGE_ID_MAX_LENGTH} characters or holds control characters"
     if not isinstance(fields.actor_name, str):
         return "actor_name is not a string"
-    if not _is_text(fields.actor_name):
+    if utf8_text(fields.actor_name) != fields.actor_name:
         # A lone surrogate (JSON's "\ud800"): Dramatiq's own error for an unknown
         # actor would carry it into the logs, which cannot encode it.
         return "actor_name holds a character that is not text (a lone surrogate)"
@@ -182,7 +183,7 @@ def envelope_problem(
         return "options.redis_message_id is missing"
     if not isinstance(fields.kwargs, dict):
         return "kwargs is not an object"
-    if not all(isinstance(key, str) and _is_text(key) for key in fields.kwargs):
+    if not all(isinstance(key, str) and utf8_text(key) == key for key in fields.kwargs):
         return "kwargs has a key that is not text (a lone surrogate)"
     queues = tuple(queue_names)
     if fields.queue_name not in queues:
@@ -195,15 +196,6 @@ def envelope_problem(
     if problem is None and fetched_at_ms is not None:
         problem = eta_problem(fields.options.get("eta"), queues[0], now_ms=fetched_at_ms)
     return problem
-
-
-def _is_text(value: str) -> bool:
-    """Whether ``value`` can be written as UTF-8 (no lone surrogates)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 #: How far in the future an ``eta`` may be on a queue that is not a delay queue, in
@@ -324,15 +316,19 @@ def dead_letter_malformed(
 _NOT_THEIRS = frozenset({UnknownDelivery.__name__, DeliveryGroupMismatch.__name__})
 
 
-def fail_deliveries(actor_name: str, payload: Any, *, exception_type: str | None, reason: str) -> None:
-    """Fail the still-pending deliveries a dead deliver_email(_group) message named, and count them.
+def _fail_filed(fields: dict[str, Any]) -> None:
+    """Fail the still-pending deliveries a filed dead letter's message named, and count them.
 
-    Only those this call made failed are counted: a permanent error already
-    failed its delivery (and counted it) when it happened.
+    Called once the record is filed (now, or later by sync when the database was
+    down): left pending, the sweep's re-drive would send them while the record
+    reads dead. Only those this call made failed are counted: a permanent error
+    already failed its delivery (and counted it) when it happened.
     """
-    delivery_ids = delivery_ids_of(actor_name, payload)
-    if not delivery_ids or exception_type in _NOT_THEIRS:
+    args = fields.get("message_args") or [None]
+    delivery_ids = delivery_ids_of(str(fields.get("actor_name")), args[0])
+    if not delivery_ids or fields.get("exception_type") in _NOT_THEIRS:
         return
+    reason = f"{fields.get('exception_type')}: {fields.get('exception_message', '')}"
     failed: dict[str, int] = {}
     with session_scope() as session:
         now = utc_now()
@@ -345,18 +341,6 @@ def fail_deliveries(actor_name: str, payload: Any, *, exception_type: str | None
         count_email(kind, "failed", amount)
 
 
-def _fail_filed(fields: dict[str, Any]) -> None:
-    """Fail the deliveries of a dead letter filed late (its worker could not, the database
-    being down): left pending, the sweep's re-drive would send them while it reads dead."""
-    args = fields.get("message_args") or [None]
-    fail_deliveries(
-        str(fields.get("actor_name")),
-        args[0],
-        exception_type=fields.get("exception_type"),
-        reason=f"{fields.get('exception_type')}: {fields.get('exception_message', '')}",
-    )
-
-
 def record(broker: dramatiq.Broker, fields: dict[str, Any]) -> None:
     """File a dead letter in SQL; if the database stays down, park the reason in Redis."""
     deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
@@ -365,8 +349,8 @@ def record(broker: dramatiq.Broker, fields: dict[str, Any]) -> None:
         try:
             with session_scope() as session:
                 record_dead_letter(session, **fields)
-            # DeliveryOutcomes fails them too, and cannot while the database is down;
-            # this waited for it (idempotent: a failed delivery is not failed twice).
+            # Here rather than in a hook of its own: this waits out a database
+            # outage, and a reason filed later by sync fails them then.
             _fail_filed(fields)
             return
         except OperationalError:

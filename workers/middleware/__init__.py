@@ -1,9 +1,8 @@
 """Service behaviour added through Dramatiq's middleware hooks."""
 
 from workers.middleware.dead_letters import DeadLetters
-from workers.middleware.delivery_outcomes import DeliveryOutcomes
 from workers.middleware.maintenance import BrokerMaintenance
 from workers.middleware.message_log import MessageLog
 from workers.middleware.shutdown import SingleStopSignal
 
-__all__ = ["BrokerMaintenance", "DeadLetters", "DeliveryOutcomes", "MessageLog", "SingleStopSignal"]
+__all__ = ["BrokerMaintenance", "DeadLetters", "MessageLog", "SingleStopSignal"]
