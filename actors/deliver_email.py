@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dramatiq
+from dramatiq.common import compute_backoff, current_millis
+from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 
+from models.errors import PermanentError, TransientError
 from models.messages import DeliverEmail, DeliverEmailGroup, parse_message
-from workers.email.delivery import deliver
+from workers.dead_letters import ATTEMPTS_OPTION, FIRST_FAILED_OPTION
+from workers.email.delivery import deliver, recorded_refusal
 from workers.email.group_delivery import deliver_group
 from workers.redis_dispatch import enqueue_many
 from workers.retry_policy import actor_options, honour_retry_after
+from workers.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+#: Message option: the delivery was refused for good on its first attempt, made
+#: by the send_contract that recorded it; this message files its dead letter.
+REFUSED_OPTION = "first_attempt_refused"
 
 
 @dramatiq.actor(
@@ -21,6 +34,12 @@ from workers.retry_policy import actor_options, honour_retry_after
 def deliver_email(payload: dict[str, Any]) -> None:
     """Send the delivery unless it is already sent; provider 429s wait for the reset."""
     message = parse_message(DeliverEmail, payload)
+    current = CurrentMessage.get_current_message()
+    if current is not None and current.options.get(REFUSED_OPTION):
+        # Refused for good on its first attempt (deliver_or_hand_over): die of that refusal.
+        refusal = recorded_refusal(message.delivery_id)
+        if refusal is not None:
+            raise refusal
     with honour_retry_after():
         deliver(message.delivery_id)
 
@@ -61,3 +80,56 @@ def enqueue_deliveries(delivery_ids: list[int], *, in_one_request: bool = False)
             for delivery_id in delivery_ids
         ],
     )
+
+
+def deliver_or_hand_over(delivery_ids: list[int]) -> None:
+    """Send a lone delivery in this thread (call after the commit); if it does not go out,
+    deliver_email takes it over. Several deliveries are enqueued as ``enqueue_deliveries`` does.
+
+    A contract's invitation is sent by the send_contract that records it: a second
+    message (its trip through the broker, fetch, ack and middleware) cost about as
+    much worker CPU as the rest of the email. The attempt counts as deliver_email's
+    first, so the email's retry policy, logs and dead letter are deliver_email's as
+    when it was queued at once: after a transient failure the message that takes
+    over carries ``retries=1`` and runs when deliver_email's first retry would have
+    (at the provider's reset after a 429); after a permanent one (the delivery is
+    failed) it only files the dead letter, without asking the provider again.
+    """
+    if len(delivery_ids) != 1:
+        enqueue_deliveries(delivery_ids)
+        return
+    delivery_id = delivery_ids[0]
+    try:
+        deliver(delivery_id)
+    except Exception as exc:
+        payload = DeliverEmail(delivery_id=delivery_id).to_payload()
+        if isinstance(exc, PermanentError):
+            logger.warning(
+                "Delivery %d failed for good (%s); deliver_email files its dead letter.",
+                delivery_id,
+                type(exc).__name__,
+            )
+            # The attempt is counted when the message dies (DeadLetters), not twice.
+            refused: Any = {REFUSED_OPTION: True}
+            deliver_email.send_with_options(args=(payload,), **refused)
+            return
+        delay = first_retry_delay_ms(exc)
+        logger.warning(
+            "Delivery %d: first attempt failed (%s); deliver_email retries it in %d ms.",
+            delivery_id,
+            type(exc).__name__,
+            delay,
+        )
+        failed_at: Any = {ATTEMPTS_OPTION: 1, FIRST_FAILED_OPTION: current_millis()}
+        deliver_email.send_with_options(args=(payload,), delay=delay, retries=1, **failed_at)
+
+
+def first_retry_delay_ms(exc: Exception) -> int:
+    """When deliver_email's Retries middleware would retry after this failure, in milliseconds."""
+    if isinstance(exc, TransientError) and exc.retry_after_ms is not None:
+        return exc.retry_after_ms
+    policy = get_settings().retry_policy(DeliverEmail.actor_name)
+    _, delay = compute_backoff(
+        0, factor=policy.min_backoff_ms, max_backoff=min(policy.max_backoff_ms, DEFAULT_MAX_BACKOFF)
+    )
+    return delay

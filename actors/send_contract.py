@@ -1,4 +1,4 @@
-"""send_contract: validate, bind, issue codes, record, then enqueue the invitation."""
+"""send_contract: validate, bind, issue codes, record, then send the invitation (or hand it over)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import dramatiq
 
-from actors.deliver_email import enqueue_deliveries
+from actors.deliver_email import deliver_or_hand_over
 from models.errors import Rejected
 from models.messages import SendContract, contract_id_of, parse_message
 from models.sending import record_contract, record_send_rejection
@@ -41,5 +41,5 @@ def send_contract(payload: dict[str, Any]) -> None:
             with session_scope() as session:
                 record_send_rejection(session, contract_id, rejection, message=message, now=utc_now())
         raise
-    # After commit: a deliver_email never runs before its delivery row exists.
-    enqueue_deliveries(delivery_ids)
+    # After commit: the email is never sent before its delivery row exists.
+    deliver_or_hand_over(delivery_ids)

@@ -69,12 +69,16 @@ TIMEOUT = 45.0
 PRODUCER_SCRIPT = """
 import json, sys, traceback
 from datetime import datetime
-from contract_dispatch.producer import send_contract, notify_signatories, cancel_contract, run_reminders
+from contract_dispatch.producer import (
+    send_contract, notify_signatories, cancel_contract, resend_invitation, run_reminders,
+)
 for line in sys.stdin:
     try:
         for op, arguments in json.loads(line):
             if op == "send":
                 send_contract(**arguments)
+            elif op == "resend":
+                resend_invitation(arguments)
             elif op == "notify":
                 notify_signatories(**arguments)
             elif op == "cancel":

@@ -8,16 +8,22 @@ could still send has been sent by then.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 
 import pytest
 import redis
+from sqlmodel import select
 
 import actors
 from contract_dispatch import send_contract
 from models.contract import Contract
+from models.dead_letter import DeadLetter
 from models.delivery import EmailDelivery
 from models.errors import Rejected
+from models.sending import resend_invitation
+from models.types import utc_now
 from tests.sendgrid_standin import Answer, SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, wait_for_contract, wait_until
 from tests.test_access_codes import _first_arg, deliveries_of, requests_for, wait_settled
@@ -170,6 +176,82 @@ def test_notify_signatories_twice_tells_each_signatory_once(worker, standin, red
     assert received == ["first-boss@example.com", "second-boss@example.com"]
     notifications = [d for d in deliveries_of(payload["contract_id"]) if d.kind == "signed_notification"]
     assert sorted(d.recipient for d in notifications) == received
+
+
+# -- the invitation's first attempt -------------------------------------------
+
+
+def _enqueued_here(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The queues this thread enqueued messages on (Dramatiq logs each enqueue at DEBUG)."""
+    here = threading.get_ident()
+    return [
+        str(record.args[1])
+        for record in caplog.records
+        if record.thread == here
+        and record.msg == "Enqueueing message %r on queue %r."
+        and isinstance(record.args, tuple)
+    ]
+
+
+def test_the_invitation_goes_out_from_the_send_contract_that_records_it(database, standin, caplog):
+    # Run in this thread: whatever the actor enqueues is logged by this thread.
+    caplog.set_level(logging.DEBUG)
+    payload = contract_payload()
+    actors.send_contract.fn(payload)
+
+    (accepted,) = standin.accepted_for(f"invitation:{payload['contract_id']}:")
+    (delivery,) = deliveries_of(payload["contract_id"])
+    assert (delivery.status, delivery.attempts) == ("sent", 1)
+    assert delivery.provider_message_id == accepted.message_id
+    # No deliver_email message: the email went out before the actor returned.
+    assert _enqueued_here(caplog) == []
+
+
+def test_a_failed_first_attempt_is_handed_to_deliver_email(worker, standin, caplog):
+    caplog.set_level(logging.DEBUG)
+    payload = contract_payload()
+    standin.script(Answer(status=500))
+    actors.send_contract.fn(payload)
+
+    (delivery,) = deliveries_of(payload["contract_id"])
+    assert (delivery.status, delivery.attempts) == ("pending", 1)
+    assert delivery.last_error is not None and "500" in delivery.last_error
+    # Detected the same way as the test above: one deliver_email message took it over.
+    assert _enqueued_here(caplog) == ["emails.DQ"]
+    report = wait_for_contract(
+        payload["contract_id"],
+        lambda r: all_emails_sent(1)(r) and r.emails[0].attempts == 2,
+        what="deliver_email to send it on its second attempt",
+    )
+    assert report.emails[0].last_error is None
+
+
+def test_the_refused_option_kills_only_a_delivery_refused_for_good(worker, standin, redis_server):
+    """A deliver_email with ``first_attempt_refused`` on a delivery that is not failed sends it."""
+    payload = contract_payload()
+    actors.send_contract.fn(payload)
+    settings = get_settings()
+    with session_scope() as session:
+        # A second step, recorded and not sent: what a resend records.
+        pending = resend_invitation(
+            session,
+            payload["contract_id"],
+            policy=settings.access_code_policy(),
+            reminders=settings.reminder_policy(),
+            now=utc_now(),
+        )
+    message = actors.deliver_email.send_with_options(
+        args=({"version": 1, "delivery_id": pending},), first_attempt_refused=True
+    )
+    # Settled either way: sent, or failed when its (wrong) dead letter is filed.
+    wait_until(lambda: _delivery(pending).status != "pending", what="the second step to settle")
+    wait_until(lambda: _message_done(redis_server.client(), "emails", message.message_id), what="the message")
+
+    assert (_delivery(pending).status, _delivery(pending).attempts) == ("sent", 1)
+    assert len(requests_for(standin, f"invitation:{payload['contract_id']}:")) == 2
+    with session_scope() as session:
+        dead = session.exec(select(DeadLetter).where(DeadLetter.message_id == message.message_id)).all()
+    assert dead == []
 
 
 # -- provider outcomes --------------------------------------------------------

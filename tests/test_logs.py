@@ -6,7 +6,7 @@ through a real ``contract-dispatch worker`` subprocess with ``LOG_FORMAT=json``
 and ``LOG_LEVEL=DEBUG`` (Dramatiq's verbose mode), its stdout and stderr read
 line by line, plus the stderr of the ``reminders run`` command it needs.
 
-The journey: an invitation the provider first answers 503 (retried, then sent),
+The journey: an invitation the provider first answers 503 twice (retried, then sent),
 a contract signed and its signatory told, an invitation the provider refuses
 (400: failed at once), a send the actor refuses (the email is bound to another
 company), and a reminder sweep run as of a week later, which renews an expired
@@ -120,20 +120,22 @@ class Journey:
         return {
             self.retried: sorted(
                 [
+                    # The invitation's first attempt (503) is send_contract's; the
+                    # deliver_email that takes it over meets the second 503.
                     [("send_contract", "done", 1)],
-                    [("deliver_email", "retry", 1), ("deliver_email", "done", 2)],  # the invitation
+                    [("deliver_email", "retry", 2), ("deliver_email", "done", 3)],  # the invitation
                     [("notify_signatories", "done", 1)],
                     [("deliver_email", "done", 1)],  # the signatory's notification
                 ]
             ),
+            # Refused (400) on its first attempt: a deliver_email files the dead letter.
             self.refused_by_provider: sorted(
                 [[("send_contract", "done", 1)], [("deliver_email", "failed", 1)]]
             ),
             self.refused_by_actor: [[("send_contract", "failed", 1)]],
             self.reminded: sorted(
                 [
-                    [("send_contract", "done", 1)],
-                    [("deliver_email", "done", 1)],  # the invitation
+                    [("send_contract", "done", 1)],  # the invitation sent with it
                     [("deliver_email", "done", 1)],  # the reminder
                 ]
             ),
@@ -174,10 +176,10 @@ def run_journey(driver: Driver, standin: SendGridStandIn) -> Journey:
     """The journey, one step at a time, so each scripted answer reaches the email it is meant for."""
     journey = Journey()
 
-    # An invitation the provider answers 503 first: retried, then sent; then signed.
+    # An invitation the provider answers 503 twice: retried, then sent; then signed.
     retried = journey.sent(contract_payload(title="Bureau privatif A"))
     journey.retried = retried["contract_id"]
-    standin.script(Answer(status=503, body=PROVIDER_ANSWER.encode(), kind="503"))
+    standin.script(*[Answer(status=503, body=PROVIDER_ANSWER.encode(), kind="503")] * 2)
     driver.enqueue("send_contract", retried)
     wait_for_contract(journey.retried, emails_are("sent"), what="the retried invitation")
     driver.enqueue(

@@ -7,7 +7,7 @@ import threading
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import Retries, default_middleware
+from dramatiq.middleware import CurrentMessage, Retries, default_middleware
 
 from workers import embedded_redis
 from workers.consumer import TolerantRedisConsumer
@@ -75,6 +75,8 @@ def build_broker(settings: Settings) -> ServiceBroker:
     prometheus = dramatiq_prometheus()
     if prometheus is not None:
         middleware.insert(0, prometheus)
+    # deliver_email reads an option of the message it runs (actors.deliver_email).
+    middleware.append(CurrentMessage())
     # Before Retries: its "after" hook runs once Retries has decided the message's fate.
     middleware.append(MessageLog())
     middleware.append(

@@ -29,6 +29,8 @@ from models.contract import Contract
 from models.delivery import (
     Claim,
     DeliveryRow,
+    DeliveryStatus,
+    EmailDelivery,
     EmailKind,
     cancel_delivery,
     claim_delivery,
@@ -299,6 +301,44 @@ def deliver(
     mark_sent_patiently([delivery_id], provider_message_id)
     count_email(kind, "sent")
     return Claim.CLAIMED
+
+
+def _permanent_errors() -> dict[str, type[PermanentError]]:
+    found: dict[str, type[PermanentError]] = {}
+    waiting: list[type[PermanentError]] = [PermanentError]
+    while waiting:
+        cls = waiting.pop()
+        found[cls.__name__] = cls
+        waiting.extend(cls.__subclasses__())
+    return found
+
+
+def recorded_refusal(delivery_id: int) -> PermanentError | None:
+    """The permanent error a failed delivery recorded, rebuilt to be raised again; None unless failed.
+
+    Its type is the recorded one (``ProviderRejected``...), so a dead letter filed
+    from it reads as if the message had met the refusal itself.
+    """
+    table = table_of(EmailDelivery)
+    with session_scope() as session:
+        row = (
+            session.connection()
+            .execute(
+                sql.select(table.c.contract_id, table.c.status, table.c.last_error).where(
+                    table.c.id == delivery_id
+                )
+            )
+            .first()
+        )
+    if row is not None:
+        note_contract_id(row.contract_id)
+    if row is None or row.status != DeliveryStatus.FAILED.value:
+        return None
+    name, _, text = (row.last_error or "").partition(": ")
+    cls = _permanent_errors().get(name)
+    if cls is None:
+        return PermanentError(row.last_error or f"delivery {delivery_id} failed")
+    return cls(text)
 
 
 def timed_send(backend_name: str, send: Callable[[], str]) -> str:
