@@ -13,7 +13,7 @@ from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 from models.errors import PermanentError, TransientError
 from models.messages import DeliverEmail, DeliverEmailGroup, parse_message
 from workers.dead_letters import ATTEMPTS_OPTION, FIRST_FAILED_OPTION
-from workers.email.delivery import deliver, recorded_refusal
+from workers.email.delivery import Prepared, deliver, recorded_refusal, send_prepared
 from workers.email.group_delivery import deliver_group
 from workers.redis_dispatch import enqueue_many
 from workers.retry_policy import actor_options, honour_retry_after
@@ -82,9 +82,12 @@ def enqueue_deliveries(delivery_ids: list[int], *, in_one_request: bool = False)
     )
 
 
-def deliver_or_hand_over(delivery_ids: list[int]) -> None:
+def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None = None) -> None:
     """Send a lone delivery in this thread (call after the commit); if it does not go out,
     deliver_email takes it over. Several deliveries are enqueued as ``enqueue_deliveries`` does.
+
+    ``prepared``: the delivery's claim, made in the transaction just committed
+    (``workers.email.delivery.prepare``); without it the claim is a transaction of its own.
 
     A contract's invitation is sent by the send_contract that records it: a second
     message (its trip through the broker, fetch, ack and middleware) cost about as
@@ -100,7 +103,10 @@ def deliver_or_hand_over(delivery_ids: list[int]) -> None:
         return
     delivery_id = delivery_ids[0]
     try:
-        deliver(delivery_id)
+        if prepared is not None and prepared.delivery_id == delivery_id:
+            send_prepared(prepared)
+        else:
+            deliver(delivery_id)
     except Exception as exc:
         payload = DeliverEmail(delivery_id=delivery_id).to_payload()
         if isinstance(exc, PermanentError):

@@ -12,6 +12,7 @@ from models.messages import SendContract, contract_id_of, parse_message
 from models.sending import record_contract, record_send_rejection
 from models.types import utc_now
 from workers.database import session_scope
+from workers.email.delivery import Prepared, prepare
 from workers.retry_policy import actor_options
 from workers.settings import get_settings
 
@@ -24,17 +25,23 @@ from workers.settings import get_settings
 def send_contract(payload: dict[str, Any]) -> None:
     """Public message; see ``models.messages.SendContract`` for its fields."""
     message: SendContract | None = None
+    first: Prepared | None = None
     try:
         message = parse_message(SendContract, payload)
         with session_scope() as session:
             settings = get_settings()
+            now = utc_now()
             delivery_ids = record_contract(
                 session,
                 message,
                 policy=settings.access_code_policy(),
                 reminders=settings.reminder_policy(),
-                now=utc_now(),
+                now=now,
             )
+            if len(delivery_ids) == 1:
+                # The invitation's claim and reads commit with the contract: one
+                # transaction fewer before its first attempt.
+                first = prepare(session, delivery_ids[0], settings=settings, now=now)
     except Rejected as rejection:
         contract_id = message.contract_id if message else contract_id_of(payload)
         if contract_id is not None:
@@ -42,4 +49,4 @@ def send_contract(payload: dict[str, Any]) -> None:
                 record_send_rejection(session, contract_id, rejection, message=message, now=utc_now())
         raise
     # After commit: the email is never sent before its delivery row exists.
-    deliver_or_hand_over(delivery_ids)
+    deliver_or_hand_over(delivery_ids, prepared=first)

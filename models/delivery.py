@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import bindparam, or_, update
+from sqlalchemy import Connection, bindparam, or_, update
 from sqlmodel import Column, Field, Session, SQLModel, UniqueConstraint, col, select
 
 from models.account import EMAIL_MAX_LENGTH
@@ -306,9 +306,9 @@ def claim_delivery(
     return claims.get(DeliveryStatus(delivery.status), Claim.LEASED), delivery
 
 
-def mark_sent(session: Session, delivery_id: int, *, provider_message_id: str, now: datetime) -> None:
+def mark_sent(connection: Connection, delivery_id: int, *, provider_message_id: str, now: datetime) -> None:
     """Record the provider's acceptance; from now on the email is never sent again."""
-    session.connection().execute(
+    connection.execute(
         _MARK_SENT,
         {"delivery_id": delivery_id, "message_id": provider_message_id[:255], "sent_time": now},
     )

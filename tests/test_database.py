@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import uuid
 from typing import Any
 
-from sqlalchemy import inspect
+import pytest
+from sqlalchemy import inspect, text
 
 import workers.database as database
+from models.types import utc_now
 
 #: Worker threads of one process asking for the engine together, as they do at start.
 THREADS = 8
@@ -44,3 +48,40 @@ def test_threads_asking_at_once_create_the_schema_once(tmp_path, monkeypatch):
         assert {"contracts", "accounts", "email_deliveries"} <= set(inspect(engines[0]).get_table_names())
     finally:
         engines[0].dispose()
+
+
+@pytest.mark.usefixtures("database")  # the fixture, not the module: it sets DATABASE_URL
+def test_autocommit_writes_are_final_at_once_on_postgresql_and_at_the_end_on_sqlite():
+    """``autocommit``: each statement commits on its own (PostgreSQL: no BEGIN/COMMIT round
+    trips); on SQLite, whose transactions begin IMMEDIATE, the block is one transaction."""
+    url = os.environ["DATABASE_URL"]
+    kind = url.split(":")[0].split("+")[0]
+    engine = database.get_engine(url)
+    workspace = f"ws-{uuid.uuid4().hex[:10]}"
+    insert = text("INSERT INTO workspaces (id, created_at, updated_at) VALUES (:id, :now, :now)")
+    count = text("SELECT COUNT(*) FROM workspaces WHERE id = :id")
+
+    def committed() -> int:
+        # A plain DBAPI connection: on SQLite, a read outside SQLAlchemy's "begin"
+        # (BEGIN IMMEDIATE) is not blocked by the block's write lock (WAL).
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            placeholder = "?" if kind == "sqlite" else "%s"
+            cursor.execute(f"SELECT COUNT(*) FROM workspaces WHERE id = {placeholder}", (workspace,))
+            row = cursor.fetchone()
+            assert row is not None
+            return int(row[0])
+        finally:
+            raw.close()
+
+    with database.autocommit(url) as connection:
+        connection.execute(insert, {"id": workspace, "now": utc_now()})
+        seen_inside = committed()
+    seen_after = committed()
+    assert (seen_inside, seen_after) == ((1, 1) if kind == "postgresql" else (0, 1))
+    # Back in the pool, the connection begins transactions again.
+    with engine.connect() as connection:
+        connection.execute(insert, {"id": workspace + "-2", "now": utc_now()})
+        connection.rollback()
+        assert connection.execute(count, {"id": workspace + "-2"}).scalar_one() == 0

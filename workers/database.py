@@ -226,6 +226,24 @@ def dispose_engines() -> None:
 
 
 @contextmanager
+def autocommit(url: str | None = None) -> Iterator[Connection]:
+    """A connection on which each statement commits on its own.
+
+    For a single write that stands alone: no ``BEGIN`` and ``COMMIT`` round trips
+    around it. SQLite's transactions start with ``BEGIN IMMEDIATE`` (see
+    ``_sqlite_engine``), which autocommit would skip: there the block is one
+    transaction, committed when it succeeds.
+    """
+    engine = get_engine(url)
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            with connection.begin():
+                yield connection
+        else:
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """A session that commits when the block succeeds and rolls back otherwise."""
     with Session(get_engine(url), expire_on_commit=False) as session:

@@ -41,7 +41,7 @@ from models.delivery import (
 from models.errors import DeliveryBusy, PermanentError, RenderError, UnknownDelivery
 from models.types import utc_now
 from models.upsert import table_of
-from workers.database import session_scope
+from workers.database import autocommit, session_scope
 from workers.email.backend import EmailBackend, build_backend
 from workers.email.message import OutgoingEmail
 from workers.email.render import format_datetime, render_email
@@ -146,10 +146,11 @@ def mark_sent_patiently(delivery_ids: Sequence[int], provider_message_id: str) -
     pause = 0.2
     while True:
         try:
-            with session_scope() as session:
+            # One statement per email, each final on its own: no transaction around them.
+            with autocommit() as connection:
                 now = utc_now()
                 for delivery_id in delivery_ids:
-                    mark_sent(session, delivery_id, provider_message_id=provider_message_id, now=now)
+                    mark_sent(connection, delivery_id, provider_message_id=provider_message_id, now=now)
             return
         except OperationalError:
             if time.monotonic() > deadline:
@@ -238,6 +239,92 @@ def record_failure(
         count_email(kind, "failed" if permanent else "retried")
 
 
+@dataclass
+class Prepared:
+    """A delivery's claim and, when claimed, its email: what ``prepare`` read, to send after the commit."""
+
+    delivery_id: int
+    claim: Claim
+    delivery: DeliveryRow | None
+    now: datetime
+    email: OutgoingEmail | None = None
+    #: The delivery was dropped (its contract cancelled, or signed before its reminder).
+    cancelled: bool = False
+    #: Rendering failed: raised after the commit, where the attempt's failure is recorded.
+    failure: Exception | None = None
+
+
+def prepare(session: Session, delivery_id: int, *, settings: Settings, now: datetime) -> Prepared:
+    """Claim the delivery and read and render its email, in the caller's transaction.
+
+    The claim commits with that transaction and counts as an attempt, even when
+    rendering fails (the error is kept, for ``send_prepared`` to record).
+    """
+    lease = timedelta(seconds=settings.send_lease_seconds)
+    claim, delivery = claim_delivery(session, delivery_id, now=now, lease=lease)
+    prepared = Prepared(delivery_id=delivery_id, claim=claim, delivery=delivery, now=now)
+    if delivery is not None:
+        note_contract_id(delivery.contract_id)
+    if claim is not Claim.CLAIMED:
+        return prepared
+    assert delivery is not None
+    try:
+        contract, account = load_contract(session, delivery)
+        unwanted = unwanted_reason(contract.status, delivery.kind) if contract is not None else None
+        # Cancelled, or signed before its reminder went out: drop it, quietly.
+        prepared.cancelled = unwanted is not None and cancel_delivery(
+            session, delivery_id, reason=unwanted, now=now
+        )
+        prepared.email = compose(delivery, contract, account, settings) if unwanted is None else None
+    except SQLAlchemyError:
+        raise
+    except Exception as exc:
+        prepared.failure = exc
+    return prepared
+
+
+def send_prepared(
+    prepared: Prepared, *, settings: Settings | None = None, backend: EmailBackend | None = None
+) -> Claim:
+    """Send a prepared delivery once its claim has committed; returns what the claim found.
+
+    Raises ``UnknownDelivery`` for a delivery that does not exist and
+    ``DeliveryBusy`` (retry after its lease) for one another attempt holds.
+    """
+    delivery_id, claim, delivery = prepared.delivery_id, prepared.claim, prepared.delivery
+    if claim is Claim.MISSING:
+        raise UnknownDelivery(f"no email delivery has id {delivery_id}")
+    if claim is Claim.LEASED:
+        assert delivery is not None
+        # Come back when the holder's lease ends: by then it has recorded the
+        # send, or it died and its lease is free to take over.
+        remaining = lease_remaining(delivery, now=prepared.now)
+        raise DeliveryBusy(
+            f"delivery {delivery_id} is being sent by another attempt",
+            retry_after_ms=int(remaining.total_seconds() * 1000) + LEASE_MARGIN_MS,
+        )
+    if claim is not Claim.CLAIMED:
+        return claim
+    assert delivery is not None
+    kind, email = delivery.kind, prepared.email
+    try:
+        if prepared.failure is not None:
+            raise prepared.failure
+        if email is None:
+            # Counted once committed, like every outcome below.
+            if prepared.cancelled:
+                count_email(kind, "cancelled")
+            return Claim.CANCELLED
+        chosen = backend or backend_for(settings or get_settings())
+        provider_message_id = timed_send(chosen.name, lambda: chosen.send(email))
+    except Exception as exc:
+        record_failure(delivery_id, kind, exc)
+        raise
+    mark_sent_patiently([delivery_id], provider_message_id)
+    count_email(kind, "sent")
+    return Claim.CLAIMED
+
+
 def deliver(
     delivery_id: int, *, settings: Settings | None = None, backend: EmailBackend | None = None
 ) -> Claim:
@@ -247,60 +334,9 @@ def deliver(
     the email needs, then the record of the send.
     """
     settings = settings or get_settings()
-    lease = timedelta(seconds=settings.send_lease_seconds)
-    email: OutgoingEmail | None = None
-    cancelled = False
-    failure: Exception | None = None
     with session_scope() as session:
-        now = utc_now()
-        claim, delivery = claim_delivery(session, delivery_id, now=now, lease=lease)
-        if delivery is not None:
-            note_contract_id(delivery.contract_id)
-        if claim is Claim.CLAIMED:
-            assert delivery is not None
-            try:
-                contract, account = load_contract(session, delivery)
-                unwanted = unwanted_reason(contract.status, delivery.kind) if contract is not None else None
-                # Cancelled, or signed before its reminder went out: drop it, quietly.
-                cancelled = unwanted is not None and cancel_delivery(
-                    session, delivery_id, reason=unwanted, now=now
-                )
-                email = compose(delivery, contract, account, settings) if unwanted is None else None
-            except SQLAlchemyError:
-                raise
-            except Exception as exc:
-                # The claim still commits (it counts as an attempt); the error is kept below.
-                failure = exc
-    if claim is Claim.MISSING:
-        raise UnknownDelivery(f"no email delivery has id {delivery_id}")
-    if claim is Claim.LEASED:
-        assert delivery is not None
-        # Come back when the holder's lease ends: by then it has recorded the
-        # send, or it died and its lease is free to take over.
-        raise DeliveryBusy(
-            f"delivery {delivery_id} is being sent by another attempt",
-            retry_after_ms=int(lease_remaining(delivery, now=now).total_seconds() * 1000) + LEASE_MARGIN_MS,
-        )
-    if claim is not Claim.CLAIMED:
-        return claim
-    assert delivery is not None
-    kind = delivery.kind
-    try:
-        if failure is not None:
-            raise failure
-        if email is None:
-            # Counted once committed, like every outcome below.
-            if cancelled:
-                count_email(kind, "cancelled")
-            return Claim.CANCELLED
-        chosen = backend or backend_for(settings)
-        provider_message_id = timed_send(chosen.name, lambda: chosen.send(email))
-    except Exception as exc:
-        record_failure(delivery_id, kind, exc)
-        raise
-    mark_sent_patiently([delivery_id], provider_message_id)
-    count_email(kind, "sent")
-    return Claim.CLAIMED
+        prepared = prepare(session, delivery_id, settings=settings, now=utc_now())
+    return send_prepared(prepared, settings=settings, backend=backend)
 
 
 def _permanent_errors() -> dict[str, type[PermanentError]]:
