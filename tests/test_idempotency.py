@@ -181,13 +181,16 @@ def test_notify_signatories_twice_tells_each_signatory_once(worker, standin, red
 # -- the invitation's first attempt -------------------------------------------
 
 
+def here() -> int:
+    return threading.get_ident()
+
+
 def _enqueued_here(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The queues this thread enqueued messages on (Dramatiq logs each enqueue at DEBUG)."""
-    here = threading.get_ident()
     return [
         str(record.args[1])
         for record in caplog.records
-        if record.thread == here
+        if record.thread == here()
         and record.msg == "Enqueueing message %r on queue %r."
         and isinstance(record.args, tuple)
     ]
@@ -218,6 +221,10 @@ def test_a_failed_first_attempt_is_handed_to_deliver_email(worker, standin, capl
     assert delivery.last_error is not None and "500" in delivery.last_error
     # Detected the same way as the test above: one deliver_email message took it over.
     assert _enqueued_here(caplog) == ["emails.DQ"]
+    (warning,) = [r for r in caplog.records if r.name == "actors.deliver_email" and r.thread == here()]
+    assert warning.levelname == "WARNING"
+    expected = f"Delivery {delivery.id}: first attempt failed (ProviderUnavailable)"
+    assert warning.getMessage().startswith(expected)
     report = wait_for_contract(
         payload["contract_id"],
         lambda r: all_emails_sent(1)(r) and r.emails[0].attempts == 2,
