@@ -34,6 +34,7 @@ from models.sending import (
     release_reservation,
     reserve_contract,
     reserve_contracts,
+    reserve_new_contract,
 )
 from models.sending import resend_invitation as _resend_invitation
 from models.signing import check_notify_signatories
@@ -41,7 +42,7 @@ from models.status import ContractReport, contract_report
 from models.types import utc_now
 from models.workspace import set_workspace as _set_workspace
 from workers.broker_errors import BROKER_ERRORS, broker_problem
-from workers.database import require_database, session_scope
+from workers.database import autocommit_session, require_database, session_scope
 from workers.refusal_limit import RefusalLimit, refusal_limit
 from workers.reminders import SweepReport, run_sweep
 from workers.settings import get_settings
@@ -115,15 +116,26 @@ def _check_within_limit(
 
 
 def submit_send_contract(message: SendContract) -> Receipt:
-    """Check and enqueue a parsed send_contract message (see ``_check_within_limit``)."""
-    with session_scope() as session:
+    """Check and enqueue a parsed send_contract message (see ``_check_within_limit``).
+
+    No transaction around the check and a new contract's reservation: the check
+    only reads, and the reservation is one insert that ignores a conflict (two
+    round trips to PostgreSQL instead of four). A contract already recorded, or
+    inserted by another producer meanwhile, is reserved in a transaction
+    (``reserve_contract`` locks it).
+    """
+    with autocommit_session() as session:
         existing = _check_within_limit(
             message, refusal_limit(), lambda message: check_send_contract(session, message)
         )
         if existing is not None and existing.status not in OPEN_STATUSES:
             # The same contract was already accepted: sending it again changes nothing.
             return Receipt(contract_id=existing.id, status=existing.status)
-        created = reserve_contract(session, message, now=utc_now())
+        now = utc_now()
+        created = existing is None and reserve_new_contract(session, message, now=now)
+    if not created:
+        with session_scope() as session:
+            created = reserve_contract(session, message, now=now)
     try:
         _enqueue(message)
     except BrokerUnavailable:

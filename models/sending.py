@@ -407,6 +407,14 @@ def reserve_contract(session: Session, message: SendContract, *, now: datetime) 
     return False
 
 
+def reserve_new_contract(session: Session, message: SendContract, *, now: datetime) -> bool:
+    """Record a contract the check found unrecorded as queued (one insert); False if it exists by now.
+
+    The caller then takes ``reserve_contract``'s path, in a transaction.
+    """
+    return _insert_queued(session, message.contract_id, _contract_fields(message), now=now)
+
+
 def reserve_contracts(
     session: Session, messages: Sequence[SendContract], *, existing: Mapping[str, Contract], now: datetime
 ) -> set[str]:

@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -21,8 +22,9 @@ from contract_dispatch import send_contract
 from models.contract import Contract
 from models.dead_letter import DeadLetter
 from models.delivery import EmailDelivery
-from models.errors import Rejected
-from models.sending import resend_invitation
+from models.errors import BrokerUnavailable, Rejected
+from models.messages import SendContract, parse_message
+from models.sending import resend_invitation, reserve_new_contract
 from models.types import utc_now
 from tests.sendgrid_standin import Answer, SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, wait_for_contract, wait_until
@@ -92,6 +94,38 @@ def test_producer_called_twice_returns_a_receipt_and_sends_once(worker, standin,
     assert (later.contract_id, later.status) == (payload["contract_id"], "sent")
     wait_settled(redis_server.client(), payload["contract_id"])
     _one_invitation(standin, payload["contract_id"])
+
+
+def test_a_reservation_made_by_another_producer_after_the_check_is_left_to_it(database, monkeypatch):
+    """The check runs outside a transaction: another producer may reserve the contract
+    before this one inserts it. This call then did not create the reservation, so a
+    broker failure must not release it (the other producer's message is on its way)."""
+    import contract_dispatch.producer as producer
+
+    payload = contract_payload()
+    message = parse_message(SendContract, payload)
+
+    def checked_before_the_other_insert(session: Any, checked: SendContract) -> None:
+        # What the check read: no contract yet; the row appears before this call
+        # inserts it (written through the check's own connection: on SQLite the
+        # check and the insert hold the write lock, so no other producer could).
+        reserve_new_contract(session, checked, now=utc_now())
+
+    def broker_down(_message: Any) -> None:
+        raise BrokerUnavailable("the message broker is unreachable; nothing was sent")
+
+    monkeypatch.setattr(producer, "check_send_contract", checked_before_the_other_insert)
+    monkeypatch.setattr(producer, "_enqueue", broker_down)
+    with pytest.raises(BrokerUnavailable):
+        producer.submit_send_contract(message)
+    assert _contract(payload["contract_id"]).status == "queued"
+
+    monkeypatch.setattr(producer, "_enqueue", lambda _message: None)
+    receipt = producer.submit_send_contract(message)
+    assert (receipt.contract_id, receipt.status) == (payload["contract_id"], "queued")
+    with session_scope() as session:
+        rows = session.exec(select(Contract).where(Contract.id == payload["contract_id"])).all()
+    assert [row.status for row in rows] == ["queued"]
 
 
 def test_same_id_with_different_content_is_a_conflict(worker, standin, redis_server):

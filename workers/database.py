@@ -244,6 +244,13 @@ def autocommit(url: str | None = None) -> Iterator[Connection]:
 
 
 @contextmanager
+def autocommit_session(url: str | None = None) -> Iterator[Session]:
+    """A session on an ``autocommit`` connection: each statement final on its own (see there)."""
+    with autocommit(url) as connection, Session(bind=connection, expire_on_commit=False) as session:
+        yield session
+
+
+@contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """A session that commits when the block succeeds and rolls back otherwise."""
     with Session(get_engine(url), expire_on_commit=False) as session:
