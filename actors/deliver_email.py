@@ -13,17 +13,16 @@ from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 from models.errors import PermanentError, TransientError
 from models.messages import DeliverEmail, DeliverEmailGroup, parse_message
 from workers.dead_letters import ATTEMPTS_OPTION, FIRST_FAILED_OPTION
-from workers.email.delivery import Prepared, deliver, recorded_refusal, send_prepared
+from workers.email.delivery import Prepared, deliver, record_failure, recorded_failure, send_prepared
 from workers.email.group_delivery import deliver_group
 from workers.redis_dispatch import enqueue_many
 from workers.retry_policy import actor_options, honour_retry_after
-from workers.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
-#: Message option: the delivery was refused for good on its first attempt, made
-#: by the send_contract that recorded it; this message files its dead letter.
-REFUSED_OPTION = "first_attempt_refused"
+#: Message option: the delivery failed for good on its first attempt, made by the
+#: send_contract that recorded it; this message files its dead letter.
+FAILED_OPTION = "first_attempt_failed"
 
 
 @dramatiq.actor(
@@ -35,11 +34,11 @@ def deliver_email(payload: dict[str, Any]) -> None:
     """Send the delivery unless it is already sent; provider 429s wait for the reset."""
     message = parse_message(DeliverEmail, payload)
     current = CurrentMessage.get_current_message()
-    if current is not None and current.options.get(REFUSED_OPTION):
-        # Refused for good on its first attempt (deliver_or_hand_over): die of that refusal.
-        refusal = recorded_refusal(message.delivery_id)
-        if refusal is not None:
-            raise refusal
+    if current is not None and current.options.get(FAILED_OPTION):
+        # Failed for good on its first attempt (deliver_or_hand_over): die of that error.
+        failure = recorded_failure(message.delivery_id)
+        if failure is not None:
+            raise failure
     with honour_retry_after():
         deliver(message.delivery_id)
 
@@ -82,42 +81,46 @@ def enqueue_deliveries(delivery_ids: list[int], *, in_one_request: bool = False)
     )
 
 
-def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None = None) -> None:
-    """Send a lone delivery in this thread (call after the commit); if it does not go out,
-    deliver_email takes it over. Several deliveries are enqueued as ``enqueue_deliveries`` does.
+def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None) -> None:
+    """Send a lone prepared delivery in this thread (call after the commit); if it does
+    not go out, deliver_email takes it over. Otherwise enqueue, as ``enqueue_deliveries``.
 
     ``prepared``: the delivery's claim, made in the transaction just committed
-    (``workers.email.delivery.prepare``); without it the claim is a transaction of its own.
+    (``workers.email.delivery.prepare``).
 
     A contract's invitation is sent by the send_contract that records it: a second
     message (its trip through the broker, fetch, ack and middleware) cost about as
     much worker CPU as the rest of the email. The attempt counts as deliver_email's
     first, so the email's retry policy, logs and dead letter are deliver_email's as
-    when it was queued at once: after a transient failure the message that takes
-    over carries ``retries=1`` and runs when deliver_email's first retry would have
-    (at the provider's reset after a 429); after a permanent one (the delivery is
-    failed) it only files the dead letter, without asking the provider again.
+    when it was queued at once: after a failure deliver_email would retry, the
+    message that takes over carries ``retries=1`` and runs when deliver_email's first
+    retry would have (at the provider's reset after a 429); after one it would not
+    (a permanent error, or no retry allowed), the delivery is failed and the message
+    only files the dead letter, without asking the provider again.
     """
-    if len(delivery_ids) != 1:
+    if prepared is None or delivery_ids != [prepared.delivery_id]:
         enqueue_deliveries(delivery_ids)
         return
-    delivery_id = delivery_ids[0]
+    delivery_id = prepared.delivery_id
     try:
-        if prepared is not None and prepared.delivery_id == delivery_id:
-            send_prepared(prepared)
-        else:
-            deliver(delivery_id)
+        send_prepared(prepared)
     except Exception as exc:
         payload = DeliverEmail(delivery_id=delivery_id).to_payload()
-        if isinstance(exc, PermanentError):
+        # deliver_email's own predicate (its options, from settings when declared).
+        will_retry = deliver_email.options["retry_when"]
+        if not will_retry(0, exc):
+            if not isinstance(exc, PermanentError):
+                # Recorded as pending by the attempt: no retry will come, so it fails now.
+                kind = prepared.delivery.kind if prepared.delivery is not None else None
+                record_failure(delivery_id, kind, exc, permanent=True)
             logger.warning(
                 "Delivery %d failed for good (%s); deliver_email files its dead letter.",
                 delivery_id,
                 type(exc).__name__,
             )
             # The attempt is counted when the message dies (DeadLetters), not twice.
-            refused: Any = {REFUSED_OPTION: True}
-            deliver_email.send_with_options(args=(payload,), **refused)
+            failed: Any = {FAILED_OPTION: True}
+            deliver_email.send_with_options(args=(payload,), **failed)
             return
         delay = first_retry_delay_ms(exc)
         logger.warning(
@@ -134,8 +137,8 @@ def first_retry_delay_ms(exc: Exception) -> int:
     """When deliver_email's Retries middleware would retry after this failure, in milliseconds."""
     if isinstance(exc, TransientError) and exc.retry_after_ms is not None:
         return exc.retry_after_ms
-    policy = get_settings().retry_policy(DeliverEmail.actor_name)
+    options = deliver_email.options
     _, delay = compute_backoff(
-        0, factor=policy.min_backoff_ms, max_backoff=min(policy.max_backoff_ms, DEFAULT_MAX_BACKOFF)
+        0, factor=options["min_backoff"], max_backoff=min(options["max_backoff"], DEFAULT_MAX_BACKOFF)
     )
     return delay

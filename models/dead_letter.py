@@ -13,6 +13,8 @@ from typing import Any
 
 from sqlmodel import JSON, Column, Field, Session, SQLModel, col, select
 
+from models.delivery import EmailDelivery
+from models.messages import delivery_ids_of
 from models.types import UTCDateTime, utc_now
 from models.upsert import insert_ignoring_conflict
 
@@ -88,12 +90,23 @@ class DeadLetter(SQLModel, table=True):
     retried_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime()))
 
 
+def _contract_of_deliveries(session: Session, fields: dict[str, Any]) -> str | None:
+    """The contract of the first delivery an email message names (its payload names none)."""
+    args = fields.get("message_args") or [None]
+    delivery_ids = delivery_ids_of(str(fields.get("actor_name")), args[0])
+    if not delivery_ids:
+        return None
+    return session.exec(select(EmailDelivery.contract_id).where(EmailDelivery.id == delivery_ids[0])).first()
+
+
 def record_dead_letter(session: Session, *, overwrite: bool = True, **fields: Any) -> DeadLetter:
     """Insert or refresh the record of a message id (a retried message may die again).
 
     With ``overwrite=False`` an existing record is left as it is: what a sweep
     that only guesses the reason must do when the worker that knows it got there first.
     """
+    if fields.get("contract_id") is None:
+        fields["contract_id"] = _contract_of_deliveries(session, fields)
     message = storable(str(fields.get("exception_message", "")))
     fields["exception_message"] = message[:ERROR_MESSAGE_MAX_LENGTH]
     if fields.get("traceback"):

@@ -340,6 +340,7 @@ def test_exhausted_retries_count_every_attempt_and_retry_sends_once(
     assert record.attempts == tries
     assert record.first_failed_at < record.last_failed_at
     assert record.exception_type == "ProviderUnavailable" and "500" in record.exception_message
+    assert record.contract_id == payload["contract_id"]  # the delivery's, its payload naming none
     assert delivery.status == "failed"
     assert delivery.last_error is not None and "500" in delivery.last_error
     old_redis_id = record.redis_message_id

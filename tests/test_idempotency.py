@@ -30,6 +30,7 @@ from tests.sendgrid_standin import Answer, SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, wait_for_contract, wait_until
 from tests.test_access_codes import _first_arg, deliveries_of, requests_for, wait_settled
 from workers.database import session_scope
+from workers.retry_policy import retry_when
 from workers.settings import get_settings
 
 
@@ -267,8 +268,40 @@ def test_a_failed_first_attempt_is_handed_to_deliver_email(worker, standin, capl
     assert report.emails[0].last_error is None
 
 
-def test_the_refused_option_kills_only_a_delivery_refused_for_good(worker, standin, redis_server):
-    """A deliver_email with ``first_attempt_refused`` on a delivery that is not failed sends it."""
+def test_with_no_retry_allowed_a_failed_first_attempt_is_dead_lettered_without_another_request(
+    worker, standin, redis_server, monkeypatch
+):
+    # DELIVER_EMAIL_MAX_RETRIES=0, as deliver_email was declared with it (its options
+    # are read when the actor is declared; the worker in this process shares them).
+    monkeypatch.setitem(actors.deliver_email.options, "max_retries", 0)
+    monkeypatch.setitem(actors.deliver_email.options, "retry_when", retry_when(0))
+    payload = contract_payload()
+    standin.script(Answer(status=503), Answer(status=503))
+    actors.send_contract.fn(payload)
+
+    (delivery,) = deliveries_of(payload["contract_id"])
+    assert delivery.status == "failed" and delivery.id is not None
+    delivery_id = delivery.id
+    wait_until(lambda: _dead_letters_of(delivery_id), what="the dead letter")
+    wait_settled(redis_server.client(), payload["contract_id"])
+    (record,) = _dead_letters_of(delivery_id)
+    assert (record.exception_type, record.attempts) == ("ProviderUnavailable", 1)
+    # Its payload names only the delivery; the record names the delivery's contract.
+    assert record.contract_id == payload["contract_id"]
+    assert "503" in record.exception_message
+    # One request: the first attempt's; none from the message that filed the dead letter.
+    assert [r.status for r in requests_for(standin, f"invitation:{payload['contract_id']}:")] == [503]
+    assert (_delivery(delivery_id).status, _delivery(delivery_id).attempts) == ("failed", 1)
+
+
+def _dead_letters_of(delivery_id: int) -> list[DeadLetter]:
+    with session_scope() as session:
+        records = session.exec(select(DeadLetter).where(DeadLetter.actor_name == "deliver_email")).all()
+    return [r for r in records if r.message_args and r.message_args[0].get("delivery_id") == delivery_id]
+
+
+def test_the_failed_option_kills_only_a_delivery_failed_for_good(worker, standin, redis_server):
+    """A deliver_email with ``first_attempt_failed`` on a delivery that is not failed sends it."""
     payload = contract_payload()
     actors.send_contract.fn(payload)
     settings = get_settings()
@@ -282,7 +315,7 @@ def test_the_refused_option_kills_only_a_delivery_refused_for_good(worker, stand
             now=utc_now(),
         )
     message = actors.deliver_email.send_with_options(
-        args=({"version": 1, "delivery_id": pending},), first_attempt_refused=True
+        args=({"version": 1, "delivery_id": pending},), first_attempt_failed=True
     )
     # Settled either way: sent, or failed when its (wrong) dead letter is filed.
     wait_until(lambda: _delivery(pending).status != "pending", what="the second step to settle")

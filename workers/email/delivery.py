@@ -38,7 +38,7 @@ from models.delivery import (
     mark_sent,
     record_attempt_error,
 )
-from models.errors import DeliveryBusy, PermanentError, RenderError, UnknownDelivery
+from models.errors import DeliveryBusy, DispatchError, PermanentError, RenderError, UnknownDelivery
 from models.types import utc_now
 from models.upsert import table_of
 from workers.database import autocommit, session_scope
@@ -339,9 +339,9 @@ def deliver(
     return send_prepared(prepared, settings=settings, backend=backend)
 
 
-def _permanent_errors() -> dict[str, type[PermanentError]]:
-    found: dict[str, type[PermanentError]] = {}
-    waiting: list[type[PermanentError]] = [PermanentError]
+def _error_types() -> dict[str, type[DispatchError]]:
+    found: dict[str, type[DispatchError]] = {}
+    waiting: list[type[DispatchError]] = [DispatchError]
     while waiting:
         cls = waiting.pop()
         found[cls.__name__] = cls
@@ -349,11 +349,13 @@ def _permanent_errors() -> dict[str, type[PermanentError]]:
     return found
 
 
-def recorded_refusal(delivery_id: int) -> PermanentError | None:
-    """The permanent error a failed delivery recorded, rebuilt to be raised again; None unless failed.
+def recorded_failure(delivery_id: int) -> DispatchError | None:
+    """The error a failed delivery recorded, rebuilt to be raised again; None unless failed.
 
-    Its type is the recorded one (``ProviderRejected``...), so a dead letter filed
-    from it reads as if the message had met the refusal itself.
+    Its type is the recorded one (``ProviderRejected``, ``ProviderUnavailable``...),
+    so a dead letter filed from it reads as if the message had met the error itself;
+    rebuilt from its type and text only (an error of another library, or of no known
+    type, becomes a ``PermanentError`` carrying the whole recorded text).
     """
     table = table_of(EmailDelivery)
     with session_scope() as session:
@@ -371,10 +373,13 @@ def recorded_refusal(delivery_id: int) -> PermanentError | None:
     if row is None or row.status != DeliveryStatus.FAILED.value:
         return None
     name, _, text = (row.last_error or "").partition(": ")
-    cls = _permanent_errors().get(name)
+    cls = _error_types().get(name)
     if cls is None:
         return PermanentError(row.last_error or f"delivery {delivery_id} failed")
-    return cls(text)
+    # Not through its constructor: some take more than a message (a retry delay).
+    error = cls.__new__(cls)
+    error.args = (text,)
+    return error
 
 
 def timed_send(backend_name: str, send: Callable[[], str]) -> str:
