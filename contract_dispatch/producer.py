@@ -30,6 +30,7 @@ from models.sending import (
     OPEN_STATUSES,
     ContractState,
     SendChecks,
+    check_recorded_content,
     check_send_contract,
     release_reservation,
     reserve_contract,
@@ -135,6 +136,14 @@ def submit_send_contract(message: SendContract) -> Receipt:
         created = existing is None and reserve_new_contract(session, message, now=now)
     if not created:
         with session_scope() as session:
+            if existing is None:
+                # Another producer recorded it since the check: the same content, or refused now.
+                _check_within_limit(
+                    message,
+                    refusal_limit(),
+                    lambda message: check_recorded_content(session, message),
+                    ensure_open=False,
+                )
             created = reserve_contract(session, message, now=now)
     try:
         _enqueue(message)

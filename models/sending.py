@@ -415,6 +415,17 @@ def reserve_new_contract(session: Session, message: SendContract, *, now: dateti
     return _insert_queued(session, message.contract_id, _contract_fields(message), now=now)
 
 
+def check_recorded_content(session: Session, message: SendContract) -> None:
+    """Refuse a message whose contract was recorded meanwhile with other content.
+
+    For a producer whose check found no contract and whose insert then found one
+    (another producer's, same id): its worker would only dead-letter the message.
+    """
+    row = session.connection().execute(_CONTRACT_STATE, {"contract_id": message.contract_id}).first()
+    if row is not None:
+        _check_same_content(ContractState.of(row).content_hash, message)
+
+
 def reserve_contracts(
     session: Session, messages: Sequence[SendContract], *, existing: Mapping[str, Contract], now: datetime
 ) -> set[str]:

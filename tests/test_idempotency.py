@@ -22,7 +22,7 @@ from contract_dispatch import send_contract
 from models.contract import Contract
 from models.dead_letter import DeadLetter
 from models.delivery import EmailDelivery
-from models.errors import BrokerUnavailable, Rejected
+from models.errors import BrokerUnavailable, ContractConflict, Rejected
 from models.messages import SendContract, parse_message
 from models.sending import resend_invitation, reserve_new_contract
 from models.types import utc_now
@@ -127,6 +127,34 @@ def test_a_reservation_made_by_another_producer_after_the_check_is_left_to_it(da
     with session_scope() as session:
         rows = session.exec(select(Contract).where(Contract.id == payload["contract_id"])).all()
     assert [row.status for row in rows] == ["queued"]
+
+
+def test_the_same_id_recorded_with_other_content_after_the_check_is_refused_at_once(database, monkeypatch):
+    """Two producers, one contract id, two contents: the one whose insert finds the
+    other's row is refused with contract_conflict, not answered queued (its worker
+    would only dead-letter it, and the contract would read sent with the other content)."""
+    import contract_dispatch.producer as producer
+
+    payload = contract_payload()
+    message = parse_message(SendContract, payload)
+    other = parse_message(SendContract, {**payload, "title": "Another contract"})
+    enqueued: list[Any] = []
+
+    def checked_before_the_other_insert(session: Any, checked: SendContract) -> None:
+        # What the check read: no contract yet; the other producer's row appears now.
+        reserve_new_contract(session, other, now=utc_now())
+
+    monkeypatch.setattr(producer, "check_send_contract", checked_before_the_other_insert)
+    monkeypatch.setattr(producer, "_enqueue", enqueued.append)
+    with pytest.raises(ContractConflict):
+        producer.submit_send_contract(message)
+    assert enqueued == []
+    stored = _contract(payload["contract_id"])
+    assert (stored.status, stored.title, stored.content_hash) == (
+        "queued",
+        "Another contract",
+        other.content_hash(),
+    )
 
 
 def test_same_id_with_different_content_is_a_conflict(worker, standin, redis_server):
