@@ -280,8 +280,13 @@ def delivery_ids_of(actor_name: str, payload: Any) -> list[int]:
         named = listed if isinstance(listed, list) else []
     else:
         return []
-    # bool is an int too; a broken message names no delivery.
-    return [value for value in named if isinstance(value, int) and not isinstance(value, bool)]
+    # bool is an int too; a broken message names no delivery, nor one no id column
+    # can hold (looked up, it would be a database error, not "no such delivery").
+    return [
+        value
+        for value in named
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= SQL_INTEGER_MAX
+    ]
 
 
 PUBLIC_MESSAGES: tuple[type[WireMessage], ...] = (SendContract, NotifySignatories, CancelContract)
