@@ -91,7 +91,7 @@ def _check_same_content(stored_hash: str | None, message: SendContract) -> None:
     """Refuse a message whose contract id was recorded with other content (``stored_hash``)."""
     if stored_hash and stored_hash != message.content_hash():
         raise ContractConflict(
-            f"contract {message.contract_id!r} was already sent with different content; "
+            f"contract {message.contract_id!r} was already received with different content; "
             "use a new contract id for a different contract"
         )
 

@@ -128,6 +128,8 @@ def test_bulk_send_of_one_contract_twice_reserves_it_once_and_refuses_a_changed_
     queued = Receipt(contract_id=payload["contract_id"], status="queued")
     assert results[:2] == [queued, queued]
     assert isinstance(results[2], Rejected) and results[2].code == "contract_conflict"
+    # Only queued (by the earlier line), so the refusal does not say "sent".
+    assert "already received with different content" in results[2].message
     (call,) = enqueue_calls
     # Both copies go out, as two send_contract calls would; the worker records it once.
     assert [message.args[0]["contract_id"] for message in call] == [payload["contract_id"]] * 2
