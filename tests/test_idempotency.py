@@ -26,7 +26,7 @@ from models.errors import BrokerUnavailable, ContractConflict, Rejected
 from models.messages import SendContract, parse_message
 from models.sending import resend_invitation, reserve_new_contract
 from models.types import utc_now
-from tests.sendgrid_standin import Answer, SendGridStandIn
+from tests.sendgrid_standin import Answer, Incoming, SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, wait_for_contract, wait_until
 from tests.test_access_codes import _first_arg, deliveries_of, requests_for, wait_settled
 from workers.database import session_scope
@@ -244,6 +244,24 @@ def test_notify_signatories_twice_tells_each_signatory_once(worker, standin, red
 # -- the invitation's first attempt -------------------------------------------
 
 
+def answer_invitation(
+    monkeypatch: pytest.MonkeyPatch, standin: SendGridStandIn, contract_id: str, *answers: Answer
+) -> None:
+    """These answers for this contract's invitation only, in order (then 202): a late email
+    of another test (a delayed retry of the in-process worker) cannot take them."""
+    waiting = list(answers)
+    lock = threading.Lock()
+
+    def choose(incoming: Incoming) -> Answer:
+        if (incoming.reference or "").startswith(f"invitation:{contract_id}:"):
+            with lock:
+                if waiting:
+                    return waiting.pop(0)
+        return Answer()
+
+    monkeypatch.setattr(standin, "chooser", choose)
+
+
 def here() -> int:
     return threading.get_ident()
 
@@ -273,10 +291,10 @@ def test_the_invitation_goes_out_from_the_send_contract_that_records_it(database
     assert _enqueued_here(caplog) == []
 
 
-def test_a_failed_first_attempt_is_handed_to_deliver_email(worker, standin, caplog):
+def test_a_failed_first_attempt_is_handed_to_deliver_email(worker, standin, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
     payload = contract_payload()
-    standin.script(Answer(status=500))
+    answer_invitation(monkeypatch, standin, payload["contract_id"], Answer(status=500))
     actors.send_contract.fn(payload)
 
     (delivery,) = deliveries_of(payload["contract_id"])
@@ -304,7 +322,7 @@ def test_with_no_retry_allowed_a_failed_first_attempt_is_dead_lettered_without_a
     monkeypatch.setitem(actors.deliver_email.options, "max_retries", 0)
     monkeypatch.setitem(actors.deliver_email.options, "retry_when", retry_when(0))
     payload = contract_payload()
-    standin.script(Answer(status=503), Answer(status=503))
+    answer_invitation(monkeypatch, standin, payload["contract_id"], Answer(status=503), Answer(status=503))
     actors.send_contract.fn(payload)
 
     (delivery,) = deliveries_of(payload["contract_id"])
