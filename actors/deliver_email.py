@@ -10,10 +10,10 @@ from dramatiq.common import compute_backoff, current_millis
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 
-from models.errors import PermanentError, TransientError
+from models.errors import TransientError
 from models.messages import DeliverEmail, DeliverEmailGroup, parse_message
 from workers.dead_letters import ATTEMPTS_OPTION, FIRST_FAILED_OPTION
-from workers.email.delivery import Prepared, deliver, record_failure, recorded_failure, send_prepared
+from workers.email.delivery import Prepared, deliver, recorded_failure, send_prepared
 from workers.email.group_delivery import deliver_group
 from workers.redis_dispatch import enqueue_many
 from workers.retry_policy import actor_options, honour_retry_after
@@ -102,17 +102,14 @@ def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None) 
         enqueue_deliveries(delivery_ids)
         return
     delivery_id = prepared.delivery_id
+    # deliver_email's own predicate (its options, from settings when declared): a
+    # failure it would not retry fails the delivery at once.
+    will_retry = deliver_email.options["retry_when"]
     try:
-        send_prepared(prepared)
+        send_prepared(prepared, retried=lambda exc: will_retry(0, exc))
     except Exception as exc:
         payload = DeliverEmail(delivery_id=delivery_id).to_payload()
-        # deliver_email's own predicate (its options, from settings when declared).
-        will_retry = deliver_email.options["retry_when"]
         if not will_retry(0, exc):
-            if not isinstance(exc, PermanentError):
-                # Recorded as pending by the attempt: no retry will come, so it fails now.
-                kind = prepared.delivery.kind if prepared.delivery is not None else None
-                record_failure(delivery_id, kind, exc, permanent=True)
             logger.warning(
                 "Delivery %d failed for good (%s); deliver_email files its dead letter.",
                 delivery_id,

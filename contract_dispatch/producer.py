@@ -125,10 +125,9 @@ def submit_send_contract(message: SendContract) -> Receipt:
     inserted by another producer meanwhile, is reserved in a transaction
     (``reserve_contract`` locks it).
     """
+    limit = refusal_limit()
     with autocommit_session() as session:
-        existing = _check_within_limit(
-            message, refusal_limit(), lambda message: check_send_contract(session, message)
-        )
+        existing = _check_within_limit(message, limit, lambda message: check_send_contract(session, message))
         if existing is not None and existing.status not in OPEN_STATUSES:
             # The same contract was already accepted: sending it again changes nothing.
             return Receipt(contract_id=existing.id, status=existing.status)
@@ -140,7 +139,7 @@ def submit_send_contract(message: SendContract) -> Receipt:
                 # Another producer recorded it since the check: the same content, or refused now.
                 _check_within_limit(
                     message,
-                    refusal_limit(),
+                    limit,
                     lambda message: check_recorded_content(session, message),
                     ensure_open=False,
                 )

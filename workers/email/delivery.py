@@ -284,12 +284,18 @@ def prepare(session: Session, delivery_id: int, *, settings: Settings, now: date
 
 
 def send_prepared(
-    prepared: Prepared, *, settings: Settings | None = None, backend: EmailBackend | None = None
+    prepared: Prepared,
+    *,
+    settings: Settings | None = None,
+    backend: EmailBackend | None = None,
+    retried: Callable[[Exception], bool] | None = None,
 ) -> Claim:
     """Send a prepared delivery once its claim has committed; returns what the claim found.
 
     Raises ``UnknownDelivery`` for a delivery that does not exist and
-    ``DeliveryBusy`` (retry after its lease) for one another attempt holds.
+    ``DeliveryBusy`` (retry after its lease) for one another attempt holds. A
+    failed send is recorded on the delivery: as final unless ``retried(error)``
+    says another attempt will come (default: unless it is a ``PermanentError``).
     """
     delivery_id, claim, delivery = prepared.delivery_id, prepared.claim, prepared.delivery
     if claim is Claim.MISSING:
@@ -318,7 +324,7 @@ def send_prepared(
         chosen = backend or backend_for(settings or get_settings())
         provider_message_id = timed_send(chosen.name, lambda: chosen.send(email))
     except Exception as exc:
-        record_failure(delivery_id, kind, exc)
+        record_failure(delivery_id, kind, exc, permanent=None if retried is None else not retried(exc))
         raise
     mark_sent_patiently([delivery_id], provider_message_id)
     count_email(kind, "sent")
