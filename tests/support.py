@@ -156,6 +156,24 @@ def send_args(payload: dict[str, Any]) -> list[str]:
     return args
 
 
+def record_resend(contract_id: str) -> int:
+    """The invitation sent again, recorded and committed but never enqueued; its delivery id."""
+    from models.sending import resend_invitation
+    from models.types import utc_now
+    from workers.database import session_scope
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    with session_scope() as session:
+        return resend_invitation(
+            session,
+            contract_id,
+            policy=settings.access_code_policy(),
+            reminders=settings.reminder_policy(),
+            now=utc_now(),
+        )
+
+
 def readme_message(actor: str, args: Any, *, queue: str = "contracts") -> dict[str, Any]:
     """A Dramatiq message, field for field as the README tells a producer in any language to write it."""
     message_id = str(uuid.uuid4())

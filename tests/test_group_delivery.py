@@ -184,7 +184,6 @@ def test_copies_of_a_group_are_what_each_recipient_reads():
 
 
 def test_a_dead_group_message_that_named_the_wrong_deliveries_fails_none_of_them(database, broker):
-
     from models.delivery import EmailKind, add_delivery
     from models.errors import DeliveryGroupMismatch, ProviderUnavailable
     from models.messages import SendContract, parse_message

@@ -18,17 +18,19 @@ import redis
 from sqlmodel import select
 
 import actors
+from actors.deliver_email import FAILED_OPTION
 from contract_dispatch import send_contract
 from models.contract import Contract
 from models.dead_letter import DeadLetter
 from models.delivery import EmailDelivery
 from models.errors import BrokerUnavailable, ContractConflict, Rejected
 from models.messages import SendContract, parse_message
-from models.sending import resend_invitation, reserve_new_contract
+from models.sending import reserve_new_contract
 from models.types import utc_now
 from tests.sendgrid_standin import Answer, Incoming, SendGridStandIn
-from tests.support import all_emails_sent, contract_payload, wait_for_contract, wait_until
+from tests.support import all_emails_sent, contract_payload, record_resend, wait_for_contract, wait_until
 from tests.test_access_codes import _first_arg, deliveries_of, requests_for, wait_settled
+from tests.test_dead_letters import wait_email_dead
 from workers.database import session_scope
 from workers.retry_policy import retry_when
 from workers.settings import get_settings
@@ -328,9 +330,8 @@ def test_with_no_retry_allowed_a_failed_first_attempt_is_dead_lettered_without_a
     (delivery,) = deliveries_of(payload["contract_id"])
     assert delivery.status == "failed" and delivery.id is not None
     delivery_id = delivery.id
-    wait_until(lambda: _dead_letters_of(delivery_id), what="the dead letter")
+    record = wait_email_dead(delivery_id)
     wait_settled(redis_server.client(), payload["contract_id"])
-    (record,) = _dead_letters_of(delivery_id)
     assert (record.exception_type, record.attempts) == ("ProviderUnavailable", 1)
     # Its payload names only the delivery; the record names the delivery's contract.
     assert record.contract_id == payload["contract_id"]
@@ -340,29 +341,15 @@ def test_with_no_retry_allowed_a_failed_first_attempt_is_dead_lettered_without_a
     assert (_delivery(delivery_id).status, _delivery(delivery_id).attempts) == ("failed", 1)
 
 
-def _dead_letters_of(delivery_id: int) -> list[DeadLetter]:
-    with session_scope() as session:
-        records = session.exec(select(DeadLetter).where(DeadLetter.actor_name == "deliver_email")).all()
-    return [r for r in records if r.message_args and r.message_args[0].get("delivery_id") == delivery_id]
-
-
 def test_the_failed_option_kills_only_a_delivery_failed_for_good(worker, standin, redis_server):
-    """A deliver_email with ``first_attempt_failed`` on a delivery that is not failed sends it."""
+    """A deliver_email with the option ``first_attempt_failed`` (``FAILED_OPTION``) on a
+    delivery that is not failed sends it."""
     payload = contract_payload()
     actors.send_contract.fn(payload)
-    settings = get_settings()
-    with session_scope() as session:
-        # A second step, recorded and not sent: what a resend records.
-        pending = resend_invitation(
-            session,
-            payload["contract_id"],
-            policy=settings.access_code_policy(),
-            reminders=settings.reminder_policy(),
-            now=utc_now(),
-        )
-    message = actors.deliver_email.send_with_options(
-        args=({"version": 1, "delivery_id": pending},), first_attempt_failed=True
-    )
+    # A second step, recorded and not sent: what a resend records.
+    pending = record_resend(payload["contract_id"])
+    failed: Any = {FAILED_OPTION: True}
+    message = actors.deliver_email.send_with_options(args=({"version": 1, "delivery_id": pending},), **failed)
     # Settled either way: sent, or failed when its (wrong) dead letter is filed.
     wait_until(lambda: _delivery(pending).status != "pending", what="the second step to settle")
     wait_until(lambda: _message_done(redis_server.client(), "emails", message.message_id), what="the message")

@@ -47,7 +47,6 @@ from models.account import Account
 from models.contract import Contract
 from models.delivery import Claim, EmailDelivery
 from models.reminders import ReminderPolicy, ReminderSweep, start_cycle, sweep_due_reminders
-from models.sending import resend_invitation as record_resend
 from models.status import ContractReport
 from models.types import utc_now
 from models.upsert import table_of
@@ -58,6 +57,7 @@ from tests.support import (
     all_emails_sent,
     contract_payload,
     enqueue_raw,
+    record_resend,
     unique,
     wait_for_contract,
     wait_until,
@@ -798,15 +798,7 @@ def test_cancel_contract_through_the_python_api(own_database, worker, standin, r
     assert run_reminders(as_of=MONDAY + timedelta(days=3)).claimed == 1
     wait_reminders(contract_id, 1)
     # An invitation sent again is recorded; its message has not been processed yet.
-    settings = get_settings()
-    with session_scope() as session:
-        pending_id = record_resend(
-            session,
-            contract_id,
-            policy=settings.access_code_policy(),
-            reminders=settings.reminder_policy(),
-            now=utc_now(),
-        )
+    pending_id = record_resend(contract_id)
 
     receipt = cancel_contract(contract_id=contract_id, reason="Le client a choisi un autre espace")
     assert receipt == Receipt(contract_id=contract_id, status="queued")
@@ -987,23 +979,9 @@ def test_a_sweep_whose_enqueue_fails_records_what_it_claimed(own_database, worke
 def test_sweep_sends_a_pending_email_whose_message_was_lost(own_database, worker, standin):
     lost_contract = send_and_wait()
     fresh_contract = send_and_wait()
-    settings = get_settings()
     # Recorded, committed, and never enqueued (the broker lost the message).
-    with session_scope() as session:
-        lost = record_resend(
-            session,
-            lost_contract["contract_id"],
-            policy=settings.access_code_policy(),
-            reminders=settings.reminder_policy(),
-            now=utc_now(),
-        )
-        fresh = record_resend(
-            session,
-            fresh_contract["contract_id"],
-            policy=settings.access_code_policy(),
-            reminders=settings.reminder_policy(),
-            now=utc_now(),
-        )
+    lost = record_resend(lost_contract["contract_id"])
+    fresh = record_resend(fresh_contract["contract_id"])
     table = table_of(EmailDelivery)
     with session_scope() as session:
         session.execute(
