@@ -12,6 +12,9 @@ from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 
 from models.errors import TransientError
 from models.messages import DeliverEmail, DeliverEmailGroup, parse_message
+from models.types import utc_now
+from workers import dead_letters
+from workers.broker_errors import BROKER_ERRORS, broker_problem
 from workers.dead_letters import ATTEMPTS_OPTION, FIRST_FAILED_OPTION
 from workers.email.delivery import Prepared, deliver, recorded_failure, send_prepared
 from workers.email.group_delivery import deliver_group
@@ -115,9 +118,7 @@ def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None) 
                 delivery_id,
                 type(exc).__name__,
             )
-            # The attempt is counted when the message dies (DeadLetters), not twice.
-            failed: Any = {FAILED_OPTION: True}
-            deliver_email.send_with_options(args=(payload,), **failed)
+            _file_failed(payload, exc)
             return
         delay = first_retry_delay_ms(exc)
         logger.warning(
@@ -128,6 +129,28 @@ def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None) 
         )
         failed_at: Any = {ATTEMPTS_OPTION: 1, FIRST_FAILED_OPTION: current_millis()}
         deliver_email.send_with_options(args=(payload,), delay=delay, retries=1, **failed_at)
+
+
+def _file_failed(payload: dict[str, Any], exc: Exception) -> None:
+    """Enqueue the message that files a failed first attempt's dead letter.
+
+    When the broker cannot take it, the dead letter is filed here, in SQL, where
+    operators list and retry dead letters: the delivery is already failed, so a
+    redelivered send_contract would find nothing left to send, and the failure
+    would otherwise be recorded nowhere but on the email.
+    """
+    # The attempt is counted when the message dies (DeadLetters), not twice.
+    failed: Any = {FAILED_OPTION: True}
+    message = deliver_email.message_with_options(args=(payload,), **failed)
+    try:
+        deliver_email.broker.enqueue(message)
+    except BROKER_ERRORS as broker_error:
+        logger.error(
+            "The message broker %s: the dead letter of message %s is filed without its broker copy.",
+            broker_problem(broker_error),
+            message.message_id,
+        )
+        dead_letters.record(deliver_email.broker, dead_letters.describe(message, exc, now=utc_now()))
 
 
 def first_retry_delay_ms(exc: Exception) -> int:

@@ -341,6 +341,38 @@ def test_with_no_retry_allowed_a_failed_first_attempt_is_dead_lettered_without_a
     assert (_delivery(delivery_id).status, _delivery(delivery_id).attempts) == ("failed", 1)
 
 
+def test_a_first_attempt_failed_for_good_is_dead_lettered_when_the_broker_refuses_its_message(
+    database, standin, monkeypatch
+):
+    """The message that files the dead letter cannot be enqueued: the record is filed
+    in SQL at once (a redelivered send_contract would find nothing left to send)."""
+    payload = contract_payload()
+    answer_invitation(monkeypatch, standin, payload["contract_id"], Answer(status=400))
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    monkeypatch.setattr(actors.broker, "enqueue", refuse)
+    actors.send_contract.fn(payload)
+    monkeypatch.undo()
+
+    (delivery,) = deliveries_of(payload["contract_id"])
+    assert (delivery.status, delivery.attempts) == ("failed", 1)
+    with session_scope() as session:
+        (record,) = session.exec(
+            select(DeadLetter).where(DeadLetter.contract_id == payload["contract_id"])
+        ).all()
+    assert (record.actor_name, record.exception_type, record.attempts) == (
+        "deliver_email",
+        "ProviderRejected",
+        1,
+    )
+    assert record.message_args == [{"version": 1, "delivery_id": delivery.id}]
+    assert record.status == "dead" and record.redis_message_id is None
+    assert "400" in record.exception_message
+    assert [r.status for r in requests_for(standin, f"invitation:{payload['contract_id']}:")] == [400]
+
+
 def test_the_failed_option_kills_only_a_delivery_failed_for_good(worker, standin, redis_server):
     """A deliver_email with the option ``first_attempt_failed`` (``FAILED_OPTION``) on a
     delivery that is not failed sends it."""
