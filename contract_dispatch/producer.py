@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from models.cancelling import check_cancel_contract
+from models.cancelling import cancel_queued, check_cancel_contract
 from models.contract import ContractStatus
 from models.delivery import EmailDelivery
 from models.errors import BrokerUnavailable, RefusalsRateLimited, Rejected
@@ -379,13 +379,20 @@ def set_workspace(workspace_id: str, resource_group_ids: Sequence[str]) -> None:
 
 
 def cancel_contract(*, contract_id: str, reason: str | None = None) -> Receipt:
-    """Cancel a contract not signed yet; raises ``Rejected`` when it cannot be."""
+    """Cancel a contract not signed yet; raises ``Rejected`` when it cannot be.
+
+    A contract still queued (no worker has taken it) is cancelled at once, and
+    one already cancelled stays so: the receipt says ``cancelled`` and nothing is
+    enqueued. Otherwise the cancel is queued for a worker (receipt ``queued``).
+    """
     payload: dict[str, Any] = {"contract_id": contract_id}
     if reason is not None:
         payload["reason"] = reason
     message = parse_message(CancelContract, payload)
     with session_scope() as session:
-        check_cancel_contract(session, message)
+        status = check_cancel_contract(session, message)
+        if status == ContractStatus.CANCELLED or cancel_queued(session, message, now=utc_now()):
+            return Receipt(contract_id=contract_id, status=ContractStatus.CANCELLED.value)
     _enqueue(message)
     return Receipt(contract_id=contract_id, status=ContractStatus.QUEUED.value)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from models.contract import Contract, ContractStatus
@@ -11,6 +12,7 @@ from models.delivery import DeliveryStatus, EmailDelivery, EmailKind, cancel_del
 from models.errors import ContractClosed, UnknownContract
 from models.messages import CancelContract
 from models.reminders import stop_reminders
+from models.upsert import affected_rows, table_of
 
 #: Emails a cancelled contract no longer sends (managers' notifications are not among them).
 CANCELLED_KINDS = (EmailKind.INVITATION.value, EmailKind.REMINDER.value)
@@ -57,9 +59,32 @@ def record_cancellation(session: Session, message: CancelContract, *, now: datet
     return cancelled
 
 
-def check_cancel_contract(session: Session, message: CancelContract) -> None:
-    """The producer-side check, read-only."""
-    _check_cancellable(session.get(Contract, message.contract_id), message.contract_id)
+def cancel_queued(session: Session, message: CancelContract, *, now: datetime) -> bool:
+    """Cancel a contract no worker has taken yet, at once; True if it was still queued.
+
+    Its send_contract message then finds it cancelled and records and sends
+    nothing (no account bound, no invitation). Waiting for the cancel message
+    instead would be too late: the worker that records a contract sends its
+    invitation in the same breath. One conditional ``UPDATE``: a worker holding
+    the row (recording it) commits first, and the contract is then no longer queued.
+    """
+    table = table_of(Contract)
+    result = session.connection().execute(
+        update(table)
+        .where(table.c.id == message.contract_id, table.c.status == ContractStatus.QUEUED.value)
+        .values(
+            status=ContractStatus.CANCELLED.value,
+            cancelled_at=now,
+            cancel_reason=message.reason,
+            updated_at=now,
+        )
+    )
+    return affected_rows(result) == 1
+
+
+def check_cancel_contract(session: Session, message: CancelContract) -> str:
+    """The producer-side check, read-only; returns the contract's status."""
+    return str(_check_cancellable(session.get(Contract, message.contract_id), message.contract_id).status)
 
 
 def unwanted_reason(status: str, kind: str) -> str | None:

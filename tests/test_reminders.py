@@ -836,6 +836,40 @@ def test_cancel_contract_through_the_python_api(own_database, worker, standin, r
     assert unknown.value.code == "unknown_contract"
 
 
+def test_a_contract_cancelled_while_queued_is_never_recorded_or_sent(database, standin, monkeypatch):
+    """Cancelled before a worker took it: cancelled at once, and its send_contract, when a
+    worker takes it, binds nothing and sends nothing (the worker that records a contract
+    sends its invitation at once, so a queued cancel would come too late)."""
+    import actors
+    import contract_dispatch.producer
+    from models.messages import WireMessage
+
+    enqueued: list[WireMessage] = []
+    # Kept out of the broker: the contract stays queued, as behind a busy worker.
+    monkeypatch.setattr(contract_dispatch.producer, "_enqueue", enqueued.append)
+    payload = contract_payload()
+    contract_id = payload["contract_id"]
+    assert send_contract(**payload).status == "queued"
+
+    receipt = cancel_contract(contract_id=contract_id, reason="Erreur de saisie")
+    assert receipt == Receipt(contract_id=contract_id, status="cancelled")
+    assert [message.actor_name for message in enqueued] == ["send_contract"]
+    contract = stored(contract_id)
+    assert (contract.status, contract.cancel_reason) == ("cancelled", "Erreur de saisie")
+    assert contract.cancelled_at is not None
+
+    # A worker takes the send_contract message now.
+    actors.send_contract.fn(enqueued[0].to_payload())
+    assert stored(contract_id).status == "cancelled"
+    assert deliveries(contract_id) == []
+    assert received(standin, "invitation", contract_id) == []
+    with session_scope() as session:
+        assert session.exec(select(Account).where(Account.email == payload["email"])).first() is None
+    # Cancelling it again is accepted and changes nothing.
+    assert cancel_contract(contract_id=contract_id).status == "cancelled"
+    assert stored(contract_id).cancel_reason == "Erreur de saisie"
+
+
 def test_cancel_contract_on_the_command_line(own_database, cli_env, worker, standin, redis_server):
     contract_id = send_and_wait()["contract_id"]
     result = run_cli(cli_env, "cancel-contract", "--contract-id", contract_id, "--reason", "Budget gelé")
