@@ -737,6 +737,64 @@ def test_two_workers_on_one_host_count_only_their_own_processes(test_environment
         client.close()
 
 
+def test_a_worker_started_on_a_running_workers_port_keeps_its_counts_and_takes_the_endpoint_over(
+    test_environment, redis_server, tmp_path
+):
+    """A restart that overlaps the old worker's exit (or a second worker on the same
+    METRICS_PORT): the old worker's live metric files are kept, and the new endpoint
+    starts once the port is free."""
+    namespace = unique("metrics-overlap")
+    port = free_port()
+    env = {
+        **os.environ,
+        **test_environment,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'overlap.db'}",
+        "REDIS_NAMESPACE": namespace,
+        "METRICS_PORT": str(port),
+        "METRICS_DIR": str(tmp_path / "metric-files"),
+    }
+    client: redis.Redis = redis_server.client()
+
+    def counted(expected: int) -> bool:
+        scraped = try_scrape(port)
+        return scraped is not None and total(parse(scraped), "dramatiq_messages_total") == expected
+
+    def refused(amount: int) -> None:
+        for _ in range(amount):
+            # Not a valid payload: refused at once (invalid_payload), whichever worker takes it.
+            enqueue_raw(client, namespace, queue="contracts", actor="send_contract", payload={})
+
+    old = WorkerProcess(env, log_path=tmp_path / "old.log", processes=1, threads=2).start()
+    new: WorkerProcess | None = None
+    try:
+        wait_until(lambda: try_scrape(port), timeout=SCENARIO_TIMEOUT_SECONDS, what="the old endpoint")
+        refused(5)
+        wait_until(lambda: counted(5), timeout=SCENARIO_TIMEOUT_SECONDS, what="the old worker's counts")
+        started = new = WorkerProcess(env, log_path=tmp_path / "new.log", processes=1, threads=2).start()
+        wait_until(
+            # Its metric files were prepared before its processes started.
+            lambda: worker_processes(started),
+            timeout=SCENARIO_TIMEOUT_SECONDS,
+            what="the new worker to start beside the old one",
+        )
+        refused(7)
+        # The old worker's counts survive the new one's start, summed with the new ones.
+        wait_until(lambda: counted(12), timeout=SCENARIO_TIMEOUT_SECONDS, what="both workers' counts")
+        assert "kept, and summed with this worker's" in started.log()
+        assert old.terminate() == 0
+        # The new worker's endpoint takes the port over; what the old one did still counts.
+        wait_until(lambda: counted(12), timeout=SCENARIO_TIMEOUT_SECONDS, what="the new worker's endpoint")
+        assert "Metrics endpoint on http" in started.log()
+    finally:
+        for worker in (old, new):
+            if worker is not None and worker.alive():
+                worker.terminate()
+        keys = client.keys(f"{namespace}:*")
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
 def test_metrics_command_still_prints_what_it_can_read_when_redis_is_down(test_environment, tmp_path):
     env = {
         **os.environ,

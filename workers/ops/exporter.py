@@ -5,8 +5,9 @@ One scrape is one registry read at that moment:
 - the counters and histograms every worker process wrote to METRICS_DIR
   (Dramatiq's ``dramatiq_*`` figures and the service's ``contract_dispatch_*``
   ones, see ``workers.ops.metrics``), added up by prometheus_client's
-  multiprocess collector. The directory is emptied when the worker starts, so
-  counters start from zero with each worker run; the live gauges of a process
+  multiprocess collector. The directory is emptied when the worker starts (but
+  for the files of processes still running), so counters start from zero with
+  each worker run; the live gauges of a process
   that died without cleaning up (SIGKILL) are dropped at the next scrape, while
   its counters stay (what it did happened);
 - gauges read from a fresh ``Snapshot`` (``workers.ops.snapshot``): queue depth
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -62,7 +64,7 @@ GAUGE_NAMES = (
 )
 
 #: A file prometheus_client's multiprocess mode writes: ``{type}_{pid}.db``.
-METRIC_FILE = re.compile(r"^(?:counter|histogram|summary|gauge_[a-z]+)_\d+\.db$")
+METRIC_FILE = re.compile(r"^(?:counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$")
 
 #: A live gauge's file (``gauge_livesum_1234.db``): its values count only while its process lives.
 LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]*_(?P<pid>\d+)\.db$")
@@ -230,13 +232,40 @@ def prepare_metrics_dir(directory: Path) -> None:
 
     Only prometheus_client's own files are deleted, never the directory nor anything
     else in it (METRICS_DIR pointed at DATA_DIR must not take the SQLite database
-    along). A worker still running on the same directory (a misconfiguration)
-    keeps working, its figures merely reset.
+    along), and only those of processes that are gone: a live process keeps writing
+    to the file it opened, so deleting it would lose that worker's counts for good
+    (another worker still running on the directory: a restart overlapping the old
+    worker's exit, or two workers on one port by mistake).
     """
     directory.mkdir(parents=True, exist_ok=True)
+    kept: set[int] = set()
     for path in directory.glob("*.db"):
-        if METRIC_FILE.match(path.name):
+        found = METRIC_FILE.match(path.name)
+        if found is None:
+            continue
+        pid = int(found.group("pid"))
+        if process_alive(pid):
+            kept.add(pid)
+        else:
             path.unlink(missing_ok=True)
+    if kept:
+        logger.warning(
+            "METRICS_DIR %s holds the metric files of running processes %s (another worker?): "
+            "kept, and summed with this worker's.",
+            directory,
+            ", ".join(str(pid) for pid in sorted(kept)),
+        )
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start_endpoint(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
@@ -259,24 +288,6 @@ def serve(settings: Settings) -> int:
     directory = settings.effective_metrics_dir
     directory.mkdir(parents=True, exist_ok=True)
     registry = scrape_registry(directory)
-    try:
-        server, thread = start_http_server(
-            settings.metrics_port, addr=settings.metrics_host, registry=registry
-        )
-    except OSError as error:
-        logger.error(
-            "Metrics endpoint not started: cannot listen on %s:%s (METRICS_HOST, METRICS_PORT): %s",
-            settings.metrics_host,
-            settings.metrics_port,
-            error,
-        )
-        return 1
-    logger.info(
-        "Metrics endpoint on http://%s:%s/metrics (worker metric files in %s).",
-        settings.metrics_host,
-        settings.metrics_port,
-        directory,
-    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -285,13 +296,55 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     parent = int(os.environ.get("CONTRACT_DISPATCH_METRICS_PARENT") or os.getppid())
-    # A worker killed with SIGKILL alone cannot stop us: notice it is gone instead.
-    while not stop.wait(PARENT_CHECK_SECONDS) and os.getppid() == parent:
+
+    def running() -> bool:
+        # A worker killed with SIGKILL alone cannot stop us: notice it is gone instead.
+        return not stop.wait(PARENT_CHECK_SECONDS) and os.getppid() == parent
+
+    listening = _listen(settings, registry, running)
+    if listening is None:
+        return 0
+    server, thread = listening
+    logger.info(
+        "Metrics endpoint on http://%s:%s/metrics (worker metric files in %s).",
+        settings.metrics_host,
+        settings.metrics_port,
+        directory,
+    )
+    while running():
         pass
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
     return 0
+
+
+def _listen(
+    settings: Settings, registry: CollectorRegistry, running: Callable[[], bool]
+) -> tuple[WSGIServer, threading.Thread] | None:
+    """Start the HTTP server; while the port is taken, try again every ``PARENT_CHECK_SECONDS``.
+
+    A worker restarted at once finds the port still held by the old worker's
+    endpoint for a moment: it takes it over as soon as it is free, instead of
+    running without an endpoint. None when ``running()`` turns false first.
+    """
+    told = False
+    while True:
+        try:
+            return start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+        except OSError as error:
+            if not told:
+                logger.error(
+                    "Metrics endpoint not started yet: cannot listen on %s:%s (METRICS_HOST, "
+                    "METRICS_PORT): %s; trying again every %.0f s",
+                    settings.metrics_host,
+                    settings.metrics_port,
+                    error,
+                    PARENT_CHECK_SECONDS,
+                )
+                told = True
+        if not running():
+            return None
 
 
 def main() -> int:
