@@ -163,3 +163,28 @@ def test_a_generated_key_file_left_empty_or_too_short_is_a_configuration_error(
         Settings().secret_key_bytes()
     assert problem in str(refused.value), refused.value
     assert MARKER not in str(refused.value)
+
+
+def test_configuration_errors_name_the_variable_or_let_the_text_name_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``configuration error: VARIABLE: ...`` for one variable; a check of several names
+    them in its text (no empty name before a colon), without pydantic's "Value error," prefix."""
+    import workers.settings as settings_module
+    from workers.cli import main
+
+    def refused(variable: str, value: str) -> list[str]:
+        with monkeypatch.context() as scoped:
+            scoped.setenv(variable, value)
+            scoped.setattr(settings_module, "_settings", None)  # read again, and fail
+            assert main(["schema"]) == 3
+        return capsys.readouterr().err.splitlines()
+
+    assert refused("REDIS_URL", "http://127.0.0.1:6379/0") == [
+        "configuration error: REDIS_URL: REDIS_URL must start with redis://, rediss:// or unix://"
+    ]
+    # Checked on the whole model (only once every variable is valid on its own).
+    assert refused("REMINDER_WINDOW_START", "19:00") == [
+        "configuration error: REMINDER_WINDOW_START must be earlier than REMINDER_WINDOW_END "
+        "(the window is within one day)"
+    ]

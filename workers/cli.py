@@ -21,7 +21,7 @@ from models.errors import ConfigurationError, DispatchError, Rejected, Transient
 from models.status import ContractReport
 from workers.broker_errors import BROKER_ERRORS, broker_problem
 from workers.logs import configure_logging
-from workers.settings import get_settings
+from workers.settings import configuration_problems, get_settings
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -411,10 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = get_settings()
     except ValidationError as error:
         # Without the input values: a malformed secret must not be echoed.
-        problems = [
-            f"{'.'.join(str(part) for part in problem['loc']).upper()}: {problem['msg']}"
-            for problem in error.errors(include_input=False, include_url=False)
-        ]
+        problems = configuration_problems(error)
         # A command may report it in its own shape (health: unhealthy, exit 1).
         on_configuration_error: Callable[[argparse.Namespace, list[str]], int] | None = getattr(
             args, "on_configuration_error", None

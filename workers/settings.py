@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.access_codes import AccessCodePolicy, HashParameters
@@ -478,6 +478,20 @@ class Settings(BaseSettings):
                 f"no SECRET_KEY, and DATA_DIR cannot hold a generated one ({error.strerror}): "
                 "set SECRET_KEY, or DATA_DIR to a writable directory"
             ) from None
+
+
+def configuration_problems(error: ValidationError) -> list[str]:
+    """One line per problem of the settings: ``VARIABLE: what is wrong``, never the value read.
+
+    A check of several variables together names them in its text, with no prefix.
+    """
+    problems = []
+    for problem in error.errors(include_input=False, include_url=False):
+        # pydantic prefixes the errors our own validators raise with "Value error, ".
+        text = str(problem["msg"]).removeprefix("Value error, ")
+        variable = ".".join(str(part) for part in problem["loc"]).upper()
+        problems.append(f"{variable}: {text}" if variable else text)
+    return problems
 
 
 def parse_days(value: str) -> frozenset[int]:
