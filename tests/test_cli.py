@@ -829,6 +829,16 @@ def test_send_contracts_progress_rewrites_one_line_on_a_terminal():
     ], repr(shown)
 
 
+def test_send_contracts_summary_counts_one_contract_in_the_singular():
+    from workers.cli_bulk import Tally
+
+    tally = Tally()
+    tally.add(1, "refused")
+    assert tally.describe().startswith("1 contract: 0 queued, 1 refused (")
+    tally.add(2, "queued")
+    assert tally.describe().startswith("2 contracts: 1 queued, 1 refused (")
+
+
 # -- schema --------------------------------------------------------------------------
 
 

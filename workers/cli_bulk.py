@@ -120,7 +120,8 @@ class Tally:
             f"{count} {status}" for status, count in sorted(self.outcomes.items()) if status != "refused"
         )
         return (
-            f"{self.lines} contracts: {accepted or '0 queued'}, {self.refused} refused "
+            f"{self.lines} contract{'' if self.lines == 1 else 's'}: {accepted or '0 queued'}, "
+            f"{self.refused} refused "
             f"({self.lines / elapsed:.0f}/s)"
         )
 
