@@ -244,7 +244,7 @@ def prepare_metrics_dir(directory: Path) -> None:
         if found is None:
             continue
         pid = int(found.group("pid"))
-        if process_alive(pid):
+        if _alive(pid):
             kept.add(pid)
         else:
             path.unlink(missing_ok=True)
@@ -255,17 +255,6 @@ def prepare_metrics_dir(directory: Path) -> None:
             directory,
             ", ".join(str(pid) for pid in sorted(kept)),
         )
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start_endpoint(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
