@@ -452,6 +452,39 @@ def test_health_sees_the_broker_and_its_live_workers(system: System) -> None:
     assert set(checks) >= {"redis", "database", "email", "workers"}
 
 
+def test_several_rabbitmq_nodes_are_tried_in_order(database: str, test_environment: dict[str, str]) -> None:
+    """BROKER_URL names several nodes, ";" between them: the first that answers is used,
+    by the producer and by health alike."""
+    from workers.ops.rabbitmq_queues import amqp_connection, queue_state
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with _own_vhost() as amqp_url:
+        down = f"amqp://guest:guest@127.0.0.1:{closed_port}/{amqp_url.rsplit('/', 1)[1]}"
+        env = {
+            **os.environ,
+            **test_environment,
+            "DATABASE_URL": database,
+            "REDIS_NAMESPACE": unique("nodes"),
+            "BROKER_URL": f"{down}; {amqp_url}",
+        }
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [CLI, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS
+            )
+
+        sent = cli(*send_args(contract_payload()))
+        assert sent.returncode == 0, sent.stderr
+        with amqp_connection(amqp_url, timeout=5) as connection:
+            assert queue_state(connection, "contracts").message_count == 1
+        health = cli("health", "--json", "--timeout", "2")
+        broker = json.loads(health.stdout)["checks"]["broker"]
+        assert broker["ok"], broker
+        assert f"127.0.0.1:{closed_port}" in broker["detail"], broker
+
+
 def test_broker_url_names_the_broker() -> None:
     from workers.settings import Settings
 
@@ -470,6 +503,13 @@ def test_broker_url_names_the_broker() -> None:
 
     with pytest.raises(ValueError, match="BROKER_URL must start with"):
         Settings(broker_url="http://rabbit:15672/")
+    # Several RabbitMQ nodes, each checked, kept as Dramatiq splits them.
+    nodes = Settings(broker_url=" amqp://u:p@rabbit-1:5672/prod ; amqps://u:p@rabbit-2:5671/prod ;")
+    assert nodes.uses_rabbitmq
+    assert nodes.broker_url == "amqp://u:p@rabbit-1:5672/prod;amqps://u:p@rabbit-2:5671/prod"
+    with pytest.raises(ValueError, match="BROKER_URL must start with") as refused:
+        Settings(broker_url="amqp://u:p@rabbit-1:5672/prod;redis://u:s3cret@cache:6379/0")
+    assert "s3cret" not in str(refused.value)
     with pytest.raises(ValueError, match="two Redis servers"):
         Settings(broker_url="redis://a:6379/0", redis_url="redis://b:6379/0")
 

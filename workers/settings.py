@@ -307,6 +307,12 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _known_broker(cls, value: str | None) -> str | None:
+        if value and ";" in value and _scheme(value.strip()) in AMQP_BROKER_SCHEMES:
+            # Several RabbitMQ nodes, each checked; kept as Dramatiq splits them (on ";").
+            nodes = [node.strip() for node in value.split(";") if node.strip()]
+            for node in nodes:
+                _server_url(node, name="BROKER_URL", schemes=AMQP_BROKER_SCHEMES)
+            return ";".join(nodes)
         return _server_url(value, name="BROKER_URL", schemes=BROKER_SCHEMES)
 
     @field_validator("redis_url")

@@ -111,12 +111,12 @@ def secrets_of(settings: Settings) -> list[str]:
         if secret is not None:
             found.append(secret.get_secret_value())
     for url in (settings.redis_url, settings.broker_url, settings.database_url, settings.sendgrid_api_host):
-        if not url:
-            continue
-        with contextlib.suppress(ValueError):
-            parts = urlsplit(url)
-            found.append(parts.password or "")
-            found.extend(value for key, value in parse_qsl(parts.query) if "password" in key.lower())
+        # A BROKER_URL may name several RabbitMQ nodes, ";" between them.
+        for node in (url or "").split(";"):
+            with contextlib.suppress(ValueError):
+                parts = urlsplit(node.strip())
+                found.append(parts.password or "")
+                found.extend(value for key, value in parse_qsl(parts.query) if "password" in key.lower())
     # Longest first, so that a secret containing another is replaced whole.
     return sorted({value for value in found if value}, key=len, reverse=True)
 

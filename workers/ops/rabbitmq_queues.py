@@ -28,25 +28,35 @@ from workers.ops.snapshot import QUEUES, QueueFigures
 NOT_FOUND = 404
 
 
+def nodes(url: str) -> list[pika.URLParameters]:
+    """The connection parameters of each RabbitMQ node ``url`` names (``;`` between nodes,
+    as Dramatiq reads ``BROKER_URL``)."""
+    return [pika.URLParameters(node.strip()) for node in url.split(";") if node.strip()]
+
+
 def location(url: str) -> str:
-    """``host:port/vhost`` of an AMQP URL, without its credentials."""
-    parameters = pika.URLParameters(url)
-    return f"{parameters.host}:{parameters.port}{parameters.virtual_host and '/' + parameters.virtual_host}"
+    """``host:port/vhost`` of each node of an AMQP URL, without its credentials."""
+    return ", ".join(
+        f"{parameters.host}:{parameters.port}{parameters.virtual_host and '/' + parameters.virtual_host}"
+        for parameters in nodes(url)
+    )
 
 
 @contextmanager
 def amqp_connection(url: str, *, timeout: float) -> Iterator[pika.BlockingConnection]:
-    """One connection to ``url`` that gives up after ``timeout`` seconds (no retries).
+    """One connection to the first node of ``url`` that answers, each given up after
+    ``timeout`` seconds (no retries).
 
-    Raises pika's ``AMQPError`` when RabbitMQ does not answer or refuses.
+    Raises pika's ``AMQPError`` when no node answers or they refuse.
     """
-    parameters = pika.URLParameters(url)
-    parameters.connection_attempts = 1
-    parameters.retry_delay = 0
-    parameters.socket_timeout = timeout
-    parameters.stack_timeout = timeout
-    parameters.blocked_connection_timeout = timeout
-    connection = pika.BlockingConnection(parameters)
+    candidates = nodes(url)
+    for parameters in candidates:
+        parameters.connection_attempts = 1
+        parameters.retry_delay = 0
+        parameters.socket_timeout = timeout
+        parameters.stack_timeout = timeout
+        parameters.blocked_connection_timeout = timeout
+    connection = pika.BlockingConnection(candidates)
     try:
         yield connection
     finally:
