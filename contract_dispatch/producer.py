@@ -419,8 +419,10 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
     except _BROKER_ERRORS as exc:
         # Recorded but not enqueued: the stale-email sweep sends it later.
         raise BrokerUnavailable(
-            f"the invitation is recorded but the broker {broker_problem(exc)}; "
-            "it will be sent once the broker is back"
+            f"the invitation is recorded but the broker {broker_problem(exc)}: the scheduler's "
+            "sweep sends it once the broker is back and the email has waited longer than "
+            "MAX_BACKOFF_MS plus 10 minutes; resend-invitation again, once the broker is back, "
+            "sends a new step at once and cancels this one"
         ) from None
     return receipt
 

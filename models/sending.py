@@ -15,7 +15,7 @@ from models.access_codes import AccessCodePolicy, access_code_fields, issue_acce
 from models.account import Account
 from models.binding import bind_account, check_binding
 from models.contract import Contract, ContractStatus
-from models.delivery import EmailDelivery, EmailKind, add_delivery, pending_delivery_ids
+from models.delivery import EmailDelivery, EmailKind, add_delivery, cancel_delivery, pending_delivery_ids
 from models.errors import ContractClosed, ContractConflict, Rejected, UnknownContract
 from models.messages import SendContract
 from models.reminders import CYCLE_FIELDS, ReminderPolicy, cycle_start, start_cycle
@@ -489,6 +489,11 @@ def resend_invitation(
             EmailDelivery.contract_id == contract.id, EmailDelivery.kind == EmailKind.INVITATION.value
         )
     ).one()
+    step = (last_step or 0) + 1
+    # An earlier step not sent yet (its message lost in a broker outage, say) would go
+    # out late, beside this one, with a temporary password this step replaces.
+    for superseded in pending_delivery_ids(session, contract.id, EmailKind.INVITATION):
+        cancel_delivery(session, superseded, reason=f"replaced by invitation step {step}", now=now)
     start_cycle(contract, now=now, policy=reminders)
     contract.updated_at = now
     session.add(contract)
@@ -499,7 +504,7 @@ def resend_invitation(
         recipient=contract.email,
         recipient_name=None,
         locale=contract.locale,
-        step=(last_step or 0) + 1,
+        step=step,
         includes_access_code=issue_codes,
     )
 

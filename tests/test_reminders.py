@@ -985,6 +985,28 @@ def test_resend_invitation_sends_a_new_step_and_restarts_the_cycle(own_database,
     assert_refused(run_cli(cli_env, "resend-invitation", "--contract-id", unique("c")), "unknown_contract")
 
 
+def test_a_resend_replaces_an_earlier_step_still_waiting_to_go_out(own_database, worker, standin):
+    """A step whose message was lost (recorded, never enqueued: a broker outage) would go
+    out late beside the next one, with the temporary password the next one replaces."""
+    from workers.email.delivery import deliver
+
+    contract_id = send_and_wait()["contract_id"]
+    lost = record_resend(contract_id)
+
+    assert resend_invitation(contract_id).step == 2
+    wait_for_contract(
+        contract_id,
+        lambda r: [e.status for e in r.emails if e.kind == "invitation"] == ["sent", "cancelled", "sent"],
+        what="the new step sent, the one it replaces cancelled",
+    )
+    replaced = delivery(lost)
+    assert (replaced.status, replaced.last_error) == ("cancelled", "replaced by invitation step 2")
+    # Its message, should it come after all, sends nothing.
+    assert deliver(lost) is Claim.CANCELLED
+    steps = [(r.reference or "").rsplit(":", 1)[1] for r in received(standin, "invitation", contract_id)]
+    assert steps == ["0", "2"]
+
+
 # -- emails whose message was lost ---------------------------------------------------------
 
 
