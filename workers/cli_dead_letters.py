@@ -18,6 +18,7 @@ from models.types import utc_now
 from workers.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_REFUSED, whole_number
 from workers.cli_progress import Progress
 from workers.database import require_database, session_scope
+from workers.settings import get_settings
 
 #: What a dead-letter action returns (the retried records, or how many were purged).
 T = TypeVar("T")
@@ -242,7 +243,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
             sys.stdout.write("nothing to purge\n")
         return EXIT_OK
     if not args.yes:
-        sys.stderr.write(f"Purge {len(records)} dead letter(s) from SQL and Redis for good? [y/N] ")
+        # Their copies are in Redis, or in RabbitMQ's dead-letter queues.
+        broker = "RabbitMQ" if get_settings().uses_rabbitmq else "Redis"
+        sys.stderr.write(f"Purge {len(records)} dead letter(s) from SQL and {broker} for good? [y/N] ")
         sys.stderr.flush()
         answer = sys.stdin.readline().strip().lower()
         if answer not in ("y", "yes"):
