@@ -406,6 +406,18 @@ def test_reason_held_before_the_nack_is_filed_if_the_worker_died_after_it(
     assert not system.redis.hexists(holds, ghost["message_id"])
 
 
+def _dead_copy_held(system: System, message_id: str) -> bool:
+    """Whether ``contracts.XQ`` holds the copy of a message recorded under ``message_id``."""
+    if system.kind == "redis":
+        return system.redis.zscore(f"{system.namespace}:contracts.XQ", message_id) is not None
+    from workers.rabbitmq import dead_copies
+
+    assert system.amqp_url is not None
+    # Only the connection parameters of the broker are read.
+    broker: Any = SimpleNamespace(parameters=pika.URLParameters(system.amqp_url))
+    return dead_copies(broker, "contracts", [message_id]) == {message_id}
+
+
 def test_malformed_message_from_another_producer(system: System, standin: SendGridStandIn) -> None:
     # (test_provider_failures_are_retried_then_sent writes its valid message raw too.)
     # A body that is not JSON is dead-lettered with its reason, not dropped, and
@@ -416,6 +428,11 @@ def test_malformed_message_from_another_producer(system: System, standin: SendGr
     assert broken.actor_name == "(malformed)"
     assert broken.exception_type == "DecodeError"
     assert "not a Dramatiq message" in broken.exception_message
+    # Its copy in contracts.XQ is found by the id it was recorded under, and purged with it.
+    assert _dead_copy_held(system, broken_id)
+    purged = system.cli("dead-letters", "purge", str(broken.id), "--yes")
+    assert purged.returncode == 0, purged.stderr
+    assert not _dead_copy_held(system, broken_id)
 
     # Options that would run code or break Dramatiq's arithmetic die the same way, on both brokers.
     for options in ({"on_failure": "send_contract"}, {"retries": "many"}):

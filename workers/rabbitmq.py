@@ -108,23 +108,27 @@ class TolerantRabbitmqConsumer(_RabbitmqConsumer):
             message: Message[Any] = Message.decode(body)
         except DecodeError as error:
             self._reject_malformed(
-                method, properties, "DecodeError", dead_letters.decode_problem(body, error)
+                method, properties, body, "DecodeError", dead_letters.decode_problem(body, error)
             )
             return None
         problem = dead_letters.envelope_problem(
             message, (self.queue_name,), redis_id=False, fetched_at_ms=current_millis()
         )
         if problem is not None:
-            self._reject_malformed(method, properties, "MalformedMessage", problem)
+            self._reject_malformed(method, properties, body, "MalformedMessage", problem)
             return None
         proxy = _RabbitmqMessage(method.redelivered, method.delivery_tag, message)  # type: ignore[no-untyped-call]
         self.known_tags.add(method.delivery_tag)
         return proxy
 
-    def _reject_malformed(self, method: Any, properties: Any, exception_type: str, reason: str) -> None:
-        # The AMQP message id when the producer set one; otherwise one of our own,
-        # which only the SQL record knows (the body may hold anything).
-        message_id = str(getattr(properties, "message_id", None) or uuid.uuid4())[:64]
+    def _reject_malformed(
+        self, method: Any, properties: Any, body: bytes, exception_type: str, reason: str
+    ) -> None:
+        # The AMQP message id when the producer set one, else the body's: purge finds
+        # the copy in {queue}.XQ by either. Otherwise one of our own, which only the SQL
+        # record knows (the body may hold anything): that copy stays until it expires.
+        found = getattr(properties, "message_id", None) or _message_id_of(body)
+        message_id = str(found or uuid.uuid4())[:64]
         logger.error(
             "Message %s on %s is malformed (%s): dead-lettered.", message_id, self.queue_name, reason
         )
@@ -174,12 +178,14 @@ def _scan_dead_copies(
         channel = connection.channel()
         try:
             for _ in range(MAX_DEAD_LETTER_SCAN):
-                method, _properties, body = channel.basic_get(xq_name(queue_name), auto_ack=False)
+                method, properties, body = channel.basic_get(xq_name(queue_name), auto_ack=False)
                 if method is None:
                     break
-                message_id = _message_id_of(body)
-                if message_id in wanted:
-                    found.append(message_id)
+                # A Dramatiq message's id is in its body; a malformed one is recorded
+                # under its AMQP message_id property when it has one.
+                ids = wanted.intersection((_message_id_of(body), getattr(properties, "message_id", None)))
+                if ids:
+                    found.append(ids.pop())
                     if remove:
                         channel.basic_ack(method.delivery_tag)
         except pika.exceptions.ChannelClosedByBroker as exc:
