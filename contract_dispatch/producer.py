@@ -391,7 +391,9 @@ def cancel_contract(*, contract_id: str, reason: str | None = None) -> Receipt:
     message = parse_message(CancelContract, payload)
     with session_scope() as session:
         status = check_cancel_contract(session, message)
-        if status == ContractStatus.CANCELLED or cancel_queued(session, message, now=utc_now()):
+        # Only a contract read as queued can be (a sent one never is again).
+        queued = status == ContractStatus.QUEUED and cancel_queued(session, message, now=utc_now())
+        if queued or status == ContractStatus.CANCELLED:
             return Receipt(contract_id=contract_id, status=ContractStatus.CANCELLED.value)
     _enqueue(message)
     return Receipt(contract_id=contract_id, status=ContractStatus.QUEUED.value)

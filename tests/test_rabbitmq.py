@@ -488,16 +488,11 @@ def test_several_rabbitmq_nodes_are_tried_in_order(database: str, test_environme
             "BROKER_URL": f"{down}; {amqp_url}",
         }
 
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [CLI, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS
-            )
-
-        sent = cli(*send_args(contract_payload()))
+        sent = run_cli(env, *send_args(contract_payload()))
         assert sent.returncode == 0, sent.stderr
         with amqp_connection(amqp_url, timeout=5) as connection:
             assert queue_state(connection, "contracts").message_count == 1
-        health = cli("health", "--json", "--timeout", "2")
+        health = run_cli(env, "health", "--json", "--timeout", "2")
         broker = json.loads(health.stdout)["checks"]["broker"]
         assert broker["ok"], broker
         assert f"127.0.0.1:{closed_port}" in broker["detail"], broker
@@ -525,6 +520,11 @@ def test_broker_url_names_the_broker() -> None:
     nodes = Settings(broker_url=" amqp://u:p@rabbit-1:5672/prod ; amqps://u:p@rabbit-2:5671/prod ;")
     assert nodes.uses_rabbitmq
     assert nodes.broker_url == "amqp://u:p@rabbit-1:5672/prod;amqps://u:p@rabbit-2:5671/prod"
+    # Every node's password is a secret that outputs are redacted of.
+    from workers.ops.health import secrets_of
+
+    two = Settings(broker_url="amqp://u:first-pw@rabbit-1:5672/prod;amqp://u:second-pw@rabbit-2:5672/prod")
+    assert {"first-pw", "second-pw"} <= set(secrets_of(two))
     with pytest.raises(ValueError, match="BROKER_URL must start with") as refused:
         Settings(broker_url="amqp://u:p@rabbit-1:5672/prod;redis://u:s3cret@cache:6379/0")
     assert "s3cret" not in str(refused.value)

@@ -309,7 +309,7 @@ class Settings(BaseSettings):
     def _known_broker(cls, value: str | None) -> str | None:
         if value and ";" in value and _scheme(value.strip()) in AMQP_BROKER_SCHEMES:
             # Several RabbitMQ nodes, each checked; kept as Dramatiq splits them (on ";").
-            nodes = [node.strip() for node in value.split(";") if node.strip()]
+            nodes = broker_nodes(value)
             for node in nodes:
                 _server_url(node, name="BROKER_URL", schemes=AMQP_BROKER_SCHEMES)
             return ";".join(nodes)
@@ -484,6 +484,12 @@ class Settings(BaseSettings):
                 f"no SECRET_KEY, and DATA_DIR cannot hold a generated one ({error.strerror}): "
                 "set SECRET_KEY, or DATA_DIR to a writable directory"
             ) from None
+
+
+def broker_nodes(url: str) -> list[str]:
+    """The URL of each node a ``BROKER_URL`` names: RabbitMQ nodes are separated by ``;``
+    (as Dramatiq splits them); any other URL is its only node."""
+    return [node.strip() for node in url.split(";") if node.strip()]
 
 
 def configuration_problems(error: ValidationError) -> list[str]:

@@ -41,7 +41,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from workers.settings import Settings
+from workers.settings import Settings, broker_nodes
 
 #: Each check gives up after this long, in seconds (``--timeout``). The checks run
 #: at the same time, so the command answers within about this long.
@@ -110,13 +110,14 @@ def secrets_of(settings: Settings) -> list[str]:
     for secret in (settings.sendgrid_api_key, settings.secret_key):
         if secret is not None:
             found.append(secret.get_secret_value())
-    for url in (settings.redis_url, settings.broker_url, settings.database_url, settings.sendgrid_api_host):
-        # A BROKER_URL may name several RabbitMQ nodes, ";" between them.
-        for node in (url or "").split(";"):
-            with contextlib.suppress(ValueError):
-                parts = urlsplit(node.strip())
-                found.append(parts.password or "")
-                found.extend(value for key, value in parse_qsl(parts.query) if "password" in key.lower())
+    urls = (settings.redis_url, settings.database_url, settings.sendgrid_api_host)
+    for url in [*urls, *broker_nodes(settings.broker_url or "")]:
+        if not url:
+            continue
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(url)
+            found.append(parts.password or "")
+            found.extend(value for key, value in parse_qsl(parts.query) if "password" in key.lower())
     # Longest first, so that a secret containing another is replaced whole.
     return sorted({value for value in found if value}, key=len, reverse=True)
 

@@ -23,6 +23,7 @@ import pika.exceptions
 from dramatiq.common import dq_name, xq_name
 
 from workers.ops.snapshot import QUEUES, QueueFigures
+from workers.settings import broker_nodes
 
 #: AMQP reply code of a passive declare of a queue that does not exist.
 NOT_FOUND = 404
@@ -31,7 +32,7 @@ NOT_FOUND = 404
 def nodes(url: str) -> list[pika.URLParameters]:
     """The connection parameters of each RabbitMQ node ``url`` names (``;`` between nodes,
     as Dramatiq reads ``BROKER_URL``)."""
-    return [pika.URLParameters(node.strip()) for node in url.split(";") if node.strip()]
+    return [pika.URLParameters(node) for node in broker_nodes(url)]
 
 
 def location(url: str) -> str:
