@@ -956,3 +956,27 @@ def test_reminders_run_at_the_ends_of_the_calendar_is_a_usage_error(moment, caps
         main(["reminders", "run", "--now", moment])
     assert exited.value.code == 2
     assert "is out of range (years 3 to 9997)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["send-contracts", "contracts.jsonl", "--bogus"], "usage: contract-dispatch send-contracts "),
+        (["dead-letters", "list", "--bogus", "x"], "usage: contract-dispatch dead-letters list "),
+        (
+            ["workspace", "set", "w1", "--resource-group", "g", "extra"],
+            "usage: contract-dispatch workspace set ",
+        ),
+    ],
+)
+def test_an_unknown_option_is_refused_with_its_commands_usage(argv, usage, capsys):
+    """The usage shown is the command's own, so it lists the options that command takes."""
+    from workers.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage), err
+    unknown = " ".join(argv[argv.index("--bogus") if "--bogus" in argv else -1 :])
+    assert f"error: unrecognized arguments: {unknown}" in err

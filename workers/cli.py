@@ -402,11 +402,30 @@ def build_parser() -> argparse.ArgumentParser:
     redis_cmd = commands.add_parser("embedded-redis", help="the embedded Redis used when REDIS_URL is unset")
     redis_cmd.add_argument("action", choices=["start", "stop", "url"])
     redis_cmd.set_defaults(handler=cmd_embedded_redis)
+    _name_command_parsers(parser)
     return parser
 
 
+def _name_command_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's parser as the ``command_parser`` of what it parses.
+
+    An unknown option is then refused with the usage of the command it was given
+    to, not the top-level usage argparse would print.
+    """
+    # argparse keeps no public list of a parser's subcommands.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command_parser in action.choices.values():
+                command_parser.set_defaults(command_parser=command_parser)
+                _name_command_parsers(command_parser)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         settings = get_settings()
     except ValidationError as error:
