@@ -399,6 +399,10 @@ def run(
         enqueue_raw(
             client, namespace, queue="emails", actor="deliver_email", payload={"delivery_id": 0}, eta_ms=eta
         )
+        wait_until(
+            lambda: total(parse(http_scrape(port)), "dramatiq_delayed_messages_inprogress") >= 1,
+            what="the worker to hold the retry due in an hour",
+        )
         # A process killed with messages in progress left its live gauge behind.
         write_metric_files(metrics_dir, KILLED_IN_PROGRESS)
 
@@ -551,6 +555,10 @@ def test_dramatiq_figures_are_summed_over_the_worker_processes_and_start_from_ze
     assert total(run.http, "dramatiq_message_retries_total") == 2
     # The killed process's 7 in-progress messages are forgotten; nothing is in progress.
     assert total(run.http, "dramatiq_messages_inprogress") == 0
+    # Held: the retry due in an hour, under its queue's name. The retries moved when
+    # due are held no longer, whichever process took them.
+    delayed = series(run.http, "dramatiq_delayed_messages_inprogress", "queue_name")
+    assert {labels: value for labels, value in delayed.items() if value} == {("emails",): 1.0}
     # Files come from the two worker processes only, one set each.
     assert run.file_pids == set(run.worker_pids)
 

@@ -38,6 +38,7 @@ def dramatiq_prometheus() -> dramatiq.Middleware | None:
         return None
     # Dramatiq's module takes its directory from this variable, on import (and creates it).
     os.environ.setdefault("dramatiq_prom_db", directory)
+    from dramatiq.common import q_name
     from dramatiq.middleware.prometheus import Prometheus
 
     class WorkerPrometheus(Prometheus):
@@ -45,7 +46,19 @@ def dramatiq_prometheus() -> dramatiq.Middleware | None:
         def forks(self) -> list[Any]:
             return []
 
+        def before_delay_message(self, broker: dramatiq.Broker, message: Any) -> None:
+            # Dramatiq counts a held message up under its delay queue's name (emails.DQ)
+            # and down under its queue's (emails): each label drifted, one up, one down.
+            self.delayed_messages.add(message.message_id)
+            self.inprogress_delayed_messages.labels(q_name(message.queue_name), message.actor_name).inc()
+
         def after_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+            if message.message_id in self.delayed_messages and not delay:
+                # The worker moved a message it held, due, to its queue: it holds it no
+                # longer, whichever process takes it (Dramatiq counted it down only
+                # when this same process happened to process it).
+                self.delayed_messages.discard(message.message_id)
+                self.inprogress_delayed_messages.labels(message.queue_name, message.actor_name).dec()
             # Dramatiq counts a retry twice: when Retries delays it, and again when the
             # worker moves it, due, from the delay queue to its queue (no delay then).
             if delay:
