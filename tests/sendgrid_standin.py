@@ -38,6 +38,9 @@ class Answer:
     body: bytes = b""
     #: A label for reports ("ok", "slow", "503"...); empty for the default answer.
     kind: str = ""
+    #: The error body also quotes the email's text from this marker on, in a ``message``
+    #: and a ``help``, as a provider (or a proxy before it) may: temporary password included.
+    quoting: str = ""
     #: Whatever the chooser wants kept with the request (e.g. which process sent it).
     note: dict[str, Any] = field(default_factory=dict)
 
@@ -239,6 +242,8 @@ class SendGridStandIn:
             answer = Answer(status=401, body=b'{"errors":[{"message":"bad key"}]}', kind="401")
         if "_unparsable" in body:
             answer = Answer(status=400, body=b'{"errors":[{"message":"bad json"}]}', kind="400")
+        if answer.quoting:
+            answer = _quoting(answer, body)
         if answer.delay:
             time.sleep(answer.delay)
         message_id = uuid.uuid4().hex if answer.status == 202 else None
@@ -321,3 +326,20 @@ def _peer_closed(connection: socket.socket) -> bool:
         return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
+
+
+def _quoting(answer: Answer, body: dict[str, Any]) -> Answer:
+    """``answer`` with one more error quoting the email in ``body``, from ``answer.quoting`` on."""
+    text = " ".join(
+        str(part.get("value", "")) for part in body.get("content", []) if part.get("type") == "text/plain"
+    )
+    text = text[max(text.find(answer.quoting), 0) :]
+    errors = json.loads(answer.body or b"{}").get("errors", [])
+    errors.append({"message": f"content refused: {text}", "field": "content", "help": text})
+    return Answer(
+        status=answer.status,
+        headers=answer.headers,
+        delay=answer.delay,
+        body=json.dumps({"errors": errors}).encode(),
+        kind=answer.kind,
+    )

@@ -224,7 +224,9 @@ def run_journey(driver: Driver, standin: SendGridStandIn) -> Journey:
     # An invitation the provider refuses: failed at once.
     refused = journey.sent(contract_payload())
     journey.refused_by_provider = refused["contract_id"]
-    standin.script(Answer(status=400, body=PROVIDER_ANSWER.encode(), kind="400"))
+    # Its answer quotes the email, temporary password included: kept on the email and
+    # its dead letter, the password must not be.
+    standin.script(Answer(status=400, body=PROVIDER_ANSWER.encode(), kind="400", quoting="Mot de passe"))
     driver.enqueue("send_contract", refused)
     wait_for_contract(journey.refused_by_provider, emails_are("failed"), what="the refused invitation")
 

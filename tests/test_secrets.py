@@ -311,6 +311,10 @@ def test_in_process_flow_at_debug_leaves_no_secret_anywhere(
     assert not found, "\n".join(found[:20])
     # Codes are stored, as hashes only: the search met them.
     assert any("$argon2id$" in text for text in stored_sql.values())
+    # The provider's answer quoting the refused invitation is kept, its password redacted.
+    assert any(
+        "content refused: Mot de passe temporaire : [redacted]" in text for text in stored_sql.values()
+    )
 
 
 # -- the whole flow, on a real worker process -------------------------------------------------

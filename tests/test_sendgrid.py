@@ -577,3 +577,29 @@ def test_reprs_never_show_secrets():
     for shown in (repr(backend), str(backend), repr(settings), str(settings), settings.model_dump_json()):
         assert API_KEY not in shown
         assert secret_key not in shown
+
+
+def test_an_error_keeps_the_providers_messages_only_and_never_the_emails_password(standin):
+    """The error is kept on the email and its dead letter: a ``help``, or a body that is not
+    SendGrid's error format, may quote the email; a message quoting it loses its password."""
+    standin.script(
+        Answer(
+            status=400,
+            body=json.dumps(
+                {
+                    "errors": [
+                        {"message": "bad content: code K7Q2X9", "field": "content", "help": "quoted K7Q2X9"},
+                        {"message": "no subject"},
+                    ]
+                }
+            ).encode(),
+        ),
+        Answer(status=502, body=b"<html>proxy error: Mot de passe K7Q2X9</html>"),
+    )
+    backend = _backend(standin.url)
+    with pytest.raises(ProviderRejected) as rejected:
+        backend.send(_email(secrets=("K7Q2X9",)))
+    assert str(rejected.value) == "SendGrid answered 400: bad content: code [redacted] (content); no subject"
+    with pytest.raises(ProviderUnavailable) as unavailable:
+        backend.send(_email(secrets=("K7Q2X9",)))
+    assert str(unavailable.value) == "SendGrid answered 502"

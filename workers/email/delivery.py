@@ -106,8 +106,8 @@ def compose(
         "recipient_name": (name_placeholder or delivery.recipient_name) if delivery.recipient_name else None,
         "step": delivery.step,
     }
+    access_code: str | None = None
     if delivery.kind in (EmailKind.INVITATION, EmailKind.REMINDER):
-        access_code = None
         expires = ""
         # Codes only while the client has never logged in: after that they are useless.
         if delivery.includes_access_code and account is not None and account.first_login_at is None:
@@ -137,6 +137,7 @@ def compose(
         html=rendered.html,
         reference=delivery.idempotency_key,
         kind=delivery.kind,
+        secrets=(access_code,) if access_code else (),
     )
 
 

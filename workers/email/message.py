@@ -20,6 +20,9 @@ class OutgoingEmail:
     reference: str
     #: The email kind (a category at the provider).
     kind: str
+    #: Text of this email that must appear nowhere else (its temporary password):
+    #: a backend removes it from the provider's errors, which are recorded.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,7 @@ thread keeps one opener, which keeps its connection alive: ``reuse_openers``).
 from __future__ import annotations
 
 import http.client
+import json
 import random
 import threading
 import time
@@ -38,8 +39,11 @@ DEFAULT_RATE_LIMIT_WAIT_MS = 60_000
 #: Never wait longer than this for a rate-limit reset, in milliseconds.
 MAX_RATE_LIMIT_WAIT_MS = 3_600_000
 
-#: Error bodies are cut to this many characters in error messages.
+#: The provider's error messages are cut to this many characters in our errors.
 ERROR_BODY_LIMIT = 300
+
+#: What replaces an email's secret (its temporary password) in a provider error.
+REDACTED = "[redacted]"
 
 
 def rate_limit_wait_ms(headers: Any, *, now: float | None = None) -> int:
@@ -53,6 +57,27 @@ def rate_limit_wait_ms(headers: Any, *, now: float | None = None) -> int:
     # Spread the retries of many workers so they do not all return at the reset.
     wait_ms = max(wait_ms, 0) + random.randint(100, 1000)  # noqa: S311 - jitter, not security
     return min(wait_ms, MAX_RATE_LIMIT_WAIT_MS)
+
+
+def error_reasons(body: bytes | str) -> str:
+    """The ``message`` and ``field`` of each error in a SendGrid error body, or "".
+
+    Only those: the error is kept on the delivery and its dead letter, and the
+    rest of a body (``help``, or a body that is not SendGrid's error format, from
+    a proxy say) may quote the email, temporary password included.
+    """
+    try:
+        errors = json.loads(body).get("errors")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(errors, list):
+        return ""
+    reasons = []
+    for error in errors:
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            field = error.get("field")
+            reasons.append(f"{error['message']} ({field})" if isinstance(field, str) else error["message"])
+    return "; ".join(reasons)
 
 
 def build_request_body(email: OutgoingEmail) -> dict[str, Any]:
@@ -169,27 +194,30 @@ class SendGridBackend:
         return client
 
     def send(self, email: OutgoingEmail) -> str:
-        return self._post(build_request_body(email))
+        return self._post(build_request_body(email), secrets=email.secrets)
 
     def send_group(self, group: OutgoingGroup) -> str:
         return self._post(build_group_request_body(group))
 
-    def _post(self, body: dict[str, Any]) -> str:
+    def _post(self, body: dict[str, Any], *, secrets: tuple[str, ...] = ()) -> str:
         try:
             response = self._client().client.mail.send.post(request_body=body, timeout=self.timeout)
         except http_errors.HTTPError as exc:
-            raise self._error_for(exc) from None
+            raise self._error_for(exc, secrets=secrets) from None
         except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             raise ProviderUnavailable(f"SendGrid did not answer: {type(exc).__name__}: {exc}") from None
         message_id = response.headers.get("X-Message-Id") if response.headers is not None else None
         return str(message_id or f"sendgrid-{response.status_code}-{int(time.time() * 1000)}")
 
     @staticmethod
-    def _error_for(exc: http_errors.HTTPError) -> Exception:
+    def _error_for(exc: http_errors.HTTPError, *, secrets: tuple[str, ...] = ()) -> Exception:
         status = int(getattr(exc, "status_code", 0) or 0)
-        raw = getattr(exc, "body", b"") or b""
-        body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        summary = f"SendGrid answered {status}: {body[:ERROR_BODY_LIMIT]}"
+        summary = f"SendGrid answered {status}"
+        reasons = error_reasons(getattr(exc, "body", b"") or b"")
+        if reasons:
+            for secret in secrets:
+                reasons = reasons.replace(secret, REDACTED)
+            summary = f"{summary}: {reasons[:ERROR_BODY_LIMIT]}"
         if status == 429:
             return ProviderRateLimited(
                 summary, retry_after_ms=rate_limit_wait_ms(getattr(exc, "headers", None))
