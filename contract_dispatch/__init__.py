@@ -21,7 +21,7 @@ from contract_dispatch.producer import (
     submit_send_contract,
     submit_send_contracts,
 )
-from models.errors import BrokerUnavailable, DispatchError, Rejected
+from models.errors import BrokerUnavailable, DatabaseUnavailable, DispatchError, Rejected
 from models.first_login import AccessCodeRefused, PasswordRefused
 from models.status import ContractReport
 
@@ -29,6 +29,7 @@ __all__ = [
     "AccessCodeRefused",
     "BrokerUnavailable",
     "ContractReport",
+    "DatabaseUnavailable",
     "DispatchError",
     "PasswordRefused",
     "Receipt",

@@ -13,7 +13,7 @@ from models.first_login import set_password as _set_password
 from models.first_login import verify_code as _verify_code
 from models.first_login import verify_password as _verify_password
 from models.types import utc_now
-from workers.database import require_database, session_scope
+from workers.database import raising_unavailable, require_database, session_scope
 from workers.settings import get_settings
 
 
@@ -28,18 +28,21 @@ def first_login_policy() -> FirstLoginPolicy:
     )
 
 
+@raising_unavailable
 def verify_code(email: str, code: str, *, now: datetime | None = None) -> bool:
     """Whether ``code`` is the current, unexpired, unlocked access code of ``email``."""
     require_database()
     return _verify_code(session_scope, email, code, policy=first_login_policy(), now=now or utc_now())
 
 
+@raising_unavailable
 def set_password(email: str, code: str, new_password: str, *, now: datetime | None = None) -> None:
     """Consume ``email``'s access code and set its password (``AccessCodeRefused``, ``PasswordRefused``)."""
     require_database()
     _set_password(session_scope, email, code, new_password, policy=first_login_policy(), now=now or utc_now())
 
 
+@raising_unavailable
 def verify_password(email: str, password: str) -> bool:
     """Whether ``password`` is ``email``'s long-term password (a weaker hash is rehashed)."""
     require_database()

@@ -43,7 +43,7 @@ from models.status import ContractReport, contract_report
 from models.types import utc_now
 from models.workspace import set_workspace as _set_workspace
 from workers.broker_errors import BROKER_ERRORS, broker_problem
-from workers.database import autocommit_session, require_database, session_scope
+from workers.database import autocommit_session, raising_unavailable, require_database, session_scope
 from workers.refusal_limit import RefusalLimit, refusal_limit
 from workers.reminders import SweepReport, run_sweep
 from workers.settings import get_settings
@@ -116,6 +116,7 @@ def _check_within_limit(
         raise
 
 
+@raising_unavailable
 def submit_send_contract(message: SendContract) -> Receipt:
     """Check and enqueue a parsed send_contract message (see ``_check_within_limit``).
 
@@ -195,6 +196,7 @@ def _send_contract_payload(
     return payload
 
 
+@raising_unavailable
 def send_contract(
     *,
     contract_id: str,
@@ -228,6 +230,7 @@ def send_contract(
     return submit_send_contract(parse_message(SendContract, payload))
 
 
+@raising_unavailable
 def send_contracts(contracts: Iterable[Mapping[str, Any]]) -> list[Receipt | Rejected]:
     """Send many contracts at once: the checks of ``send_contract`` for each, one enqueue for all.
 
@@ -271,6 +274,7 @@ def _call_problem(item: Any) -> str:
     return "not send_contract's keyword arguments"
 
 
+@raising_unavailable
 def submit_send_contracts(parsed: Sequence[SendContract | Rejected]) -> list[Receipt | Rejected]:
     """``send_contracts`` for messages already parsed; a refusal given stays in its place.
 
@@ -329,6 +333,7 @@ def submit_send_contracts(parsed: Sequence[SendContract | Rejected]) -> list[Rec
     ]
 
 
+@raising_unavailable
 def submit_notify_signatories(message: NotifySignatories) -> Receipt:
     """Check and enqueue a parsed notify_signatories message."""
     with session_scope() as session:
@@ -337,6 +342,7 @@ def submit_notify_signatories(message: NotifySignatories) -> Receipt:
     return Receipt(contract_id=message.contract_id, status=ContractStatus.QUEUED.value)
 
 
+@raising_unavailable
 def notify_signatories(
     *,
     contract_id: str,
@@ -358,6 +364,7 @@ def notify_signatories(
     return submit_notify_signatories(parse_message(NotifySignatories, payload))
 
 
+@raising_unavailable
 def contract_status(contract_id: str) -> ContractReport | None:
     """The contract's status and its emails', or None if no contract has this id.
 
@@ -372,12 +379,14 @@ def contract_status(contract_id: str) -> ContractReport | None:
         return contract_report(session, contract_id)
 
 
+@raising_unavailable
 def set_workspace(workspace_id: str, resource_group_ids: Sequence[str]) -> None:
     """Create or update a workspace and its resource groups."""
     with session_scope() as session:
         _set_workspace(session, workspace_id, list(resource_group_ids))
 
 
+@raising_unavailable
 def cancel_contract(*, contract_id: str, reason: str | None = None) -> Receipt:
     """Cancel a contract not signed yet; raises ``Rejected`` when it cannot be.
 
@@ -399,6 +408,7 @@ def cancel_contract(*, contract_id: str, reason: str | None = None) -> Receipt:
     return Receipt(contract_id=contract_id, status=ContractStatus.QUEUED.value)
 
 
+@raising_unavailable
 def resend_invitation(contract_id: str) -> ResendReceipt:
     """Send the invitation again (a new step) and restart the reminder cycle, now."""
     from actors.deliver_email import enqueue_deliveries
@@ -429,6 +439,7 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
     return receipt
 
 
+@raising_unavailable
 def run_reminders(*, as_of: datetime | None = None) -> SweepReport:
     """Run one reminder sweep now (as if it were ``as_of``); the workers send what it claims."""
     return run_sweep(as_of=as_of)

@@ -179,6 +179,10 @@ class BrokerUnavailable(TransientError):
     """The message broker cannot be reached."""
 
 
+class DatabaseUnavailable(TransientError):
+    """The database cannot be reached, or failed the statement for now."""
+
+
 class ConfigurationError(DispatchError):
     """The settings cannot work (e.g. the SendGrid backend without an API key)."""
 

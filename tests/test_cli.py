@@ -765,6 +765,22 @@ def test_send_commands_with_an_unreachable_database_exit_3_without_a_traceback(c
         assert "do-not-print" not in result.stderr + result.stdout
 
 
+def test_commands_give_up_on_a_database_that_never_answers(cli):
+    """libpq waits forever for a server that accepts and never answers (hung, or a
+    half-open proxy): a command gives up after DATABASE_CONNECT_TIMEOUT_SECONDS."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"postgresql://postgres:do-not-print@127.0.0.1:{listener.getsockname()[1]}/test"
+        hung = Cli({**cli.env, "DATABASE_URL": url})
+        for result in (hung("contract-status", "c-anything", "--json"), hung(*send_args(contract_payload()))):
+            assert result.returncode == 3, describe(result)
+            assert result.stderr == (
+                "unavailable: the database cannot be reached (ConnectionTimeout); nothing more was done\n"
+            ), describe(result)
+            assert result.stdout == ""
+
+
 def test_send_contracts_refuses_an_unreadable_file_and_a_bad_batch_size(cli_without_database, tmp_path):
     missing = cli_without_database("send-contracts", str(tmp_path / "missing.jsonl"))
     assert missing.returncode == 2, describe(missing)

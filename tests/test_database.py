@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import socket
 import threading
 import time
 import uuid
@@ -85,3 +87,46 @@ def test_autocommit_writes_are_final_at_once_on_postgresql_and_at_the_end_on_sql
         connection.execute(insert, {"id": workspace + "-2", "now": utc_now()})
         connection.rollback()
         assert connection.execute(count, {"id": workspace + "-2"}).scalar_one() == 0
+
+
+@pytest.fixture
+def silent_postgresql(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """DATABASE_URL at a port that accepts connections and never answers (a hung server)."""
+    from workers.settings import reset_settings
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres:do-not-print@127.0.0.1:{port}/test")
+        monkeypatch.setattr(database, "DATABASE_CONNECT_TIMEOUT_SECONDS", 1)
+        reset_settings()
+        try:
+            yield port
+        finally:
+            monkeypatch.undo()
+            reset_settings()
+
+
+def test_the_api_gives_up_on_a_database_that_never_answers_with_its_own_error(silent_postgresql):
+    """libpq waits forever for a server that accepts and never answers: each call would hang.
+
+    The call gets ``DatabaseUnavailable`` (a ``TransientError``), not the driver's error.
+    """
+    from contract_dispatch import DatabaseUnavailable, contract_status, send_contract
+    from tests.support import contract_payload
+
+    calls = {
+        "send_contract": lambda: send_contract(**contract_payload()),
+        "contract_status": lambda: contract_status("c-anything"),
+    }
+    # A thread of its own, left behind if it hangs: the test fails instead of stopping the run.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(calls))
+    try:
+        for name, call in calls.items():
+            error = pool.submit(call).exception(timeout=60)
+            assert isinstance(error, DatabaseUnavailable), (name, repr(error))
+            assert str(error) == "the database cannot be reached (ConnectionTimeout); nothing more was done"
+            assert error.__cause__ is None and "do-not-print" not in repr(error)
+    finally:
+        pool.shutdown(wait=False)

@@ -39,7 +39,9 @@ def _print_json(value: Any) -> None:
 def unavailable_reason(error: Exception) -> str:
     """What to say when the broker or the database cannot be used (no URL, so no password)."""
     if isinstance(error, OperationalError):
-        return f"the database cannot be reached ({type(error.orig).__name__}); nothing more was done"
+        from workers.database import unavailable
+
+        return str(unavailable(error))
     return str(error)
 
 

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, SQLModel, create_engine
 
 # Importing the tables registers them on SQLModel.metadata.
 from models import account, code_refusal, contract, dead_letter, delivery, reminders, workspace  # noqa: F401
 from models.contract import Contract
-from models.errors import DatabaseMissing
+from models.errors import DatabaseMissing, DatabaseUnavailable
 from models.upsert import table_of
 from workers.settings import Settings, get_settings
 
 #: How long SQLite waits for another writer before giving up, in seconds.
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+
+#: How long opening a PostgreSQL connection may take, in seconds; a ``connect_timeout``
+#: in DATABASE_URL wins. libpq waits forever: a server that accepts connections and
+#: never answers (hung, or a half-open proxy) would hang every command and producer.
+DATABASE_CONNECT_TIMEOUT_SECONDS = 5
 
 #: A pooled PostgreSQL connection unused for longer than this is pinged before use, in seconds.
 PING_AFTER_IDLE_SECONDS = 1.0
@@ -40,6 +46,33 @@ _default: tuple[Settings, Engine] | None = None
 _lock = threading.Lock()
 #: Serialises table creation between the threads of this process.
 _schema_lock = threading.Lock()
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def unavailable(error: OperationalError) -> DatabaseUnavailable:
+    """What a caller is told of ``error``: the driver's error type, never the URL."""
+    return DatabaseUnavailable(
+        f"the database cannot be reached ({type(error.orig).__name__}); nothing more was done"
+    )
+
+
+def raising_unavailable(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``function``, raising ``DatabaseUnavailable`` for SQLAlchemy's ``OperationalError``.
+
+    For the producer API: its callers catch this service's errors, not the
+    database driver's (whose text may name the server).
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return function(*args, **kwargs)
+        except OperationalError as error:
+            raise unavailable(error) from None
+
+    return wrapper
 
 
 def normalize_database_url(url: str) -> str:
@@ -76,7 +109,7 @@ def require_database(url: str | None = None) -> None:
     if parsed.get_backend_name() == "sqlite" and path and path != ":memory:" and not Path(path).exists():
         raise DatabaseMissing(f"no database at {path}: nothing was ever recorded there (check DATABASE_URL)")
     # A throwaway engine: get_engine would create the tables it is looking for.
-    engine = create_engine(url, poolclass=NullPool)
+    engine = create_engine(url, poolclass=NullPool, connect_args=_connect_args(parsed))
     try:
         with engine.connect() as connection:
             found = inspect(connection).has_table(table_of(Contract).name)
@@ -87,6 +120,13 @@ def require_database(url: str | None = None) -> None:
             f"no contract-dispatch tables in {database_location(parsed)} (check DATABASE_URL)"
         )
     _checked.add(url)
+
+
+def _connect_args(url: URL) -> dict[str, Any]:
+    """The driver's connection options: a connect timeout on PostgreSQL unless the URL sets one."""
+    if url.get_backend_name() != "postgresql" or "connect_timeout" in url.query:
+        return {}
+    return {"connect_timeout": DATABASE_CONNECT_TIMEOUT_SECONDS}
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -164,7 +204,9 @@ def get_engine(url: str | None = None) -> Engine:
             if url.startswith("sqlite"):
                 engine = _sqlite_engine(url)
             else:
-                engine = create_engine(url, pool_size=10, max_overflow=10)
+                engine = create_engine(
+                    url, pool_size=10, max_overflow=10, connect_args=_connect_args(make_url(url))
+                )
                 _ping_when_idle(engine)
             _engines[url] = engine
     if url not in _ready:
