@@ -660,6 +660,24 @@ def test_send_contracts_whose_reader_goes_away_stops_with_one_line(cli, tmp_path
         assert contract_status(payloads[through]["contract_id"]) is None
 
 
+@pytest.mark.parametrize(
+    "argv", [["schema"], ["dead-letters", "list", "--json"], ["contract-status", "CONTRACT", "--json"]]
+)
+def test_a_command_whose_reader_closed_stdout_says_so_in_one_line(cli, worker, argv):
+    if "CONTRACT" in argv:
+        payload = contract_payload()
+        assert cli(*send_args(payload)).returncode == 0
+        argv = [payload["contract_id"] if arg == "CONTRACT" else arg for arg in argv]
+    process = subprocess.Popen(
+        [CLI, *argv], env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # a reader gone before the answer, as `| head -c 0` is
+    stderr = process.stderr.read()
+    assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 3, stderr
+    assert stderr == "stdout was closed by its reader: the command stopped there\n"
+
+
 def test_settings_found_unusable_late_exit_3_in_one_line(cli, tmp_path):
     # No SECRET_KEY, and a DATA_DIR that cannot be created to hold a generated one.
     (tmp_path / "a-file").write_text("")

@@ -445,7 +445,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        # Here, where it can be answered, rather than when Python flushes at exit.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head -c 100`). Python would report the
+        # pipe again, with a traceback, when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stderr.write("stdout was closed by its reader: the command stopped there\n")
+        return EXIT_UNAVAILABLE
     except Rejected as error:
         return _refuse(error)
     except (TransientError, ConfigurationError, OperationalError) as error:
