@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -660,22 +661,68 @@ def test_send_contracts_whose_reader_goes_away_stops_with_one_line(cli, tmp_path
         assert contract_status(payloads[through]["contract_id"]) is None
 
 
-@pytest.mark.parametrize(
-    "argv", [["schema"], ["dead-letters", "list", "--json"], ["contract-status", "CONTRACT", "--json"]]
-)
-def test_a_command_whose_reader_closed_stdout_says_so_in_one_line(cli, worker, argv):
-    if "CONTRACT" in argv:
-        payload = contract_payload()
-        assert cli(*send_args(payload)).returncode == 0
-        argv = [payload["contract_id"] if arg == "CONTRACT" else arg for arg in argv]
+def _with_stdout_closed(env: dict[str, str], *argv: str) -> tuple[int, str]:
+    """``contract-dispatch ARGV`` whose reader went away at once (`| head -c 0`): exit code, stderr."""
     process = subprocess.Popen(
-        [CLI, *argv], env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [CLI, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     assert process.stdout is not None and process.stderr is not None
-    process.stdout.close()  # a reader gone before the answer, as `| head -c 0` is
+    process.stdout.close()
     stderr = process.stderr.read()
-    assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 3, stderr
-    assert stderr == "stdout was closed by its reader: the command stopped there\n"
+    return process.wait(timeout=COMMAND_TIMEOUT_SECONDS), stderr
+
+
+def test_a_command_whose_reader_closed_stdout_says_so_in_one_line(cli, worker):
+    # Each write goes out at once: the command finds its reader gone as it writes its receipt.
+    unbuffered = {**cli.env, "PYTHONUNBUFFERED": "1"}
+    payload = contract_payload()
+    code, stderr = _with_stdout_closed(unbuffered, *send_args(payload))
+    assert code == 3, stderr
+    assert stderr == (
+        "stdout was closed by its reader: the command stopped as it wrote its output "
+        "(what it did before that stands)\n"
+    )
+    # What it did before that stands: the contract was sent.
+    cli.wait_status(payload["contract_id"], lambda report: report["status"] == "sent", "the contract sent")
+    # Buffered, a short answer is written when the command is done: it keeps its exit code.
+    buffered = {key: value for key, value in cli.env.items() if key != "PYTHONUNBUFFERED"}
+    for argv, expected in (
+        (["contract-status", payload["contract_id"], "--json"], 0),
+        (["dead-letters", "show", "999999999", "--json"], 1),
+        (["status", "--json"], 0),
+    ):
+        code, stderr = _with_stdout_closed(buffered, *argv)
+        assert code == expected, (argv, stderr)
+        assert stderr.endswith(
+            "stdout was closed by its reader: the command was done, its output unread\n"
+        ), argv
+
+
+def test_send_contracts_stopped_by_ctrl_c_says_up_to_which_line(cli, worker):
+    payloads = [contract_payload() for _ in range(3)]
+    process = subprocess.Popen(
+        [CLI, "send-contracts", "--json", "--batch-size", "1"],
+        env=cli.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    # The input stays open, as a producer still writing would keep it.
+    process.stdin.write(json_lines(*payloads))
+    process.stdin.flush()
+    answered = [json.loads(process.stdout.readline()) for _ in payloads]
+    assert [answer["status"] for answer in answered] == ["queued"] * 3
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 130
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1].startswith("interrupted: lines up to 3 were answered (sent or refused)"), (
+        stderr
+    )
+    assert "sending the same input again is safe" in stderr
+    process.stdin.close()
 
 
 def test_settings_found_unusable_late_exit_3_in_one_line(cli, tmp_path):

@@ -27,6 +27,8 @@ EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_REFUSED = 2
 EXIT_UNAVAILABLE = 3
+#: Stopped by Ctrl-C (SIGINT): 128 + the signal's number, as a shell reports it.
+EXIT_INTERRUPTED = 130
 
 #: Worker threads per process (Dramatiq's default); the work waits on I/O.
 DEFAULT_WORKER_THREADS = 8
@@ -444,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     configure_logging(settings.log_level, settings.log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    code: int | None = None
     try:
         code = handler(args)
         # Here, where it can be answered, rather than when Python flushes at exit.
@@ -453,8 +456,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader of stdout went away (`| head -c 100`). Python would report the
         # pipe again, with a traceback, when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.stderr.write("stdout was closed by its reader: the command stopped there\n")
+        if code is not None:
+            # The command was done; only its answer was lost: its exit code says how it went.
+            sys.stderr.write("stdout was closed by its reader: the command was done, its output unread\n")
+            return code
+        sys.stderr.write(
+            "stdout was closed by its reader: the command stopped as it wrote its output "
+            "(what it did before that stands)\n"
+        )
         return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the command stopped there\n")
+        return EXIT_INTERRUPTED
     except Rejected as error:
         return _refuse(error)
     except (TransientError, ConfigurationError, OperationalError) as error:

@@ -27,7 +27,14 @@ from sqlalchemy.exc import OperationalError
 
 from models.errors import InvalidPayload, Rejected, TransientError
 from models.messages import SendContract, contract_id_of, parse_message
-from workers.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, unavailable_reason, whole_number
+from workers.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    unavailable_reason,
+    whole_number,
+)
 from workers.cli_progress import Progress
 
 #: Contracts per ``send_contracts`` call: one transaction and one broker round trip each.
@@ -187,6 +194,14 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
             f"those after it were not read ({tally.describe()}; sending the same input again is safe)\n"
         )
         return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        progress.finish()
+        sys.stderr.write(
+            f"interrupted: lines up to {sent_through} were answered (sent or refused), the batch "
+            f"after them may be partly sent, those after it were not read ({tally.describe()}; "
+            "sending the same input again is safe)\n"
+        )
+        return EXIT_INTERRUPTED
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()

@@ -128,7 +128,14 @@ def _console() -> Any:
     from rich.console import Console
 
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
-    return Console(width=width, highlight=False)
+    console = Console(width=width, highlight=False)
+
+    def closed() -> None:
+        # Rich would exit 1 (not found, here): the CLI answers a closed stdout as for any command.
+        raise BrokenPipeError
+
+    console.on_broken_pipe = closed  # type: ignore[method-assign]
+    return console
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -148,9 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _watch(reader, args)
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):
-            # The reader of a pipe went away (e.g. `| head -1`): nothing left to say.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_OK
+            raise  # answered by the CLI, as for any command
         sys.stderr.write(f"cannot write {args.html}: {exc.strerror or exc}\n")
         return EXIT_REFUSED
 
