@@ -44,9 +44,31 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from models.messages import (
+    CancelContract,
+    DeliverEmail,
+    DeliverEmailGroup,
+    NotifySignatories,
+    SendContract,
+    SweepReminders,
+)
+from workers.dead_letters import MALFORMED_ACTOR
 from workers.middleware.metrics import MULTIPROC_DIR_ENV
 from workers.ops.snapshot import QUEUE_STATES, Snapshot
 from workers.settings import Settings, get_settings
+
+#: Actors whose dead letters are exported even when there are none: a series that
+#: first appears at 1 has not increased for Prometheus (``delta``, ``increase``), so the
+#: alert on new dead letters would miss an actor's first ones.
+DEAD_LETTER_ACTORS = (
+    SendContract.actor_name,
+    NotifySignatories.actor_name,
+    CancelContract.actor_name,
+    SweepReminders.actor_name,
+    DeliverEmail.actor_name,
+    DeliverEmailGroup.actor_name,
+    MALFORMED_ACTOR,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +215,8 @@ def snapshot_gauges(snapshot: Snapshot) -> Iterator[GaugeMetricFamily]:
             "Dead letters kept in SQL (not retried, not purged), per actor.",
             labels=["actor"],
         )
-        for actor, count in sorted(snapshot.dead_letters.items()):
+        counts = {actor: 0 for actor in DEAD_LETTER_ACTORS} | snapshot.dead_letters
+        for actor, count in sorted(counts.items()):
             dead.add_metric([actor], float(count))
         yield dead
         contracts = GaugeMetricFamily(
