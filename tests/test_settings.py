@@ -29,6 +29,22 @@ from workers.settings import Settings
         ({"REMINDER_DELAYS_DAYS": "7,3"}, "reminder delays"),
         ({"REMINDER_DELAYS_DAYS": "0,3"}, "reminder delays"),
         ({"REMINDER_DELAYS_DAYS": "three"}, "REMINDER_DELAYS_DAYS"),
+        # Empty, a sweep still sent one reminder.
+        ({"REMINDER_DELAYS_DAYS": ""}, "reminder delays must be one or more"),
+        ({"REMINDER_DELAYS_DAYS": ",,"}, "reminder delays must be one or more"),
+        # Every retry would wait the cap.
+        (
+            {"MIN_BACKOFF_MS": "5000", "MAX_BACKOFF_MS": "100"},
+            "MIN_BACKOFF_MS must not be over MAX_BACKOFF_MS",
+        ),
+        (
+            {"DELIVER_EMAIL_MIN_BACKOFF_MS": "7200000"},
+            "DELIVER_EMAIL_MIN_BACKOFF_MS must not be over DELIVER_EMAIL_MAX_BACKOFF_MS",
+        ),
+        ({"REDIS_NAMESPACE": ""}, "REDIS_NAMESPACE"),
+        # SendGrid refuses such a sender: every email would be dead-lettered.
+        ({"EMAIL_BACKEND": "sendgrid", "MAIL_FROM": "notanemail"}, "MAIL_FROM must be an address"),
+        ({"EMAIL_BACKEND": "sendgrid", "MAIL_FROM": "no-reply@localhost"}, "MAIL_FROM must be an address"),
         # Accepted once, then each failed every new client's send or first login later.
         ({"ACCESS_CODE_TTL_DAYS": "inf"}, "ACCESS_CODE_TTL_DAYS"),
         ({"ACCESS_CODE_TTL_DAYS": "nan"}, "ACCESS_CODE_TTL_DAYS"),

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from email_validator import EmailNotValidError, validate_email
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -175,7 +176,9 @@ class Settings(BaseSettings):
         default=DEFAULT_DATA_DIR, description="Embedded Redis, SQLite, outbox and secret key."
     )
     redis_url: str | None = Field(default=None, description="Broker; unset starts an embedded Redis.")
-    redis_namespace: str = Field(default="dramatiq", description="Prefix of every broker key in Redis.")
+    redis_namespace: str = Field(
+        default="dramatiq", min_length=1, description="Prefix of every broker key in Redis."
+    )
     broker_url: str | None = Field(
         default=None,
         description="Message broker: redis(s):// or amqp(s)://; unset is REDIS_URL's Redis.",
@@ -362,10 +365,11 @@ class Settings(BaseSettings):
     def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         # Written so that NaN, which compares false with everything, fails it.
         in_range = all(0 < delay <= MAX_REMINDER_DELAY_DAYS for delay in value)
-        if not in_range or list(value) != sorted(set(value)):
+        # Empty, the sweep would still send one reminder (its cap counts from the first).
+        if not value or not in_range or list(value) != sorted(set(value)):
             raise ValueError(
-                f"reminder delays must be positive, at most {MAX_REMINDER_DELAY_DAYS} days, "
-                "and increasing, e.g. 3,7,14"
+                f"reminder delays must be one or more, positive, at most {MAX_REMINDER_DELAY_DAYS} "
+                "days, and increasing, e.g. 3,7,14"
             )
         return value
 
@@ -377,6 +381,30 @@ class Settings(BaseSettings):
                 "REMINDER_WINDOW_START must be earlier than REMINDER_WINDOW_END "
                 "(the window is within one day)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _backoff_grows_to_its_cap(self) -> Settings:
+        # Otherwise every retry would wait the cap: the first delay is never shorter.
+        for actor_name in ("", *RETRYING_ACTORS):
+            policy = self.retry_policy(actor_name)
+            if policy.min_backoff_ms > policy.max_backoff_ms:
+                prefix = f"{actor_name.upper()}_" if actor_name else ""
+                defaults = " (each defaults to the global one)" if actor_name else ""
+                raise ValueError(
+                    f"{prefix}MIN_BACKOFF_MS must not be over {prefix}MAX_BACKOFF_MS{defaults}: "
+                    "retries wait the first, doubling up to the second"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _sendgrid_can_send_from(self) -> Settings:
+        # SendGrid refuses a sender that is not an address: every email would be dead-lettered.
+        if self.email_backend == "sendgrid":
+            try:
+                validate_email(self.mail_from, check_deliverability=False)
+            except EmailNotValidError as error:
+                raise ValueError(f"MAIL_FROM must be an address SendGrid can send from: {error}") from None
         return self
 
     @field_validator("reminder_window_days")
