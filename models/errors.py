@@ -147,8 +147,22 @@ class RenderError(PermanentError):
     """An email cannot be rendered safely (e.g. a header would hold a control character)."""
 
 
+#: Provider refusals of the account (its key, its permissions), not of one email.
+ACCOUNT_REFUSALS = frozenset({401, 403})
+
+
 class ProviderRejected(PermanentError):
     """The email provider refused this email for good (HTTP 400, 401, 403, 413)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        #: The provider's HTTP status, when it answered one.
+        self.status = status
+
+    @property
+    def refuses_account(self) -> bool:
+        """Whether the refusal is of the account (bad key, no permission): every email gets it."""
+        return self.status in ACCOUNT_REFUSALS
 
 
 class ProviderUnavailable(TransientError):

@@ -112,6 +112,45 @@ def test_a_group_the_provider_refuses_is_sent_one_by_one(worker, standin):
     assert len(refused) == len(signatories)  # the one request, kept as its three emails
 
 
+def test_a_group_the_provider_refuses_for_the_account_fails_whole_without_one_request_per_email(
+    worker, standin
+):
+    """A bad key (401) or a missing permission (403) is the same for each email alone:
+    the group is not split into a request per signatory, each refused again."""
+    signatories = SIGNATORIES[:3]
+    contract_id = _signed(standin, signatories=signatories)
+    standin.script(
+        Answer(status=401, body=b'{"errors":[{"message":"The provided authorization grant is invalid"}]}')
+    )
+    notify_signatories(
+        contract_id=contract_id, legal_name="Société Signée SARL", accepted_sections=["conditions", "tarifs"]
+    )
+    wait_for_contract(
+        contract_id,
+        lambda r: sorted(e.status for e in r.emails if e.kind == "signed_notification") == ["failed"] * 3,
+        what="every notification failed",
+    )
+
+    def dead_groups() -> list[DeadLetter]:
+        with session_scope() as session:
+            return list(
+                session.exec(
+                    select(DeadLetter).where(
+                        DeadLetter.contract_id == contract_id, DeadLetter.actor_name == "deliver_email_group"
+                    )
+                ).all()
+            )
+
+    wait_until(lambda: len(dead_groups()) == 1, what="the group's dead letter")
+    (dead,) = dead_groups()
+    assert dead.exception_type == "ProviderRejected" and "SendGrid answered 401" in dead.exception_message
+    refused = [
+        r for r in standin.requests if r.reference and f"signed_notification:{contract_id}:" in r.reference
+    ]
+    assert len({r.request_id for r in refused}) == 1  # one request, kept as its three emails
+    assert {r.status for r in refused} == {401}
+
+
 def test_a_group_is_retried_after_a_provider_outage_and_each_email_goes_once(worker, standin):
     signatories = SIGNATORIES[:2]
     contract_id = _signed(standin, signatories=signatories)

@@ -9,7 +9,9 @@ substitutions, so the copies can share one body.
 A request is accepted or refused as a whole. One address SendGrid refuses
 (HTTP 400) would fail every signatory's email, so a refused group is not
 failed: its deliveries go back to pending and are sent one by one, where the
-refusal fails only the email it concerns.
+refusal fails only the email it concerns. A refusal of the account (401, 403: a
+bad key, a missing permission) would be the same for each email alone: the
+group fails with it, and its dead letter retries them all together.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from models.errors import (
     DeliveryBusy,
     DeliveryGroupMismatch,
     PermanentError,
+    ProviderRejected,
     RenderError,
     UnknownDelivery,
 )
@@ -201,6 +204,13 @@ def _deliver_together(ids: list[int], backend: GroupBackend, settings: Settings)
         try:
             provider_message_id = timed_send(backend.name, partial(backend.send_group, group))
         except PermanentError as exc:
+            if isinstance(exc, ProviderRejected) and exc.refuses_account:
+                # A bad key or a missing permission: each email alone would only be
+                # refused the same. This request's and the later ones' fail with it.
+                for _, waiting in planned[index:]:
+                    for row in waiting:
+                        record_failure(row.id, kind, exc)
+                raise
             # One refused address refuses the whole request: each one alone, so
             # the others still go out and only the bad one fails.
             for row in members:

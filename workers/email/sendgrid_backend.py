@@ -223,5 +223,5 @@ class SendGridBackend:
                 summary, retry_after_ms=rate_limit_wait_ms(getattr(exc, "headers", None))
             )
         if status in PERMANENT_STATUSES:
-            return ProviderRejected(summary)
+            return ProviderRejected(summary, status=status)
         return ProviderUnavailable(summary)
