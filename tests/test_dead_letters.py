@@ -438,6 +438,8 @@ def test_list_and_show_print_the_records(worker, broker, redis_server, cli_env, 
 
     assert text.returncode == 0, describe(text)
     assert actor in text.stdout and "ActorNotFound" in text.stdout
+    # A field without a value reads "-", not Python's None.
+    assert "None" not in text.stdout and ": -\n" in text.stdout, text.stdout
     assert orphan_args[0]["contract_id"] in text.stdout
 
     assert unknown.returncode == 1, describe(unknown)

@@ -159,7 +159,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             value = json.dumps(value, ensure_ascii=False)
         if key == "traceback":
             continue
-        sys.stdout.write(f"{key:>18}: {value}\n")
+        sys.stdout.write(f"{key:>18}: {'-' if value is None else value}\n")
     if record.traceback:
         sys.stdout.write("\n" + record.traceback.rstrip() + "\n")
     return EXIT_OK
