@@ -426,8 +426,9 @@ def test_list_and_show_print_the_records(worker, broker, redis_server, cli_env, 
     assert not {refused, orphan} & {e["message_id"] for e in by_queue}
 
     assert table.returncode == 0, describe(table)
-    (line,) = [row for row in table.stdout.splitlines() if row.split()[:1] == [str(refused_record.id)]]
-    assert "InvalidEmail" in line and payload["contract_id"] in line
+    # Its row (with a fresh database, the id may be 1, as the summary line "1 dead letter" starts).
+    rows = [row for row in table.stdout.splitlines() if row.split()[:1] == [str(refused_record.id)]]
+    assert any("InvalidEmail" in row and payload["contract_id"] in row for row in rows), table.stdout
 
     shown = json_output(shown_run)
     assert shown["args"] == [payload] and shown["kwargs"] == {}
@@ -439,7 +440,7 @@ def test_list_and_show_print_the_records(worker, broker, redis_server, cli_env, 
     assert text.returncode == 0, describe(text)
     assert actor in text.stdout and "ActorNotFound" in text.stdout
     # A field without a value reads "-", not Python's None.
-    assert "None" not in text.stdout and ": -\n" in text.stdout, text.stdout
+    assert "retried_at: -\n" in text.stdout and ": None\n" not in text.stdout, text.stdout
     assert orphan_args[0]["contract_id"] in text.stdout
 
     assert unknown.returncode == 1, describe(unknown)
