@@ -375,7 +375,10 @@ def test_demo_against_an_unreachable_database_fails_in_one_line_without_its_pass
     assert password not in result.stdout + result.stderr
     assert "Database: postgresql://bob:***@127.0.0.1:" in result.stdout
     (failed,) = [line for line in result.stderr.splitlines() if line.startswith("demo failed: ")]
-    assert failed.startswith("demo failed: OperationalError: "), result.stderr
+    assert failed == (
+        "demo failed: DatabaseUnavailable: the database cannot be reached (OperationalError); "
+        "nothing more was done"
+    ), result.stderr
     assert "Traceback" not in result.stderr
 
 
