@@ -21,8 +21,9 @@ from contract_dispatch.producer import (
     submit_send_contract,
     submit_send_contracts,
 )
-from models.errors import BrokerUnavailable, DatabaseUnavailable, DispatchError, Rejected
+from models.errors import BrokerUnavailable, DatabaseUnavailable, DispatchError, Rejected, TransientError
 from models.first_login import AccessCodeRefused, PasswordRefused
+from models.messages import NotifySignatories, SendContract, parse_message
 from models.status import ContractReport
 
 __all__ = [
@@ -31,13 +32,17 @@ __all__ = [
     "ContractReport",
     "DatabaseUnavailable",
     "DispatchError",
+    "NotifySignatories",
     "PasswordRefused",
     "Receipt",
     "Rejected",
     "ResendReceipt",
+    "SendContract",
+    "TransientError",
     "cancel_contract",
     "contract_status",
     "notify_signatories",
+    "parse_message",
     "resend_invitation",
     "run_reminders",
     "send_contract",

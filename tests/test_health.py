@@ -336,3 +336,36 @@ def test_unreadable_configuration_is_unhealthy_in_the_same_shape(env):
     check = answer.check("configuration")
     assert check["ok"] is False and check["detail"].startswith("EMAIL_BACKEND: "), check
     assert "carrier-pigeon" not in answer.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"), [("", "is empty: remove it"), ("short", "at least 32 characters")]
+)
+def test_a_secret_key_file_left_empty_or_short_is_unhealthy_and_stops_the_worker(
+    env, tmp_path, content, problem
+):
+    """Without SECRET_KEY, the key generated into DATA_DIR derives every access code: a file
+    left empty or too short would fail each new client's email and first login, one by one."""
+    without_key = {key: value for key, value in env.items() if key != "SECRET_KEY"}
+    key_file = Path(env["DATA_DIR"]) / "secret_key"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(content)
+    answer = health(without_key, "--json", "--no-workers")
+    assert answer.code == 1
+    check = answer.check("configuration")
+    assert check["ok"] is False and problem in check["detail"], check
+    worker = subprocess.run(
+        [CLI, "worker", "--processes", "1", "--threads", "1"],
+        env=without_key,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert worker.returncode == 3, worker.stderr
+    assert worker.stderr.startswith(f"unavailable: the secret key file {key_file.resolve()} "), worker.stderr
+    assert problem in worker.stderr
+    # Without a file, the key is generated on first use: health reads, and never writes it.
+    key_file.unlink()
+    assert health(without_key, "--no-workers").code == 0
+    assert not key_file.exists()

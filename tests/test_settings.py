@@ -42,6 +42,11 @@ from workers.settings import Settings
             "DELIVER_EMAIL_MIN_BACKOFF_MS must not be over DELIVER_EMAIL_MAX_BACKOFF_MS",
         ),
         ({"REDIS_NAMESPACE": ""}, "REDIS_NAMESPACE"),
+        # A live worker whose threads are all busy would be read as dead.
+        (
+            {"MAINTENANCE_INTERVAL_MS": "30000"},
+            "MAINTENANCE_INTERVAL_MS must be at most half of HEARTBEAT_TIMEOUT_MS",
+        ),
         # SendGrid refuses such a sender: every email would be dead-lettered.
         ({"EMAIL_BACKEND": "sendgrid", "MAIL_FROM": "notanemail"}, "MAIL_FROM must be an address"),
         ({"EMAIL_BACKEND": "sendgrid", "MAIL_FROM": "no-reply@localhost"}, "MAIL_FROM must be an address"),

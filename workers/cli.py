@@ -257,6 +257,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.runner import exec_worker
 
+    # Read (or generated) once before the processes start: a key file left empty or too
+    # short would otherwise fail only the emails that carry a code, one by one.
+    get_settings().secret_key_bytes()
     return exec_worker(processes=args.processes, threads=args.threads)
 
 

@@ -41,7 +41,7 @@ def _wait_for(
         if report is not None and done(report):
             return report
         line = f"  waiting for {what}: " + (
-            f"contract {report.status}, " + ", ".join(f"{e.kind} to {e.to} {e.status}" for e in report.emails)
+            ", ".join([f"contract {report.status}", *(f"{e.kind} to {e.to} {e.status}" for e in report.emails)])
             if report is not None
             else "contract not recorded yet"
         )

@@ -398,6 +398,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _heartbeats_within_their_timeout(self) -> Settings:
+        # A worker process whose threads are all busy heartbeats only this often: at
+        # half its timeout or more, a live worker would be read as dead (its messages
+        # handed to others while it still works on them).
+        if self.maintenance_interval_ms * 2 > self.heartbeat_timeout_ms:
+            raise ValueError(
+                "MAINTENANCE_INTERVAL_MS must be at most half of HEARTBEAT_TIMEOUT_MS "
+                "(each worker process heartbeats that often)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sendgrid_can_send_from(self) -> Settings:
         # SendGrid refuses a sender that is not an address: every email would be dead-lettered.
         if self.email_backend == "sendgrid":
@@ -512,6 +524,25 @@ class Settings(BaseSettings):
                 f"no SECRET_KEY, and DATA_DIR cannot hold a generated one ({error.strerror}): "
                 "set SECRET_KEY, or DATA_DIR to a writable directory"
             ) from None
+
+    def secret_key_problem(self) -> str | None:
+        """Why the secret key cannot be used, or None; reads only (never generates the key file)."""
+        if self.secret_key is not None:
+            return None  # checked when the settings were read
+        path = self.data_dir.resolve() / SECRET_KEY_FILE
+        try:
+            key = path.read_text().strip()
+        except FileNotFoundError:
+            return None  # generated on first use
+        except OSError as error:
+            return f"the secret key file {path} cannot be read ({error.strerror})"
+        if not key:
+            return f"the secret key file {path} is empty: remove it to have a new key generated"
+        try:
+            check_secret_key(key, name=f"the secret key file {path}")
+        except ValueError as error:
+            return str(error)
+        return None
 
 
 def broker_nodes(url: str) -> list[str]:

@@ -439,8 +439,13 @@ def _emit(report: HealthReport, *, as_json: bool) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from workers.settings import get_settings
 
+    settings = get_settings()
+    # A key file left empty or too short fails every new client's email and first login.
+    problem = settings.secret_key_problem()
+    if problem is not None:
+        return configuration_unusable(args, [problem])
     report = run_health_checks(
-        get_settings(), workers=not args.no_workers, this_host=args.this_host, timeout=args.timeout
+        settings, workers=not args.no_workers, this_host=args.this_host, timeout=args.timeout
     )
     return _emit(report, as_json=args.json)
 
