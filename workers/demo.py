@@ -40,11 +40,10 @@ def _wait_for(
         report = contract_status(contract_id)
         if report is not None and done(report):
             return report
-        line = f"  waiting for {what}: " + (
-            ", ".join([f"contract {report.status}", *(f"{e.kind} to {e.to} {e.status}" for e in report.emails)])
-            if report is not None
-            else "contract not recorded yet"
-        )
+        states = ["contract not recorded yet"]
+        if report is not None:
+            states = [f"contract {report.status}", *(f"{e.kind} to {e.to} {e.status}" for e in report.emails)]
+        line = f"  waiting for {what}: " + ", ".join(states)
         if line != last_line:
             _say(line)
             last_line = line
