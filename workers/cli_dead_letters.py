@@ -45,8 +45,9 @@ def _broker() -> Any:
     return actors.broker
 
 
-def _sync_quietly() -> None:
-    """File dead letters that only Redis knows about; say so if Redis is unreachable.
+def _sync_quietly(*, warn: bool = True) -> None:
+    """File dead letters that only Redis knows about; say so if Redis is unreachable
+    (unless not ``warn``: retry and purge say it, as their one line, when they need it).
 
     Raises ``DatabaseMissing`` first: filing them into a mistyped SQLite path
     would create a database of their own there.
@@ -60,6 +61,8 @@ def _sync_quietly() -> None:
     except OperationalError:
         raise  # the database: the command cannot show anything
     except Exception as exc:
+        if not warn:
+            return
         # On RabbitMQ, Redis only coordinates: name the one that failed.
         what = "Redis" if isinstance(exc, redis.RedisError) else "the broker"
         sys.stderr.write(
@@ -206,9 +209,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from workers import dead_letters
 
     if (args.id is None) == (not args.all):
-        sys.stderr.write("usage: give one dead letter ID or --all\n")
-        return EXIT_REFUSED
-    _sync_quietly()
+        args.command_parser.error("give one dead letter ID or --all")
+    _sync_quietly(warn=False)
     records = _selected(args)
     if records is None:
         return _unknown(args)
@@ -230,9 +232,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from workers import dead_letters
 
     if (args.id is None) == (args.older_than is None):
-        sys.stderr.write("usage: give one dead letter ID or --older-than DURATION\n")
-        return EXIT_REFUSED
-    _sync_quietly()
+        args.command_parser.error("give one dead letter ID or --older-than DURATION")
+    _sync_quietly(warn=False)
     records = _selected(args)
     if records is None:
         return _unknown(args)
