@@ -125,7 +125,8 @@ def test_two_schedulers_enqueue_each_slot_once_and_stop_on_sigterm(
         "DATABASE_URL": f"sqlite:///{tmp_path / 'scheduler.db'}",
     }
     logs = [tmp_path / "scheduler-1.log", tmp_path / "scheduler-2.log"]
-    schedulers = [start_scheduler(env, log) for log in logs]
+    # The second at LOG_LEVEL=DEBUG: its lines are verbose, the first's at INFO.
+    schedulers = [start_scheduler(env, logs[0]), start_scheduler({**env, "LOG_LEVEL": "DEBUG"}, logs[1])]
     sweep_slots: set[int] = set()
     try:
 
@@ -160,6 +161,7 @@ def test_two_schedulers_enqueue_each_slot_once_and_stop_on_sigterm(
     assert stop_seconds < 15
     assert all("Stopping the scheduler" in text for text in output), output
     assert not any("Exception ignored" in text or "Traceback" in text for text in output), output
+    assert " DEBUG " not in output[0] and " DEBUG " in output[1], output
 
     messages = [json.loads(raw) for raw in client.hvals(f"{namespace}:maintenance.msgs")]
     enqueued = Counter(message["actor_name"] for message in messages)

@@ -159,7 +159,9 @@ def cmd_reminders_run(args: argparse.Namespace) -> int:
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from workers.scheduler import run_scheduler
 
-    configure_logging("INFO", get_settings().log_format)
+    settings = get_settings()
+    # Its job lines are at INFO, as the worker's processed lines; DEBUG makes both verbose.
+    configure_logging("DEBUG" if settings.log_level == "DEBUG" else "INFO", settings.log_format)
     return run_scheduler()
 
 
