@@ -329,6 +329,14 @@ def test_file_backend_needs_a_writable_outbox(env, tmp_path):
     assert not outbox.exists()
 
 
+def test_this_host_and_no_workers_together_are_a_usage_error(env):
+    """Skipping the worker check leaves nothing for --this-host to narrow: one or the other."""
+    answer = health(env, "--this-host", "--no-workers")
+    assert answer.code == 2
+    assert "--no-workers: not allowed with argument --this-host" in answer.stderr
+    assert answer.stdout == ""
+
+
 def test_unreadable_configuration_is_unhealthy_in_the_same_shape(env):
     answer = health({**env, "EMAIL_BACKEND": "carrier-pigeon", "SECRET_KEY": TEST_SECRET_KEY}, "--json")
     assert answer.code == 1

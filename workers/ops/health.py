@@ -469,10 +469,12 @@ def add_commands(commands: Any) -> None:
         "health", help="check Redis, the database, the email backend and live workers (exit 1 if unhealthy)"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object")
-    parser.add_argument(
+    # One or the other: skipping the worker check leaves nothing for --this-host to narrow.
+    workers = parser.add_mutually_exclusive_group()
+    workers.add_argument(
         "--no-workers", action="store_true", help="skip the live-worker check (a producer or scheduler host)"
     )
-    parser.add_argument(
+    workers.add_argument(
         "--this-host",
         action="store_true",
         help="only count workers running on this host (a worker container)",
