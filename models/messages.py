@@ -291,6 +291,10 @@ def delivery_ids_of(actor_name: str, payload: Any) -> list[int]:
 
 PUBLIC_MESSAGES: tuple[type[WireMessage], ...] = (SendContract, NotifySignatories, CancelContract)
 
+#: The actors of the scheduler's housekeeping jobs (queue ``maintenance``, no payload to check).
+BROKER_MAINTENANCE_ACTOR = "broker_maintenance"
+EXPIRE_ACCESS_CODES_ACTOR = "expire_access_codes"
+
 M = TypeVar("M", bound=WireMessage)
 
 #: Longest field path quoted in a refusal, in characters.

@@ -535,7 +535,7 @@ def test_queue_and_dead_letter_gauges_equal_redis_and_sql(run):
     # The gauge counts the whole table; this run's own records are among them.
     assert dead == exported_dead(run.http_sql["dead"])
     # Every actor has its series, at 0 without dead letters: an alert sees its first ones.
-    assert dead[("notify_signatories",)] == dead[("(malformed)",)] == 0
+    assert dead[("notify_signatories",)] == dead[("expire_access_codes",)] == dead[("(malformed)",)] == 0
     assert run.http_own_dead == {"send_contract": 2, "deliver_email": 2}
     contracts = series(run.http, "contract_dispatch_contracts", "status")
     assert contracts == {(status,): float(n) for status, n in run.http_sql["contracts"].items()}

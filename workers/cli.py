@@ -451,7 +451,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     configure_logging(settings.log_level, settings.log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    code: int | None = None
     try:
         code = handler(args)
         # Here, where it can be answered, rather than when Python flushes at exit.
@@ -459,15 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         # The reader of stdout went away (`| head -c 100`). Python would report the
-        # pipe again, with a traceback, when it flushes stdout at exit.
+        # pipe again, with a traceback, when it flushes stdout at exit. The same answer
+        # whether the last write was buffered or not (PYTHONUNBUFFERED), so a script
+        # sees one code for one outcome; what the command did before stands.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if code is not None:
-            # The command was done; only its answer was lost: its exit code says how it went.
-            sys.stderr.write("stdout was closed by its reader: the command was done, its output unread\n")
-            return code
         sys.stderr.write(
-            "stdout was closed by its reader: the command stopped as it wrote its output "
-            "(what it did before that stands)\n"
+            "stdout was closed by its reader: the output was not all written (what the command did stands)\n"
         )
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:

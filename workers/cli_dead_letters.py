@@ -248,7 +248,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
         broker = "RabbitMQ" if get_settings().uses_rabbitmq else "Redis"
         sys.stderr.write(f"Purge {len(records)} dead letter(s) from SQL and {broker} for good? [y/N] ")
         sys.stderr.flush()
-        answer = sys.stdin.readline().strip().lower()
+        try:
+            answer = sys.stdin.readline().strip().lower()
+        except KeyboardInterrupt:
+            sys.stderr.write("\n")  # the prompt's line is not the interruption's
+            raise
         if answer not in ("y", "yes"):
             sys.stderr.write("not purged\n")
             return EXIT_REFUSED

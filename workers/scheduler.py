@@ -19,7 +19,7 @@ import dramatiq
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from models.messages import SweepReminders
+from models.messages import BROKER_MAINTENANCE_ACTOR, EXPIRE_ACCESS_CODES_ACTOR, SweepReminders
 from workers.coordination import coordination_client, coordination_namespace
 from workers.settings import get_settings
 
@@ -50,8 +50,8 @@ def periodic_jobs() -> list[PeriodicJob]:
             settings.reminder_sweep_minutes * 60,
             SweepReminders().to_payload(),
         ),
-        PeriodicJob("broker-maintenance", "broker_maintenance", BROKER_MAINTENANCE_INTERVAL_SECONDS, {}),
-        PeriodicJob("access-code-expiry", "expire_access_codes", CODE_EXPIRY_INTERVAL_SECONDS, {}),
+        PeriodicJob("broker-maintenance", BROKER_MAINTENANCE_ACTOR, BROKER_MAINTENANCE_INTERVAL_SECONDS, {}),
+        PeriodicJob("access-code-expiry", EXPIRE_ACCESS_CODES_ACTOR, CODE_EXPIRY_INTERVAL_SECONDS, {}),
     ]
 
 

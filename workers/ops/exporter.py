@@ -45,6 +45,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from models.messages import (
+    BROKER_MAINTENANCE_ACTOR,
+    EXPIRE_ACCESS_CODES_ACTOR,
     CancelContract,
     DeliverEmail,
     DeliverEmailGroup,
@@ -57,7 +59,7 @@ from workers.middleware.metrics import MULTIPROC_DIR_ENV
 from workers.ops.snapshot import QUEUE_STATES, Snapshot
 from workers.settings import Settings, get_settings
 
-#: Actors whose dead letters are exported even when there are none: a series that
+#: Every actor, whose dead letters are exported even when there are none: a series that
 #: first appears at 1 has not increased for Prometheus (``delta``, ``increase``), so the
 #: alert on new dead letters would miss an actor's first ones.
 DEAD_LETTER_ACTORS = (
@@ -67,6 +69,8 @@ DEAD_LETTER_ACTORS = (
     SweepReminders.actor_name,
     DeliverEmail.actor_name,
     DeliverEmailGroup.actor_name,
+    BROKER_MAINTENANCE_ACTOR,
+    EXPIRE_ACCESS_CODES_ACTOR,
     MALFORMED_ACTOR,
 )
 
