@@ -531,15 +531,11 @@ class Settings(BaseSettings):
             return None  # checked when the settings were read
         path = self.data_dir.resolve() / SECRET_KEY_FILE
         try:
-            key = path.read_text().strip()
+            _key_of_file(path, path.read_text())
         except FileNotFoundError:
             return None  # generated on first use
         except OSError as error:
             return f"the secret key file {path} cannot be read ({error.strerror})"
-        if not key:
-            return f"the secret key file {path} is empty: remove it to have a new key generated"
-        try:
-            check_secret_key(key, name=f"the secret key file {path}")
         except ValueError as error:
             return str(error)
         return None
@@ -592,15 +588,23 @@ def _load_or_create_secret_key(data_dir: Path) -> bytes:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(48))
     for _ in range(100):
-        key = path.read_text().strip()
-        if key:
-            check_secret_key(key, name=f"the secret key file {path}")
-            return key.encode()
+        content = path.read_text()
+        if content.strip():
+            return _key_of_file(path, content)
         # The other process created the file but has not written it yet.
         clock.sleep(0.01)
-    # Left empty by a process stopped between creating and writing it: no key was
-    # ever read from it, so removing it loses nothing.
-    raise ValueError(f"the secret key file {path} is empty: remove it to have a new key generated")
+    return _key_of_file(path, "")
+
+
+def _key_of_file(path: Path, content: str) -> bytes:
+    """The key a secret key file holds; ValueError if it is empty or too short."""
+    key = content.strip()
+    if not key:
+        # Left empty by a process stopped between creating and writing it: no key was
+        # ever read from it, so removing it loses nothing.
+        raise ValueError(f"the secret key file {path} is empty: remove it to have a new key generated")
+    check_secret_key(key, name=f"the secret key file {path}")
+    return key.encode()
 
 
 def check_secret_key(key: str, *, name: str) -> None:
