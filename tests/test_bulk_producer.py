@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import dramatiq
 import pytest
 import redis
+import redis.connection
+from dramatiq.brokers.redis import RedisBroker
 
 import workers.redis_dispatch
 from contract_dispatch import (
@@ -16,7 +19,10 @@ from contract_dispatch import (
     send_contract,
     send_contracts,
 )
-from tests.support import all_emails_sent, contract_payload, wait_for_contract
+from tests.support import all_emails_sent, contract_payload, forget_namespace, unique, wait_for_contract
+
+#: A batch of 200 small messages is larger than this, in bytes; any other command is smaller.
+BATCH_BYTES = 10_000
 
 
 @pytest.fixture
@@ -279,3 +285,46 @@ def test_bulk_send_refuses_a_second_name_for_an_address_earlier_in_the_batch(dat
     ]
     for refused in (other, case_only):
         assert contract_status(refused["contract_id"]) is None
+
+
+def _messages(count: int) -> list[dramatiq.Message[Any]]:
+    return [
+        dramatiq.Message(queue_name="bulk", actor_name="bulk_actor", args=(index,), kwargs={}, options={})
+        for index in range(count)
+    ]
+
+
+def test_a_batch_cut_short_on_its_way_to_redis_queues_none_of_its_messages(redis_server, monkeypatch):
+    """All or none: the connection drops halfway through the batch's bytes, on each of redis-py's tries.
+
+    Redis runs each complete command it reads, so without ``MULTI`` the first
+    half of the batch would be queued, once per try.
+    """
+    namespace = unique("batch")
+    client = redis_server.client()
+    broker = RedisBroker(client=client, namespace=namespace, middleware=[])
+    broker.declare_queue("bulk")
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def dropped_halfway(connection: Any, command: Any, check_health: bool = True) -> None:
+        packed = b"".join(bytes(part) for part in command) if isinstance(command, list) else command
+        if isinstance(packed, bytes) and len(packed) > BATCH_BYTES:
+            send(connection, [packed[: len(packed) // 2]], check_health)
+            connection.disconnect()
+            raise redis.ConnectionError("connection reset by peer")
+        send(connection, command, check_health)
+
+    try:
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", dropped_halfway)
+        with pytest.raises(redis.ConnectionError):
+            workers.redis_dispatch.enqueue_many(broker, _messages(200))
+        monkeypatch.undo()
+        assert client.hlen(f"{namespace}:bulk.msgs") == 0
+        assert client.llen(f"{namespace}:bulk") == 0
+
+        workers.redis_dispatch.enqueue_many(broker, _messages(200))
+        queued = client.lrange(f"{namespace}:bulk", 0, -1)
+        assert len(queued) == len(set(queued)) == client.hlen(f"{namespace}:bulk.msgs") == 200
+    finally:
+        forget_namespace(client, namespace)
+        client.close()

@@ -24,7 +24,7 @@ import re
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, cast
@@ -36,12 +36,13 @@ import pika.exceptions
 import pytest
 import redis
 from dramatiq.common import current_millis
+from dramatiq.errors import ConnectionClosed
 from sqlmodel import col, delete, select
 
 from contract_dispatch import set_workspace
 from models.dead_letter import DeadLetter
 from models.types import utc_now
-from tests.processes import CLI, WorkerProcess, run_cli
+from tests.processes import CLI, TcpProxy, WorkerProcess, run_cli
 from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
 from tests.sendgrid_standin import Answer, SendGridStandIn
 from tests.support import (
@@ -57,6 +58,8 @@ from tests.support import (
 )
 from workers import dead_letters
 from workers.database import get_engine, session_scope
+from workers.rabbitmq import ServiceRabbitmqBroker
+from workers.redis_dispatch import enqueue_many
 
 #: The RabbitMQ server the tests use (guest/guest on this machine and on CI).
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
@@ -290,6 +293,41 @@ def test_send_and_sign_through_the_cli(system: System, standin: SendGridStandIn)
     assert [e.to for e in final.emails if e.kind == "signed_notification"] == [
         payload["signatories"][0]["email"]
     ]
+
+
+def test_send_contracts_through_the_cli_enqueues_the_batch_at_once(
+    system: System, standin: SendGridStandIn
+) -> None:
+    # One batch on either broker (on RabbitMQ one transaction): each accepted
+    # contract sent once, the refused line alone refused.
+    payloads = [contract_payload() for _ in range(3)]
+    refused = contract_payload(lead_source="billboard")
+    lines = [json.dumps(payloads[0]), json.dumps(refused), *(json.dumps(p) for p in payloads[1:])]
+    result = subprocess.run(
+        [CLI, "send-contracts", "--json"],
+        env=system.env,
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [answer.get("status") or answer["error"]["code"] for answer in answers] == [
+        "queued",
+        "invalid_lead_source",
+        "queued",
+        "queued",
+    ]
+    for payload in payloads:
+        wait_for_contract(
+            payload["contract_id"],
+            all_emails_sent(1),
+            timeout=BOOT_TIMEOUT_SECONDS,
+            what=f"a batch's invitation to be sent on {system.kind}: {_log_of(system)}",
+        )
+        assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
 
 
 def test_provider_failures_are_retried_then_sent(system: System, standin: SendGridStandIn) -> None:
@@ -865,3 +903,104 @@ def test_workers_on_rabbitmq_register_in_redis_and_are_forgotten_when_gone(
             survivor.kill()
             forget_namespace(client, namespace)
             client.close()
+
+
+class _EnqueueLog(dramatiq.Middleware):
+    """What the broker's middleware saw enqueued; ``on_before(count)`` runs before each message."""
+
+    def __init__(self, on_before: Callable[[int], None] | None = None) -> None:
+        self.before: list[str] = []
+        self.after: list[str] = []
+        self.on_before = on_before
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: Any) -> None:
+        self.before.append(message.message_id)
+        if self.on_before is not None:
+            self.on_before(len(self.before))
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: Any) -> None:
+        self.after.append(message.message_id)
+
+
+def _batch(count: int) -> list[dramatiq.Message[Any]]:
+    return [
+        dramatiq.Message(queue_name="bulk", actor_name="bulk_actor", args=(index,), kwargs={}, options={})
+        for index in range(count)
+    ]
+
+
+def _queued_ids(amqp_url: str, queue_name: str) -> list[str]:
+    """The ids of the messages on a queue, read without taking them (each is put back)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        ids: list[str] = []
+        while True:
+            method, _, body = channel.basic_get(queue_name, auto_ack=False)
+            if method is None:
+                return ids
+            ids.append(json.loads(body)["message_id"])
+    finally:
+        connection.close()
+
+
+def _rabbitmq_broker(url: str, middleware: list[dramatiq.Middleware]) -> ServiceRabbitmqBroker:
+    return ServiceRabbitmqBroker(
+        url=url,
+        namespace=unique("batch"),
+        coordination=lambda: pytest.fail("coordination is not used to enqueue"),
+        confirm_delivery=True,
+        middleware=middleware,
+    )
+
+
+@pytest.fixture
+def own_vhost_url(rabbitmq_url: str) -> Iterator[str]:
+    """A virtual host of this test's own (the session's holds the workers' queues)."""
+    with _own_vhost() as url:
+        yield url
+
+
+def test_a_batch_on_rabbitmq_is_one_transaction_all_or_none(own_vhost_url: str) -> None:
+    parts = urlsplit(own_vhost_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    through_proxy = own_vhost_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
+    # The connection drops while the third message is being published.
+    log = _EnqueueLog(on_before=lambda seen: proxy.cut() if seen == 3 else None)
+    broker = _rabbitmq_broker(through_proxy, [log])
+    try:
+        broker.declare_queue("bulk")
+        with pytest.raises(ConnectionClosed):
+            enqueue_many(broker, _batch(5))
+        # Published one by one, the first two would be on the queue.
+        assert _queued_ids(own_vhost_url, "bulk") == []
+        assert log.after == []
+
+        proxy.restore()
+        log.on_before = None
+        batch = _batch(200)
+        enqueue_many(broker, batch)
+        assert _queued_ids(own_vhost_url, "bulk") == [message.message_id for message in batch]
+        assert log.after == [message.message_id for message in batch]
+    finally:
+        broker.close()
+        proxy.stop()
+
+
+def test_a_batch_on_rabbitmq_reaches_a_queue_deleted_since_it_was_declared(own_vhost_url: str) -> None:
+    log = _EnqueueLog()
+    broker = _rabbitmq_broker(own_vhost_url, [log])
+    try:
+        first = _batch(3)
+        enqueue_many(broker, first)
+        connection = pika.BlockingConnection(pika.URLParameters(own_vhost_url))
+        connection.channel().queue_delete("bulk")
+        connection.close()
+        # This process still takes the queue for declared: RabbitMQ returns the
+        # messages as unroutable, and they are published again once it is declared anew.
+        second = _batch(4)
+        enqueue_many(broker, second)
+        assert _queued_ids(own_vhost_url, "bulk") == [message.message_id for message in second]
+        assert log.after == [message.message_id for message in first + second]
+    finally:
+        broker.close()

@@ -19,13 +19,18 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pika
 import pika.exceptions
 import redis
-from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _RabbitmqMessage
+from dramatiq.brokers.rabbitmq import (
+    MAX_ENQUEUE_ATTEMPTS,
+    RabbitmqBroker,
+    _RabbitmqConsumer,
+    _RabbitmqMessage,
+)
 from dramatiq.common import current_millis, xq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
@@ -76,6 +81,75 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
             if self._coordination is None:
                 self._coordination = self._coordination_factory()
             return self._coordination
+
+    def enqueue_many(self, messages: Sequence[Message[Any]]) -> None:
+        """Publish messages in one AMQP transaction: all of them, or none (``ConnectionClosed``).
+
+        ``enqueue`` waits for RabbitMQ's confirmation of each message, one round
+        trip per message. Here the batch is published on a channel of its own in
+        transaction mode and committed once: ``Tx.CommitOk`` gives the same
+        guarantee as a confirmation (persistent messages on durable queues), and
+        a batch cut short by a dropped connection is rolled back by RabbitMQ, so
+        retrying it on a new connection (as ``enqueue`` does) sends none twice,
+        unless the connection drops between the commit and its answer.
+        Middleware sees each message as with ``enqueue``.
+        """
+        pending = list(messages)
+        for attempt in range(1, MAX_ENQUEUE_ATTEMPTS + 1):
+            try:
+                pending = self._publish_in_transaction(pending)
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
+                # As enqueue: the next attempt opens a new connection and channel.
+                del self.connection
+                if attempt == MAX_ENQUEUE_ATTEMPTS:
+                    raise ConnectionClosed(error) from None  # type: ignore[no-untyped-call]
+                logger.debug("Retrying a batch of %d messages on a new connection.", len(pending))
+                continue
+            if not pending:
+                return
+        raise ConnectionClosed(  # type: ignore[no-untyped-call]
+            f"RabbitMQ returned {len(pending)} messages as unroutable {MAX_ENQUEUE_ATTEMPTS} times"
+        )
+
+    def _publish_in_transaction(self, messages: list[Message[Any]]) -> list[Message[Any]]:
+        """Publish and commit; returns the messages RabbitMQ returned as unroutable, to publish again.
+
+        A queue deleted since this process declared it makes its messages
+        unroutable (``mandatory``): they come back before the commit's answer,
+        and are published again once their queue is declared anew.
+        """
+        for queue_name in {message.queue_name for message in messages}:
+            self.declare_queue(queue_name, ensure=True)
+        returned: list[bytes] = []
+        channel = self.connection.channel()
+        try:
+            channel.add_on_return_callback(lambda _channel, _method, _properties, body: returned.append(body))
+            channel.tx_select()
+            for message in messages:
+                self.emit_before("enqueue", message, None)
+                channel.basic_publish(
+                    exchange="",
+                    routing_key=message.queue_name,
+                    body=message.encode(),
+                    properties=pika.BasicProperties(
+                        delivery_mode=2, priority=message.options.get("broker_priority")
+                    ),
+                    mandatory=True,
+                )
+            channel.tx_commit()
+            # The returns arrived before the commit's answer; this hands them to the callback.
+            self.connection.process_data_events(time_limit=0)
+        finally:
+            if channel.is_open:
+                channel.close()
+        returned_ids = {_message_id_of(body) for body in returned}
+        again = [message for message in messages if message.message_id in returned_ids]
+        for message in again:
+            self.queues_pending.add(message.queue_name)
+        for message in messages:
+            if message.message_id not in returned_ids:
+                self.emit_after("enqueue", message, None)
+        return again
 
     @property
     def client(self) -> redis.Redis:

@@ -48,10 +48,18 @@ def run_maintenance(broker: RedisBroker, queue_name: str) -> None:
 
 
 def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message[Any]]) -> None:
-    """Enqueue messages in one round trip to Redis (one by one on another broker).
+    """Enqueue messages in one round trip to the broker: all of them, or none.
 
+    On Redis the scripts run in one ``MULTI``/``EXEC``: Redis runs all of them
+    or, when the connection drops before ``EXEC``, none. On RabbitMQ, see
+    ``ServiceRabbitmqBroker.enqueue_many``. On another broker, one by one.
     Middleware sees each message exactly as with ``broker.enqueue``.
     """
+    from workers.rabbitmq import ServiceRabbitmqBroker
+
+    if isinstance(broker, ServiceRabbitmqBroker):
+        broker.enqueue_many(messages)
+        return
     if not isinstance(broker, RedisBroker):
         for message in messages:
             broker.enqueue(message)
@@ -60,7 +68,7 @@ def enqueue_many(broker: dramatiq.Broker, messages: list[dramatiq.Message[Any]])
     for message in prepared:
         broker.emit_before("enqueue", message, None)
     script = broker.scripts["dispatch"]
-    with broker.client.pipeline(transaction=False) as pipe:
+    with broker.client.pipeline(transaction=True) as pipe:
         for message in prepared:
             script(
                 keys=[broker.namespace],
