@@ -15,6 +15,7 @@ job slots and dead-letter reasons parked through a database outage (see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -34,6 +35,7 @@ from dramatiq.brokers.rabbitmq import (
 from dramatiq.common import current_millis, xq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
+from pika.adapters.blocking_connection import BlockingChannel
 
 from models.types import utc_now
 from workers import dead_letters
@@ -70,6 +72,8 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
         self._coordination_factory = coordination
         self._coordination: redis.Redis | None = None
         self._coordination_lock = threading.Lock()
+        #: Per thread: ``channel``, in transaction mode, and ``returned`` (see ``enqueue_many``).
+        self._transactions = threading.local()
 
     @property
     def consumer_class(self) -> type[TolerantRabbitmqConsumer]:
@@ -120,11 +124,8 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
         """
         for queue_name in {message.queue_name for message in messages}:
             self.declare_queue(queue_name, ensure=True)
-        returned: list[bytes] = []
-        channel = self.connection.channel()
+        channel, returned = self._transaction_channel()
         try:
-            channel.add_on_return_callback(lambda _channel, _method, _properties, body: returned.append(body))
-            channel.tx_select()
             for message in messages:
                 self.emit_before("enqueue", message, None)
                 channel.basic_publish(
@@ -139,10 +140,15 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
             channel.tx_commit()
             # The returns arrived before the commit's answer; this hands them to the callback.
             self.connection.process_data_events(time_limit=0)
-        finally:
+        except BaseException:
+            # Closing the channel discards what this transaction published.
+            del self._transactions.channel
             if channel.is_open:
-                channel.close()
+                with contextlib.suppress(pika.exceptions.AMQPError):
+                    channel.close()
+            raise
         returned_ids = {_message_id_of(body) for body in returned}
+        returned.clear()
         again = [message for message in messages if message.message_id in returned_ids]
         for message in again:
             self.queues_pending.add(message.queue_name)
@@ -150,6 +156,22 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
             if message.message_id not in returned_ids:
                 self.emit_after("enqueue", message, None)
         return again
+
+    def _transaction_channel(self) -> tuple[BlockingChannel, list[bytes]]:
+        """This thread's channel in transaction mode, and the bodies RabbitMQ returned on it.
+
+        Kept from one batch to the next (a transaction starts again after each
+        commit): a batch then costs one round trip, its commit.
+        """
+        state = self._transactions
+        channel: BlockingChannel | None = getattr(state, "channel", None)
+        if channel is None or not channel.is_open or channel.connection is not self.connection:
+            returned: list[bytes] = []
+            channel = self.connection.channel()
+            channel.add_on_return_callback(lambda _channel, _method, _properties, body: returned.append(body))
+            channel.tx_select()
+            state.channel, state.returned = channel, returned
+        return channel, state.returned
 
     @property
     def client(self) -> redis.Redis:
