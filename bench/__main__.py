@@ -50,11 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     options.names = list(dict.fromkeys(options.names)) or list(BENCHMARKS)
-    if options.broker != "redis" and options.names != ["pipeline"]:
-        # The process's producer broker is built once, from BROKER_URL: the other
-        # benchmarks measure against Dramatiq's Redis broker.
+    if options.broker != "redis" and options.names not in (["pipeline"], ["producer"]):
+        # The process's producer broker is built once, from BROKER_URL: one benchmark
+        # per run on RabbitMQ (the sweep and connections have no broker figure).
         parser.error(
-            "--broker rabbitmq runs the pipeline benchmark alone: python -m bench pipeline --broker rabbitmq"
+            "--broker rabbitmq runs one benchmark, pipeline or producer: "
+            "python -m bench pipeline --broker rabbitmq"
         )
     return options
 

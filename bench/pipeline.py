@@ -127,9 +127,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "--broker",
         choices=["redis", "rabbitmq"],
         default="redis",
-        help="redis (default), or rabbitmq: the service (BROKER_URL) and the no-op baseline on "
+        help="redis (default), or rabbitmq: the service (BROKER_URL) and its baseline (the no-op "
+        "actor, raw enqueue) on "
         f"Dramatiq's RabbitMQ broker, in a virtual host of their own at {BENCH_AMQP_URL} "
-        "(pipeline only; Redis still coordinates)",
+        "(pipeline or producer, run alone; Redis still coordinates)",
     )
     group.add_argument(
         "--https",

@@ -17,11 +17,19 @@ same run:
 It also measures the Redis memory a queued message takes (``INFO memory``
 before and after queueing them): the service's ``send_contract`` messages and
 the baseline's.
+
+With ``--broker rabbitmq`` (``python -m bench producer --broker rabbitmq``) the
+service enqueues on RabbitMQ (``BROKER_URL``, a virtual host of the run's own)
+and the baseline is Dramatiq's ``RabbitmqBroker.enqueue`` with publisher
+confirmations (the guarantee the service's single enqueue gives); the figure
+beside the bulk one is Dramatiq's enqueue without confirmations (fire and
+forget: what a batch could cost at best). No memory figure there.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -46,6 +54,12 @@ REPEAT = 3
 SIZES = {"single": (1000, 200), "bulk": (5000, 1000)}
 
 WORKSPACE = "ws-producer"
+
+#: The raw baseline's queue on RabbitMQ (the service's is "contracts", in the same virtual host).
+RAW_AMQP_QUEUE = "raw_contracts"
+
+#: How long one AMQP connection or command of the bench's own may take, in seconds.
+AMQP_TIMEOUT_SECONDS = 10.0
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -83,36 +97,54 @@ def used_memory(redis: Any) -> int:
 
 
 class ProducerRun:
-    def __init__(self, workbench: Workbench) -> None:
+    """The service's producer and Dramatiq's raw enqueue, on Redis or on RabbitMQ (``amqp_url``)."""
+
+    def __init__(self, workbench: Workbench, *, amqp_url: str | None = None) -> None:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
         from dramatiq.brokers.redis import RedisBroker
 
         import actors
 
         self.service_broker = actors.broker
         self.redis = workbench.redis_client()
+        self.amqp_url = amqp_url
         self.raw_namespace = f"{workbench.namespace}-raw"
-        self.raw = RedisBroker(url=workbench.redis_url, namespace=self.raw_namespace)  # type: ignore[no-untyped-call]
-        self.raw.declare_queue("contracts")
+        self.raw: Any
+        self.raw_unconfirmed: Any = None
+        if amqp_url is None:
+            self.raw = RedisBroker(url=workbench.redis_url, namespace=self.raw_namespace)  # type: ignore[no-untyped-call]
+        else:
+            # The service's queue is "contracts" in the same virtual host.
+            self.raw = RabbitmqBroker(url=amqp_url, confirm_delivery=True)
+            self.raw_unconfirmed = RabbitmqBroker(url=amqp_url, confirm_delivery=False)
+        self.raw.declare_queue(self.raw_queue)
         self.root = workbench.root
+
+    @property
+    def raw_queue(self) -> str:
+        return "contracts" if self.amqp_url is None else RAW_AMQP_QUEUE
 
     def flush(self) -> None:
         self.service_broker.flush_all()
         self.raw.flush_all()
 
-    def single(self, count: int) -> tuple[float, int]:
+    def memory(self) -> int | None:
+        """Redis's used memory, in bytes; None on RabbitMQ (its queues are not in Redis)."""
+        return used_memory(self.redis) if self.amqp_url is None else None
+
+    def single(self, count: int) -> tuple[float, int | None]:
         """Seconds for ``count`` send_contract calls, and the Redis bytes their messages took."""
         from contract_dispatch import send_contract
 
         batch = payloads(count)
         self.flush()
-        before = used_memory(self.redis)
+        before = self.memory()
         started = time.perf_counter()
         for payload in batch:
             send_contract(**payload)
         elapsed = time.perf_counter() - started
-        grown = used_memory(self.redis) - before
-        self.check_queued(self.service_broker.namespace, count)
-        return elapsed, grown
+        self.check_queued("service", count)
+        return elapsed, _grown(before, self.memory())
 
     def bulk(self, count: int) -> float:
         from contract_dispatch import Receipt, send_contracts
@@ -125,7 +157,7 @@ class ProducerRun:
             if not all(isinstance(result, Receipt) for result in results):
                 raise SystemExit("the producer refused bench contracts")
         elapsed = time.perf_counter() - started
-        self.check_queued(self.service_broker.namespace, count)
+        self.check_queued("service", count)
         return elapsed
 
     def cli_bulk(self, count: int) -> float:
@@ -144,7 +176,7 @@ class ProducerRun:
         elapsed = time.perf_counter() - started
         if done.returncode != 0:
             raise SystemExit(f"send-contracts exited {done.returncode}: {done.stderr[-2000:]}")
-        self.check_queued(self.service_broker.namespace, count)
+        self.check_queued("service", count)
         return elapsed
 
     def _raw_messages(self, count: int) -> list[Any]:
@@ -154,7 +186,7 @@ class ProducerRun:
 
         return [
             dramatiq.Message(
-                queue_name="contracts",
+                queue_name=self.raw_queue,
                 actor_name="send_contract",
                 args=(parse_message(SendContract, payload).to_payload(),),
                 kwargs={},
@@ -163,43 +195,65 @@ class ProducerRun:
             for payload in payloads(count)
         ]
 
-    def raw_single(self, count: int) -> tuple[float, int]:
+    def raw_single(self, count: int) -> tuple[float, int | None]:
         """Seconds for ``count`` raw enqueues of the same payload, and the Redis bytes they took."""
         messages = self._raw_messages(count)
         self.flush()
-        before = used_memory(self.redis)
+        before = self.memory()
         started = time.perf_counter()
         for message in messages:
             self.raw.enqueue(message)
         elapsed = time.perf_counter() - started
-        grown = used_memory(self.redis) - before
-        self.check_queued(self.raw_namespace, count)
-        return elapsed, grown
+        self.check_queued("raw", count)
+        return elapsed, _grown(before, self.memory())
 
     def raw_pipelined(self, count: int) -> float:
+        """Seconds for ``count`` raw messages at the broker's fastest: pipelined on Redis,
+        published without confirmations on RabbitMQ."""
         from workers.redis_dispatch import enqueue_many
 
         messages = self._raw_messages(count)
         self.flush()
         started = time.perf_counter()
-        for start in range(0, count, BULK_BATCH):
-            enqueue_many(self.raw, messages[start : start + BULK_BATCH])
+        if self.raw_unconfirmed is None:
+            for start in range(0, count, BULK_BATCH):
+                enqueue_many(self.raw, messages[start : start + BULK_BATCH])
+        else:
+            for message in messages:
+                self.raw_unconfirmed.enqueue(message)
         elapsed = time.perf_counter() - started
-        self.check_queued(self.raw_namespace, count)
+        self.check_queued("raw", count)
         return elapsed
 
-    def check_queued(self, namespace: str, count: int) -> None:
-        queued = int(self.redis.hlen(f"{namespace}:contracts.msgs"))
+    def check_queued(self, which: str, count: int) -> None:
+        """Raise unless ``count`` messages are queued for the service or the raw baseline."""
+        if self.amqp_url is None:
+            namespace = self.service_broker.namespace if which == "service" else self.raw_namespace
+            queued = int(self.redis.hlen(f"{namespace}:contracts.msgs"))
+        else:
+            from workers.ops.rabbitmq_queues import amqp_connection, queue_state
+
+            queue = "contracts" if which == "service" else RAW_AMQP_QUEUE
+            with amqp_connection(self.amqp_url, timeout=AMQP_TIMEOUT_SECONDS) as connection:
+                queued = int(queue_state(connection, queue).message_count)
         if queued != count:
-            raise SystemExit(f"{count} messages sent but {queued} queued in {namespace}")
+            raise SystemExit(f"{count} messages sent but {queued} queued ({which})")
 
     def close(self) -> None:
         self.flush()
         self.raw.close()
+        if self.raw_unconfirmed is not None:
+            self.raw_unconfirmed.close()
         self.redis.close()
 
 
-def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace) -> dict[str, Any]:
+def _grown(before: int | None, after: int | None) -> int | None:
+    return None if before is None or after is None else after - before
+
+
+def run_on(
+    workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace, *, amqp_url: str | None = None
+) -> dict[str, Any]:
     from contract_dispatch import set_workspace
 
     singles = _count(options, "single", "producer_messages")
@@ -207,7 +261,7 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
     print(f"  producer on {kind}: {singles} single, {bulks} bulk, best of {REPEAT} ...", flush=True)
     with workbench.database(kind, "producer"):
         set_workspace(WORKSPACE, ["rg-1"])
-        run = ProducerRun(workbench)
+        run = ProducerRun(workbench, amqp_url=amqp_url)
         try:
             run.single(WARM_UP)
             run.bulk(WARM_UP)
@@ -225,10 +279,12 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
             for _ in range(REPEAT):
                 elapsed, grown = run.single(singles)
                 times["single"].append(elapsed)
-                memory["service"].append(grown)
+                if grown is not None:
+                    memory["service"].append(grown)
                 elapsed, grown = run.raw_single(singles)
                 times["raw"].append(elapsed)
-                memory["raw"].append(grown)
+                if grown is not None:
+                    memory["raw"].append(grown)
                 times["bulk"].append(run.bulk(bulks))
                 times["cli_bulk"].append(run.cli_bulk(bulks))
                 times["raw_pipelined"].append(run.raw_pipelined(bulks))
@@ -257,7 +313,10 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
             "cli_bulk_vs_raw": rates["cli_bulk_per_s"] / rates["raw_per_s"],
             "bulk_vs_raw_pipelined": rates["bulk_per_s"] / rates["raw_pipelined_per_s"],
         },
-        "redis_bytes_per_message": {
+        "broker": "redis" if amqp_url is None else "rabbitmq",
+        "redis_bytes_per_message": None
+        if not memory["service"]
+        else {
             "send_contract": min(memory["service"]) / singles,
             "raw_same_payload": min(memory["raw"]) / singles,
         },
@@ -266,13 +325,33 @@ def run_on(workbench: Workbench, kind: DatabaseKind, options: argparse.Namespace
 
 
 def run(workbench: Workbench, options: argparse.Namespace, kinds: list[DatabaseKind]) -> dict[str, Any]:
-    return {kind: run_on(workbench, kind, options) for kind in kinds}
+    """Each database's figures, keyed ``postgresql`` (on Redis) or ``postgresql on rabbitmq``."""
+    if getattr(options, "broker", "redis") == "redis":
+        return {kind: run_on(workbench, kind, options) for kind in kinds}
+    from bench.pipeline import BENCH_AMQP_URL
+    from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
+
+    try:
+        with virtual_host(BENCH_AMQP_URL, prefix="contract-dispatch-bench") as amqp_url:
+            from workers.settings import reset_settings
+
+            # Before the actors are imported: the producer's broker is built from BROKER_URL.
+            os.environ["BROKER_URL"] = amqp_url
+            reset_settings()
+            importlib.import_module("actors")
+            return {
+                f"{kind} on rabbitmq": run_on(workbench, kind, options, amqp_url=amqp_url) for kind in kinds
+            }
+    except VhostUnavailable as exc:
+        raise SystemExit(f"RabbitMQ at {BENCH_AMQP_URL} is unusable: {exc}") from None
 
 
 def summary(figures: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for kind, result in figures.items():
         ratios, memory = result["ratios"], result["redis_bytes_per_message"]
+        on_rabbitmq = result.get("broker") == "rabbitmq"
+        fastest = "raw unconfirmed publish" if on_rabbitmq else "raw pipelined"
         lines.append(
             f"producer on {kind}: best of {REPEAT}, load average {result['load_average'][0]} "
             "(ratio, goal, raw)"
@@ -286,7 +365,7 @@ def summary(figures: dict[str, Any]) -> list[str]:
                 f"  {verdict} {label:<19}{ratio:5.2f} x raw     (goal >= 0.5):  {result[key]:.0f}/s vs raw "
                 f"broker.enqueue {result['raw_per_s']:.0f}/s"
                 + (
-                    f" (raw pipelined {result['raw_pipelined_per_s']:.0f}/s: "
+                    f" ({fastest} {result['raw_pipelined_per_s']:.0f}/s: "
                     f"{ratios['bulk_vs_raw_pipelined']:.2f} x)"
                     if key == "bulk_per_s"
                     else ""
@@ -299,8 +378,9 @@ def summary(figures: dict[str, Any]) -> list[str]:
                 f"{result['cli_bulk_per_s']:.0f}/s for {result['bulk_messages']} contracts in one "
                 "command (its start-up included)"
             )
-        lines.append(
-            f"       Redis per queued message {memory['send_contract']:.0f} bytes (send_contract), "
-            f"raw Dramatiq message with the same payload {memory['raw_same_payload']:.0f} bytes"
-        )
+        if memory is not None:
+            lines.append(
+                f"       Redis per queued message {memory['send_contract']:.0f} bytes (send_contract), "
+                f"raw Dramatiq message with the same payload {memory['raw_same_payload']:.0f} bytes"
+            )
     return lines

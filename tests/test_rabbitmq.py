@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1004,3 +1005,38 @@ def test_a_batch_on_rabbitmq_reaches_a_queue_deleted_since_it_was_declared(own_v
         assert log.after == [message.message_id for message in first + second]
     finally:
         broker.close()
+
+
+@pytest.mark.slow
+def test_the_producer_bench_runs_on_rabbitmq_in_a_virtual_host_of_its_own(rabbitmq_url: str) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "producer",
+            "--broker",
+            "rabbitmq",
+            "--quick",
+            "--no-save",
+            "--database",
+            "sqlite",
+            "--producer-messages",
+            "20",
+            "--producer-bulk-messages",
+            "60",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = done.stdout
+    assert "producer on sqlite on rabbitmq" in summary
+    assert re.search(r"send_contract +\d+\.\d\d x raw .* vs raw broker\.enqueue \d+/s", summary), summary
+    assert re.search(r"send_contracts +\d+\.\d\d x raw .*raw unconfirmed publish \d+/s", summary), summary
+    # No Redis memory figure: the queues are RabbitMQ's.
+    assert "Redis per queued message" not in summary
