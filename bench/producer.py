@@ -221,9 +221,20 @@ class ProducerRun:
         else:
             for message in messages:
                 self.raw_unconfirmed.enqueue(message)
+            # Unconfirmed: the publishes may still be on their way; timed until all are queued.
+            self._wait_queued(RAW_AMQP_QUEUE, count)
         elapsed = time.perf_counter() - started
         self.check_queued("raw", count)
         return elapsed
+
+    def _wait_queued(self, queue: str, count: int) -> None:
+        from workers.ops.rabbitmq_queues import amqp_connection, queue_state
+
+        assert self.amqp_url is not None
+        deadline = time.monotonic() + AMQP_TIMEOUT_SECONDS
+        with amqp_connection(self.amqp_url, timeout=AMQP_TIMEOUT_SECONDS) as connection:
+            while int(queue_state(connection, queue).message_count) < count and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     def check_queued(self, which: str, count: int) -> None:
         """Raise unless ``count`` messages are queued for the service or the raw baseline."""
