@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import dramatiq
 
 from actors.deliver_email import deliver_or_hand_over
-from models.errors import Rejected
+from models.access_codes import access_code_fields
+from models.errors import AccessCodeNeeded, Rejected
 from models.messages import SendContract, contract_id_of, parse_message
 from models.sending import record_contract, record_send_rejection
 from models.types import utc_now
 from workers.database import session_scope
 from workers.email.delivery import Prepared, prepare
 from workers.retry_policy import actor_options
-from workers.settings import get_settings
+from workers.settings import Settings, get_settings
 
 
 @dramatiq.actor(
@@ -25,23 +27,18 @@ from workers.settings import get_settings
 def send_contract(payload: dict[str, Any]) -> None:
     """Public message; see ``models.messages.SendContract`` for its fields."""
     message: SendContract | None = None
-    first: Prepared | None = None
     try:
         message = parse_message(SendContract, payload)
-        with session_scope() as session:
-            settings = get_settings()
-            now = utc_now()
-            delivery_ids = record_contract(
-                session,
-                message,
-                policy=settings.access_code_policy(),
-                reminders=settings.reminder_policy(),
-                now=now,
-            )
-            if len(delivery_ids) == 1:
-                # The invitation's claim and reads commit with the contract: one
-                # transaction fewer before its first attempt.
-                first = prepare(session, delivery_ids[0], settings=settings, now=now)
+        settings = get_settings()
+        now = utc_now()
+        try:
+            delivery_ids, first = _record(message, settings=settings, now=now, access_code=None)
+        except AccessCodeNeeded:
+            # A new account, or one that never logged in: its code is hashed here,
+            # outside any transaction (see record_contract), and the transaction
+            # runs again with it. An account that logged in never costs a hash.
+            code = access_code_fields(policy=settings.access_code_policy(), now=now)
+            delivery_ids, first = _record(message, settings=settings, now=now, access_code=code)
     except Rejected as rejection:
         contract_id = message.contract_id if message else contract_id_of(payload)
         if contract_id is not None:
@@ -50,3 +47,19 @@ def send_contract(payload: dict[str, Any]) -> None:
         raise
     # After commit: the email is never sent before its delivery row exists.
     deliver_or_hand_over(delivery_ids, prepared=first)
+
+
+def _record(
+    message: SendContract, *, settings: Settings, now: datetime, access_code: dict[str, object] | None
+) -> tuple[list[int], Prepared | None]:
+    """``record_contract`` in a transaction; the invitation's claim when it is the one delivery."""
+    first: Prepared | None = None
+    with session_scope() as session:
+        delivery_ids = record_contract(
+            session, message, reminders=settings.reminder_policy(), now=now, access_code=access_code
+        )
+        if len(delivery_ids) == 1:
+            # The invitation's claim and reads commit with the contract: one
+            # transaction fewer before its first attempt.
+            first = prepare(session, delivery_ids[0], settings=settings, now=now)
+    return delivery_ids, first

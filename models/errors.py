@@ -203,3 +203,7 @@ class ConfigurationError(DispatchError):
 
 class DatabaseMissing(ConfigurationError):
     """A command that only reads was pointed at a SQLite file that does not exist."""
+
+
+class AccessCodeNeeded(DispatchError):
+    """The transaction needs an access code it was not given: hash one outside it, then run it again."""

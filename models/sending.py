@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from sqlalchemy import CompoundSelect, bindparam, func, literal_column, null, sql, union_all, update
 from sqlmodel import Session, col, select
 
-from models.access_codes import AccessCodePolicy, access_code_fields, issue_access_code, needs_access_code
+from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
 from models.account import Account
 from models.binding import bind_account, check_binding
 from models.contract import Contract, ContractStatus
 from models.delivery import EmailDelivery, EmailKind, add_delivery, cancel_delivery, pending_delivery_ids
-from models.errors import ContractClosed, ContractConflict, Rejected, UnknownContract
+from models.errors import AccessCodeNeeded, ContractClosed, ContractConflict, Rejected, UnknownContract
 from models.messages import SendContract
 from models.reminders import CYCLE_FIELDS, ReminderPolicy, cycle_start, start_cycle
 from models.upsert import chunks, insert_ignoring_conflict, insert_many_returning, table_of
@@ -151,16 +150,29 @@ def record_contract(
     session: Session,
     message: SendContract,
     *,
-    policy: AccessCodePolicy,
     reminders: ReminderPolicy,
     now: datetime,
+    access_code: Mapping[str, object] | None = None,
 ) -> list[int]:
     """Validate, bind, issue codes, record the contract and its invitation (one transaction).
 
     Returns the ids of the deliveries to enqueue once the caller has committed. A
     repeated identical message returns the still-pending deliveries, so a worker
     that died between commit and enqueue loses nothing when the message comes back.
+
+    ``access_code``: a new code's account columns (``access_code_fields``), hashed
+    before the transaction. An account that needs one when none was given raises
+    ``AccessCodeNeeded``: the caller rolls back, hashes one, and runs this again.
+    The hash (tens of milliseconds of CPU) then holds no lock: on SQLite a
+    transaction holds the database's one write lock from its start, and every
+    other worker's transaction waited behind each new account's hash.
     """
+
+    def new_code() -> dict[str, object]:
+        if access_code is None:
+            raise AccessCodeNeeded
+        return dict(access_code)
+
     state = _locked_state(session, message, now=now)
     _check_same_content(state.content_hash, message)
     if state.status not in OPEN_STATUSES:
@@ -172,13 +184,15 @@ def record_contract(
         email=message.email,
         company_name=message.company_name,
         # A new account is inserted with its code: one statement instead of four.
-        new_account_fields=partial(access_code_fields, policy=policy, now=now),
+        new_account_fields=new_code,
     )
     issue_codes = needs_access_code(account)
     if issue_codes and not created:
+        fields = new_code()
         # The whole row (locked by bind_account in this transaction), to issue a code on it.
         codes_account = session.get_one(Account, account.id)
-        issue_access_code(codes_account, policy=policy, now=now)
+        for name, value in fields.items():
+            setattr(codes_account, name, value)
         session.add(codes_account)
 
     statement = _RECORD_SENT

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sqlite3
 import subprocess
 import threading
 import time
@@ -27,6 +28,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.engine import make_url
 from sqlmodel import select
 
+import actors
 from contract_dispatch import notify_signatories, send_contract
 from models.access_codes import (
     ALPHABET,
@@ -226,6 +228,73 @@ def test_account_that_never_logged_in_gets_a_new_code(worker, standin, redis_ser
     assert account.access_code_issued_at is not None and old_account.access_code_issued_at is not None
     assert account.access_code_issued_at >= old_account.access_code_issued_at
     wait_settled(redis_server.client(), first["contract_id"], second["contract_id"])
+
+
+@pytest.mark.parametrize("first_contract", ["new account", "never logged in", "logged in"])
+def test_a_code_is_hashed_while_no_transaction_holds_the_write_lock(
+    sqlite_database, standin, monkeypatch, first_contract
+):
+    """On SQLite a transaction holds the one write lock from its start: a hash inside
+    one (tens of milliseconds) made every other worker's transaction wait."""
+    client = contract_payload()
+    email, company_name = client["email"], client["company_name"]
+    if first_contract != "new account":
+        earlier = contract_payload(email=email, company_name=company_name)
+        actors.send_contract.fn(earlier)
+        if first_contract == "logged in":
+            with session_scope() as session:
+                account = session.exec(select(Account).where(Account.email == email)).one()
+                account.first_login_at = utc_now()
+                session.add(account)
+    hashing, release = threading.Event(), threading.Event()
+    hashed: list[str] = []
+    hash_now = GatedHasher.hash
+
+    def held(self: GatedHasher, secret: str) -> str:
+        hashed.append(secret)
+        hashing.set()
+        release.wait(timeout=60)
+        return hash_now(self, secret)
+
+    monkeypatch.setattr(GatedHasher, "hash", held)
+    payload = contract_payload(email=email, company_name=company_name)
+    failures: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            actors.send_contract.fn(payload)
+        except BaseException as error:
+            failures.append(error)
+
+    sending = threading.Thread(target=send)
+    sending.start()
+    try:
+        if first_contract == "logged in":
+            sending.join(timeout=60)
+            assert hashed == [], "an account that logged in costs no hash"
+        else:
+            assert hashing.wait(timeout=60), "the code was never hashed"
+            # Another writer gets the lock at once while the code is being hashed.
+            other = sqlite3.connect(
+                make_url(sqlite_database).database or "", timeout=1.0, isolation_level=None
+            )
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+    finally:
+        release.set()
+        sending.join(timeout=60)
+    assert failures == []
+    assert len(hashed) == (0 if first_contract == "logged in" else 1)
+    code = code_in(invitation(standin, payload["contract_id"]))
+    if first_contract == "logged in":
+        assert code is None
+    else:
+        stored = account_for(email).access_code_hash
+        assert code is not None and stored is not None
+        assert argon2.PasswordHasher().verify(stored, code)
 
 
 def test_retried_delivery_resends_the_same_code(worker, standin, redis_server):

@@ -21,7 +21,7 @@ from sqlmodel import select
 
 import actors
 from contract_dispatch import Rejected, notify_signatories, send_contract, submit_notify_signatories
-from models.access_codes import current_access_code
+from models.access_codes import access_code_fields, current_access_code
 from models.account import Account
 from models.delivery import EmailDelivery, EmailKind
 from models.errors import RenderError
@@ -475,7 +475,7 @@ def test_whole_delivery_with_the_file_backend(database, tmp_path):
         (delivery_id,) = record_contract(
             session,
             message,
-            policy=file_settings.access_code_policy(),
+            access_code=access_code_fields(policy=file_settings.access_code_policy(), now=utc_now()),
             reminders=file_settings.reminder_policy(),
             now=utc_now(),
         )
