@@ -82,6 +82,7 @@ def _enqueue_many(messages: Sequence[WireMessage]) -> None:
     if not messages:
         return
     import actors
+    from workers.rabbitmq import BatchMaybeQueued
     from workers.redis_dispatch import enqueue_many
 
     prepared = [
@@ -89,6 +90,12 @@ def _enqueue_many(messages: Sequence[WireMessage]) -> None:
     ]
     try:
         enqueue_many(actors.broker, prepared)
+    except BatchMaybeQueued as exc:
+        raise BrokerUnavailable(
+            f"the message broker {broker_problem(exc)} after the batch was handed to it, before it "
+            "answered: the batch may have been queued (sending the same contracts again is safe)",
+            maybe_sent=True,
+        ) from None
     except _BROKER_ERRORS as exc:
         raise BrokerUnavailable(f"the message broker {broker_problem(exc)}; nothing was sent") from None
 
@@ -319,8 +326,9 @@ def submit_send_contracts(parsed: Sequence[SendContract | Rejected]) -> list[Rec
         created_ids = reserve_contracts(session, to_enqueue, existing=checks.read, now=utc_now())
     try:
         _enqueue_many(to_enqueue)
-    except BrokerUnavailable:
-        if created_ids:
+    except BrokerUnavailable as error:
+        # Kept when the batch may be queued: its contracts are then processed as accepted.
+        if created_ids and not error.maybe_sent:
             with session_scope() as session:
                 for contract_id in created_ids:
                     release_reservation(session, contract_id)

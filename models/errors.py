@@ -192,6 +192,11 @@ class DeliveryBusy(TransientError):
 class BrokerUnavailable(TransientError):
     """The message broker cannot be reached."""
 
+    def __init__(self, message: str, *, maybe_sent: bool = False) -> None:
+        super().__init__(message)
+        #: The broker may have queued the messages anyway: its answer to them was lost.
+        self.maybe_sent = maybe_sent
+
 
 class DatabaseUnavailable(TransientError):
     """The database cannot be reached, or failed the statement for now."""

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.support import free_port, wait_until
@@ -122,8 +123,13 @@ def child_pids(parent: int) -> list[int]:
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` to a target; ``cut()`` and ``restore()`` make an outage."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, cut_after: Callable[[bytes], bool] | None = None
+    ) -> None:
+        """``cut_after``: given each chunk the client sends, True cuts the proxy once it is forwarded
+        (the server gets the chunk, the client never hears its answer)."""
         self.target = (target_host, target_port)
+        self.cut_after = cut_after
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
@@ -173,6 +179,9 @@ class TcpProxy:
                     if not data:
                         return
                     (b if sock is a else a).sendall(data)
+                    if sock is a and self.cut_after is not None and self.cut_after(data):
+                        self.cut()
+                        return
         except (OSError, ValueError):
             # ValueError: cut() closed a socket while select() was about to use it.
             return

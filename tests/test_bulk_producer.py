@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from typing import Any
 
 import dramatiq
@@ -10,6 +13,9 @@ import redis
 import redis.connection
 from dramatiq.brokers.redis import RedisBroker
 
+import contract_dispatch
+import workers.cli
+import workers.cli_bulk
 import workers.redis_dispatch
 from contract_dispatch import (
     BrokerUnavailable,
@@ -328,3 +334,38 @@ def test_a_batch_cut_short_on_its_way_to_redis_queues_none_of_its_messages(redis
     finally:
         forget_namespace(client, namespace)
         client.close()
+
+
+def test_ctrl_c_during_a_batch_of_send_contracts_waits_for_its_answer(
+    database, enqueue_calls, tmp_path, capsys, monkeypatch
+):
+    """Stopped midway, a batch's contracts would stay reserved with no message, holding their addresses."""
+    payloads = [contract_payload() for _ in range(4)]
+    path = tmp_path / "contracts.jsonl"
+    path.write_text("".join(json.dumps(payload) + "\n" for payload in payloads), encoding="utf-8")
+    submit = contract_dispatch.submit_send_contracts
+
+    def ctrl_c_midway(parsed: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        return submit(parsed)
+
+    monkeypatch.setattr(contract_dispatch, "submit_send_contracts", ctrl_c_midway)
+    assert workers.cli.main(["send-contracts", "--json", "--batch-size", "2", str(path)]) == 130
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["status"] for line in out.splitlines()] == ["queued", "queued"]
+    assert err.splitlines()[-1].startswith(
+        "interrupted: lines up to 2 were answered (sent or refused), those after it were not read"
+    ), err
+    (call,) = enqueue_calls
+    assert [message.args[0]["contract_id"] for message in call] == [p["contract_id"] for p in payloads[:2]]
+    assert [contract_status(p["contract_id"]) is None for p in payloads] == [False, False, True, True]
+
+
+def test_a_second_ctrl_c_during_a_batch_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with workers.cli_bulk.ctrl_c_after_the_batch() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupted == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -40,7 +40,7 @@ from dramatiq.common import current_millis
 from dramatiq.errors import ConnectionClosed
 from sqlmodel import col, delete, select
 
-from contract_dispatch import set_workspace
+from contract_dispatch import contract_status, set_workspace
 from models.dead_letter import DeadLetter
 from models.types import utc_now
 from tests.processes import CLI, TcpProxy, WorkerProcess, run_cli
@@ -1040,3 +1040,122 @@ def test_the_producer_bench_runs_on_rabbitmq_in_a_virtual_host_of_its_own(rabbit
     assert re.search(r"send_contracts +\d+\.\d\d x raw .*raw unconfirmed publish \d+/s", summary), summary
     # No Redis memory figure: the queues are RabbitMQ's.
     assert "Redis per queued message" not in summary
+
+
+#: The start of an AMQP Tx.Commit method frame's payload: class 90 (tx), method 20 (commit).
+TX_COMMIT = bytes([0x00, 0x5A, 0x00, 0x14])
+
+
+@pytest.mark.slow
+def test_a_batch_whose_commit_goes_unanswered_may_be_queued_and_stays_reserved(
+    own_vhost_url: str, database: str, test_environment: dict[str, str], redis_server: RedisServer
+) -> None:
+    # The commit reaches RabbitMQ; its answer never comes back, and the broker stays
+    # unreachable through every retry (about 6 s).
+    parts = urlsplit(own_vhost_url)
+    proxy = TcpProxy(
+        parts.hostname or "127.0.0.1", parts.port or 5672, cut_after=lambda data: TX_COMMIT in data
+    )
+    proxy.start()
+    namespace = unique("commit")
+    env = {
+        **os.environ,
+        **test_environment,
+        "DATABASE_URL": database,
+        "REDIS_NAMESPACE": namespace,
+        "BROKER_URL": own_vhost_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}"),
+    }
+    payloads = [contract_payload() for _ in range(3)]
+    try:
+        result = subprocess.run(
+            [CLI, "send-contracts", "--json"],
+            env=env,
+            input="".join(json.dumps(payload) + "\n" for payload in payloads),
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            check=False,
+        )
+    finally:
+        proxy.stop()
+        forget_namespace(redis_server.client(), namespace)
+    assert result.returncode == 3, result.stderr
+    assert "the batch may have been queued" in result.stderr
+    assert "lines 1 to 3 may have been queued, those after them were not sent" in result.stderr
+    assert "nothing was sent" not in result.stderr and "Traceback" not in result.stderr
+    # Kept reserved: if RabbitMQ queued the batch, a worker processes it as accepted.
+    for payload in payloads:
+        report = contract_status(payload["contract_id"])
+        assert report is not None and report.status == "queued"
+
+
+def test_a_batch_committed_before_the_connection_dropped_is_not_published_again(
+    own_vhost_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = _EnqueueLog()
+    broker = _rabbitmq_broker(own_vhost_url, [log])
+    read_returns = pika.BlockingConnection.process_data_events
+    dropped: list[bool] = []
+
+    def dropped_after_the_commit(connection: pika.BlockingConnection, time_limit: float | None = 0) -> None:
+        if not dropped:
+            dropped.append(True)
+            raise pika.exceptions.StreamLostError("connection lost")
+        read_returns(connection, time_limit)
+
+    monkeypatch.setattr(pika.BlockingConnection, "process_data_events", dropped_after_the_commit)
+    try:
+        batch = _batch(5)
+        enqueue_many(broker, batch)
+        assert dropped == [True]
+        assert _queued_ids(own_vhost_url, "bulk") == [message.message_id for message in batch]
+        assert log.after == [message.message_id for message in batch]
+    finally:
+        broker.close()
+
+
+def test_a_broker_that_never_answers_the_handshake_is_unavailable(
+    rabbitmq_url: str, database: str, test_environment: dict[str, str]
+) -> None:
+    # A port that accepts connections and says nothing (a load balancer without a node).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    env = {
+        **os.environ,
+        **test_environment,
+        "DATABASE_URL": database,
+        "BROKER_URL": f"amqp://guest:guest@127.0.0.1:{port}/%2F?socket_timeout=1&stack_timeout=1",
+    }
+    payload = contract_payload()
+    try:
+        result = run_cli(env, *send_args(payload))
+    finally:
+        silent.close()
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("unavailable: the message broker cannot be reached"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert contract_status(payload["contract_id"]) is None, "nothing reserved for a message never sent"
+
+
+def test_a_refused_login_or_vhost_is_said_at_once_by_either_producer(
+    rabbitmq_url: str, database: str, test_environment: dict[str, str]
+) -> None:
+    parts = urlsplit(rabbitmq_url)
+    wrong_password = rabbitmq_url.replace(f"{parts.username}:{parts.password}@", f"{parts.username}:wrong@")
+    unknown_vhost = f"{rabbitmq_url.rsplit('/', 1)[0]}/{unique('no-such-vhost')}"
+    for url, said in (
+        (wrong_password, "refused the connection (ProbableAuthenticationError: check the user and password)"),
+        (unknown_vhost, "refused the connection (ProbableAccessDeniedError: check the vhost"),
+    ):
+        env = {**os.environ, **test_environment, "DATABASE_URL": database, "BROKER_URL": url}
+        payload, batch = contract_payload(), contract_payload()
+        single = run_cli(env, *send_args(payload))
+        bulk = run_cli(env, "send-contracts", stdin=json.dumps(batch) + "\n")
+        for result in (single, bulk):
+            assert result.returncode == 3, result.stderr
+            assert result.stderr.startswith(f"unavailable: the message broker {said}"), result.stderr
+            assert "wrong" not in result.stderr and "Traceback" not in result.stderr
+        assert contract_status(payload["contract_id"]) is None
+        assert contract_status(batch["contract_id"]) is None

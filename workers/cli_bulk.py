@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, BinaryIO
 
 from sqlalchemy.exc import OperationalError
@@ -153,6 +156,33 @@ def _report(args: argparse.Namespace, line: Line, result: Any, progress: Progres
         sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
 
 
+@contextmanager
+def ctrl_c_after_the_batch() -> Iterator[list[int]]:
+    """A first Ctrl-C inside this block is held until the block ends (the list says so).
+
+    A batch is checked, reserved and enqueued as a whole: stopped midway, its
+    contracts would stay reserved as queued with no message, holding their
+    addresses until the same input is sent again. It ends within the broker's and
+    the database's timeouts; a second Ctrl-C stops at once.
+    """
+    interrupted: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+    try:
+        previous = signal.signal(signal.SIGINT, hold)
+    except ValueError:
+        # Not the main thread (the command called in-process): nothing to hold.
+        yield interrupted
+        return
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
 def cmd_send_contracts(args: argparse.Namespace) -> int:
     from contract_dispatch import submit_send_contracts
 
@@ -164,26 +194,37 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
     tally = Tally()
     progress = Progress(sys.stderr)
     sent_through = 0
+    in_flight: list[Line] = []
     try:
         for batch in batches(read_lines(stream), args.batch_size):
+            in_flight = batch
             try:
-                results = submit_send_contracts([line.parsed for line in batch])
+                with ctrl_c_after_the_batch() as interrupted:
+                    results = submit_send_contracts([line.parsed for line in batch])
             except (TransientError, OperationalError) as error:
                 progress.finish()
+                unsent = (
+                    f"lines {batch[0].number} to {batch[-1].number} may have been queued, those after "
+                    "them were not sent"
+                    if getattr(error, "maybe_sent", False)
+                    else f"line {batch[0].number} and those after it were not sent"
+                )
                 sys.stderr.write(
                     f"unavailable: {unavailable_reason(error)}\n"
-                    f"{tally.describe()} before it; line {batch[0].number} and those after it "
-                    "were not sent (sending the same input again is safe)\n"
+                    f"{tally.describe()} before it; {unsent} (sending the same input again is safe)\n"
                 )
                 return EXIT_UNAVAILABLE
             # Counted before answering: if the reader goes away midway, the summary
             # still says what was sent.
             sent_through = batch[-1].number
+            in_flight = []
             _count(batch, results, tally)
             for line, result in zip(batch, results, strict=True):
                 _report(args, line, result, progress)
             sys.stdout.flush()
             progress.update(tally.describe())
+            if interrupted:
+                raise KeyboardInterrupt
     except BrokenPipeError:
         # The reader of the answers went away (``| head``): stop reading the input.
         # Python would report the pipe again when it flushes stdout at exit.
@@ -196,10 +237,16 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         progress.finish()
+        # A batch is in flight only after a second Ctrl-C: the first waits for its answer.
+        unanswered = (
+            f"lines {in_flight[0].number} to {in_flight[-1].number} may have been queued, those after "
+            "them were not read"
+            if in_flight
+            else "those after it were not read"
+        )
         sys.stderr.write(
-            f"interrupted: lines up to {sent_through} were answered (sent or refused), the batch "
-            f"after them may be partly sent, those after it were not read ({tally.describe()}; "
-            "sending the same input again is safe)\n"
+            f"interrupted: lines up to {sent_through} were answered (sent or refused), {unanswered} "
+            f"({tally.describe()}; sending the same input again is safe)\n"
         )
         return EXIT_INTERRUPTED
     finally:

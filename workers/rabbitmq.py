@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -26,19 +27,16 @@ from typing import Any
 import pika
 import pika.exceptions
 import redis
-from dramatiq.brokers.rabbitmq import (
-    MAX_ENQUEUE_ATTEMPTS,
-    RabbitmqBroker,
-    _RabbitmqConsumer,
-    _RabbitmqMessage,
-)
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer, _RabbitmqMessage
 from dramatiq.common import current_millis, xq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.message import Message
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from models.types import utc_now
 from workers import dead_letters
+from workers.broker_errors import AMQP_HANDSHAKE_REFUSALS
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +49,28 @@ logging.getLogger("pika").setLevel(PIKA_LOG_LEVEL)
 #: ``remove_dead_copies`` and ``dead_copies`` look at no more than this many dead letters of one queue:
 #: it reads the queue from its head, since RabbitMQ cannot delete one message by id.
 MAX_DEAD_LETTER_SCAN = 100_000
+
+#: Attempts to publish one batch (``enqueue_many``), each on a new connection after the first.
+BATCH_ATTEMPTS = 6
+
+#: The wait before a batch's second attempt, in seconds; it doubles before each next one
+#: (6.2 s in all: a RabbitMQ node restarting, or a load balancer moving, is outlasted).
+BATCH_RETRY_DELAY_SECONDS = 0.2
+
+#: What a dropped or refused connection raises through pika's blocking adapter.
+_CONNECTION_ERRORS = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
+
+
+class BatchMaybeQueued(ConnectionClosed):
+    """No attempt got through, and one's commit went unanswered: RabbitMQ may have queued the batch."""
+
+
+class _UnansweredCommit(Exception):
+    """The connection dropped after the commit was sent, before its answer."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 class ServiceRabbitmqBroker(RabbitmqBroker):
@@ -87,32 +107,50 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
             return self._coordination
 
     def enqueue_many(self, messages: Sequence[Message[Any]]) -> None:
-        """Publish messages in one AMQP transaction: all of them, or none (``ConnectionClosed``).
+        """Publish messages in one AMQP transaction: all of them, or none.
 
         ``enqueue`` waits for RabbitMQ's confirmation of each message, one round
-        trip per message. Here the batch is published on a channel of its own in
-        transaction mode and committed once: ``Tx.CommitOk`` gives the same
-        guarantee as a confirmation (persistent messages on durable queues), and
-        a batch cut short by a dropped connection is rolled back by RabbitMQ, so
-        retrying it on a new connection (as ``enqueue`` does) sends none twice,
-        unless the connection drops between the commit and its answer.
+        trip per message. Here the batch is published on a channel in transaction
+        mode and committed once: ``Tx.CommitOk`` gives the same guarantee as a
+        confirmation (persistent messages on durable queues), and a batch cut
+        short by a dropped connection is rolled back by RabbitMQ. So it is tried
+        again on a new connection (``BATCH_ATTEMPTS`` in all, waiting
+        ``BATCH_RETRY_DELAY_SECONDS``, doubling, between them), and raises
+        ``ConnectionClosed`` when no attempt got through: none of the batch was
+        queued. If an attempt's commit went unanswered (the connection dropped
+        between the commit and its answer), RabbitMQ may have queued the batch:
+        the next attempt may then queue it twice (the actors are idempotent), and
+        if none gets through ``BatchMaybeQueued`` says so.
         Middleware sees each message as with ``enqueue``.
         """
         pending = list(messages)
-        for attempt in range(1, MAX_ENQUEUE_ATTEMPTS + 1):
+        unanswered = False
+        for attempt in range(1, BATCH_ATTEMPTS + 1):
             try:
                 pending = self._publish_in_transaction(pending)
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as error:
-                # As enqueue: the next attempt opens a new connection and channel.
-                del self.connection
-                if attempt == MAX_ENQUEUE_ATTEMPTS:
+            except _UnansweredCommit as error:
+                unanswered = True
+                failure: BaseException = error.cause
+            except (*_CONNECTION_ERRORS, AMQPConnectorException) as error:
+                failure = error
+                if isinstance(error, tuple(AMQP_HANDSHAKE_REFUSALS)):
+                    # Bad credentials or vhost: no retry changes that.
+                    del self.connection
                     raise ConnectionClosed(error) from None  # type: ignore[no-untyped-call]
-                logger.debug("Retrying a batch of %d messages on a new connection.", len(pending))
+            else:
+                if not pending:
+                    return
                 continue
-            if not pending:
-                return
+            # As enqueue: the next attempt opens a new connection and channel.
+            del self.connection
+            if attempt < BATCH_ATTEMPTS:
+                delay = BATCH_RETRY_DELAY_SECONDS * 2 ** (attempt - 1)
+                logger.debug("Retrying a batch of %d messages in %.1f s: %r", len(pending), delay, failure)
+                time.sleep(delay)
+        if unanswered:
+            raise BatchMaybeQueued(failure)  # type: ignore[no-untyped-call]
         raise ConnectionClosed(  # type: ignore[no-untyped-call]
-            f"RabbitMQ returned {len(pending)} messages as unroutable {MAX_ENQUEUE_ATTEMPTS} times"
+            failure if pending else f"RabbitMQ returned messages as unroutable {BATCH_ATTEMPTS} times"
         )
 
     def _publish_in_transaction(self, messages: list[Message[Any]]) -> list[Message[Any]]:
@@ -125,6 +163,7 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
         for queue_name in {message.queue_name for message in messages}:
             self.declare_queue(queue_name, ensure=True)
         channel, returned = self._transaction_channel()
+        committing = False
         try:
             for message in messages:
                 self.emit_before("enqueue", message, None)
@@ -137,16 +176,29 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
                     ),
                     mandatory=True,
                 )
+            committing = True
             channel.tx_commit()
-            # The returns arrived before the commit's answer; this hands them to the callback.
-            self.connection.process_data_events(time_limit=0)
-        except BaseException:
+        except BaseException as error:
             # Closing the channel discards what this transaction published.
             del self._transactions.channel
             if channel.is_open:
                 with contextlib.suppress(pika.exceptions.AMQPError):
                     channel.close()
+            if committing and isinstance(error, _CONNECTION_ERRORS):
+                raise _UnansweredCommit(error) from error
             raise
+        # Committed: whatever happens now, the batch is queued.
+        try:
+            # The returns arrived before the commit's answer; this hands them to the callback.
+            self.connection.process_data_events(time_limit=0)
+        except _CONNECTION_ERRORS as error:
+            logger.warning(
+                "The connection dropped after RabbitMQ committed a batch of %d messages; "
+                "a message it returned as unroutable would not be known: %r",
+                len(messages),
+                error,
+            )
+            del self.connection
         returned_ids = {_message_id_of(body) for body in returned}
         returned.clear()
         again = [message for message in messages if message.message_id in returned_ids]
