@@ -446,6 +446,8 @@ class SizeRun:
             "sweep_s": sweep_s,
             "per_contract_ms": sweep_s / renewals * 1000,
             "argon2id_hash_ms": hash_s * 1000,
+            # Renewed codes are hashed before the batch's transaction, this many at once.
+            "hashing_threads": hasher.slots,
             "argon2id": f"{parameters.memory_kib} KiB, t={parameters.time_cost}, p={parameters.parallelism}",
         }
 
@@ -610,8 +612,9 @@ def summary(figures: dict[str, Any]) -> list[str]:
         if renewal:
             lines.append(
                 f"  with code renewals ({renewal['renewals']} due with expired codes): "
-                f"{renewal['per_contract_ms']:.1f} ms per reminder, of which one argon2id hash "
-                f"({renewal['argon2id']}) {renewal['argon2id_hash_ms']:.1f} ms; "
+                f"{renewal['per_contract_ms']:.1f} ms per reminder; one argon2id hash "
+                f"({renewal['argon2id']}) {renewal['argon2id_hash_ms']:.1f} ms, "
+                f"{renewal.get('hashing_threads', 1)} at a time; "
                 f"{due:,} renewals would take ~{renewal['per_contract_ms'] * due / 1000:.0f} s"
             )
         lines.append(

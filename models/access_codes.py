@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -73,6 +74,11 @@ class GatedHasher:
     def hash(self, secret: str) -> str:
         """The encoded argon2id hash of ``secret``."""
         return self._threads.submit(self._hasher.hash, secret).result()
+
+    def hash_many(self, plaintexts: Sequence[str]) -> list[str]:
+        """The hash of each of ``plaintexts``, in order, ``slots`` at a time."""
+        futures = [self._threads.submit(self._hasher.hash, plaintext) for plaintext in plaintexts]
+        return [future.result() for future in futures]
 
     def verify(self, encoded: str, secret: str) -> bool:
         """True, or argon2's VerifyMismatchError (or another VerificationError)."""
@@ -141,22 +147,39 @@ class AccessCodePolicy:
 
 def access_code_fields(*, policy: AccessCodePolicy, now: datetime) -> dict[str, object]:
     """The account columns of a new code (the previous one stops working); only its hash is kept."""
-    nonce = secrets.token_urlsafe(NONCE_BYTES)
-    return {
-        "access_code_nonce": nonce,
-        "access_code_hash": password_hasher(policy.hash_parameters).hash(
-            derive_code(policy.secret_key, nonce)
-        ),
-        "access_code_issued_at": now,
-        "access_code_expires_at": now + policy.ttl,
-        "access_code_used_at": None,
-        "access_code_failed_attempts": 0,
-    }
+    (fields,) = access_code_fields_many(policy=policy, now=now, count=1)
+    return fields
+
+
+def access_code_fields_many(
+    *, policy: AccessCodePolicy, now: datetime, count: int
+) -> list[dict[str, object]]:
+    """``access_code_fields`` of ``count`` new codes, hashed on all of the hasher's threads at once."""
+    nonces = [secrets.token_urlsafe(NONCE_BYTES) for _ in range(count)]
+    hashes = password_hasher(policy.hash_parameters).hash_many(
+        [derive_code(policy.secret_key, nonce) for nonce in nonces]
+    )
+    return [
+        {
+            "access_code_nonce": nonce,
+            "access_code_hash": hashed,
+            "access_code_issued_at": now,
+            "access_code_expires_at": now + policy.ttl,
+            "access_code_used_at": None,
+            "access_code_failed_attempts": 0,
+        }
+        for nonce, hashed in zip(nonces, hashes, strict=True)
+    ]
 
 
 def issue_access_code(account: Account, *, policy: AccessCodePolicy, now: datetime) -> None:
     """Give ``account`` a new code (the previous one stops working); store only its hash."""
-    for name, value in access_code_fields(policy=policy, now=now).items():
+    apply_access_code(account, access_code_fields(policy=policy, now=now))
+
+
+def apply_access_code(account: Account, fields: Mapping[str, object]) -> None:
+    """Give ``account`` the code of ``access_code_fields`` made earlier (outside its transaction)."""
+    for name, value in fields.items():
         setattr(account, name, value)
 
 

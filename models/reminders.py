@@ -9,6 +9,7 @@ so two sweeps, or a sweep after a crash, can never send the same reminder twice.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -17,7 +18,7 @@ from sqlalchemy import func, update
 from sqlmodel import Column, Field, Session, SQLModel, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
-from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
+from models.access_codes import AccessCodePolicy, apply_access_code, issue_access_code, needs_access_code
 from models.account import Account
 from models.contract import Contract, ContractStatus
 from models.delivery import DeliveryStatus, EmailDelivery, EmailKind, NewDelivery, add_deliveries
@@ -169,6 +170,7 @@ def _codes_for_reminders(
     now: datetime,
     codes: AccessCodePolicy,
     max_failed_attempts: int | None,
+    renewals: Mapping[int, Mapping[str, object]],
 ) -> list[tuple[bool, bool]]:
     """For each contract: whether its reminder carries codes, and whether they were renewed for it.
 
@@ -178,6 +180,8 @@ def _codes_for_reminders(
     code that cannot work would leave the client stuck. The accounts
     are read and locked in one statement per 500, in id order (two sweeps lock
     them in the same order); a client with two contracts due is renewed once.
+    A renewal takes its code from ``renewals`` (hashed before the transaction,
+    see ``accounts_to_renew``), else hashes one here.
     """
     account_ids = sorted({contract.account_id for contract in contracts if contract.account_id is not None})
     accounts: dict[int, Account] = {}
@@ -202,7 +206,11 @@ def _codes_for_reminders(
         )
         renewed = expired or locked
         if renewed:
-            issue_access_code(account, policy=codes, now=now)
+            prepared = renewals.get(account.id) if account.id is not None else None
+            if prepared is not None:
+                apply_access_code(account, prepared)
+            else:
+                issue_access_code(account, policy=codes, now=now)
             session.add(account)
         found.append((True, renewed))
     return found
@@ -227,6 +235,28 @@ def _next_reminder_steps(session: Session, contract_ids: list[str]) -> dict[str,
     return {contract_id: last.get(contract_id, 0) + 1 for contract_id in contract_ids}
 
 
+def accounts_to_renew(
+    session: Session, *, now: datetime, limit: int, max_failed_attempts: int | None
+) -> list[int]:
+    """The accounts whose code the next ``limit`` due reminders would renew, in id order.
+
+    Read before the sweep's transaction, so that their codes are hashed outside it
+    (tens of milliseconds each): inside, the claimed contracts and their accounts
+    stayed locked meanwhile, and on SQLite the whole database. A contract claimed
+    by another sweep meanwhile only costs a hash that is not used.
+    """
+    due = due_reminders(now, limit).subquery()
+    renewal = col(Account.access_code_expires_at).is_(None) | (col(Account.access_code_expires_at) <= now)
+    if max_failed_attempts is not None:
+        renewal = renewal | (col(Account.access_code_failed_attempts) >= max_failed_attempts)
+    rows = session.exec(
+        select(Account.id)
+        .where(col(Account.id).in_(select(due.c.account_id)), col(Account.first_login_at).is_(None), renewal)
+        .order_by(col(Account.id))
+    )
+    return [account_id for account_id in rows if account_id is not None]
+
+
 def due_reminders(now: datetime, limit: int) -> SelectOfScalar[Contract]:
     """The contracts whose reminder is due at ``now``, oldest first (see ix_contracts_due_reminders)."""
     return (
@@ -245,8 +275,12 @@ def sweep_due_reminders(
     codes: AccessCodePolicy,
     limit: int,
     max_failed_attempts: int | None = None,
+    renewals: Mapping[int, Mapping[str, object]] | None = None,
 ) -> SweepResult:
     """Claim up to ``limit`` due reminders and record their emails (the caller commits, then enqueues).
+
+    ``renewals``: new codes' account columns by account id, hashed before this
+    transaction (``accounts_to_renew``); a renewal not among them is hashed here.
 
     Due contracts are found through the index on (``status``,
     ``next_reminder_at``), and ``next_reminder_at`` is only set while a contract
@@ -269,7 +303,12 @@ def sweep_due_reminders(
     if not claimed:
         return result
     codes_carried = _codes_for_reminders(
-        session, claimed, now=now, codes=codes, max_failed_attempts=max_failed_attempts
+        session,
+        claimed,
+        now=now,
+        codes=codes,
+        max_failed_attempts=max_failed_attempts,
+        renewals=renewals or {},
     )
     result.codes_renewed = sum(renewed for _, renewed in codes_carried)
     steps = _next_reminder_steps(session, [contract.id for contract in claimed])

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import CompoundSelect, bindparam, func, literal_column, null, sql, union_all, update
 from sqlmodel import Session, col, select
 
-from models.access_codes import AccessCodePolicy, issue_access_code, needs_access_code
+from models.access_codes import AccessCodePolicy, apply_access_code, issue_access_code, needs_access_code
 from models.account import Account
 from models.binding import bind_account, check_binding
 from models.contract import Contract, ContractStatus
@@ -191,8 +191,7 @@ def record_contract(
         fields = new_code()
         # The whole row (locked by bind_account in this transaction), to issue a code on it.
         codes_account = session.get_one(Account, account.id)
-        for name, value in fields.items():
-            setattr(codes_account, name, value)
+        apply_access_code(codes_account, fields)
         session.add(codes_account)
 
     statement = _RECORD_SENT

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -248,15 +249,15 @@ def test_a_code_is_hashed_while_no_transaction_holds_the_write_lock(
                 session.add(account)
     hashing, release = threading.Event(), threading.Event()
     hashed: list[str] = []
-    hash_now = GatedHasher.hash
+    hash_now = GatedHasher.hash_many
 
-    def held(self: GatedHasher, secret: str) -> str:
-        hashed.append(secret)
+    def held(self: GatedHasher, plaintexts: Sequence[str]) -> list[str]:
+        hashed.extend(plaintexts)
         hashing.set()
         release.wait(timeout=60)
-        return hash_now(self, secret)
+        return hash_now(self, plaintexts)
 
-    monkeypatch.setattr(GatedHasher, "hash", held)
+    monkeypatch.setattr(GatedHasher, "hash_many", held)
     payload = contract_payload(email=email, company_name=company_name)
     failures: list[BaseException] = []
 

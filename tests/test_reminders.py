@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,12 @@ import redis
 from argon2.exceptions import VerifyMismatchError
 from sqlalchemy import inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateTable
 from sqlmodel import Session, col, select
 
+import actors
+import workers.reminders
 from contract_dispatch import (
     Receipt,
     Rejected,
@@ -42,7 +47,7 @@ from contract_dispatch import (
     run_reminders,
     send_contract,
 )
-from models.access_codes import password_hasher
+from models.access_codes import GatedHasher, password_hasher
 from models.account import Account
 from models.contract import Contract
 from models.delivery import Claim, EmailDelivery
@@ -1151,3 +1156,51 @@ def test_database_of_an_earlier_version_is_upgraded(dialect, upgrade, tmp_path):
     finally:
         for _ in urls:
             pass
+
+
+def test_a_sweep_hashes_its_renewed_codes_while_no_transaction_holds_the_write_lock(
+    sqlite_database, standin, monkeypatch
+):
+    """Renewed codes are hashed before the batch's transaction, on the hasher's threads together:
+    inside it, on SQLite, every worker's transaction waited for the whole batch's hashes."""
+    payloads = [contract_payload() for _ in range(3)]
+    for payload in payloads:
+        actors.send_contract.fn(payload)
+    invited_at(MONDAY, *(payload["contract_id"] for payload in payloads))
+    hashing, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    hash_now = GatedHasher.hash_many
+
+    def held(self: GatedHasher, plaintexts: Sequence[str]) -> list[str]:
+        calls.append(len(plaintexts))
+        hashing.set()
+        release.wait(timeout=60)
+        return hash_now(self, plaintexts)
+
+    monkeypatch.setattr(GatedHasher, "hash_many", held)
+    enqueued: list[int] = []
+    monkeypatch.setattr(workers.reminders, "_enqueue", enqueued.extend)
+    reports: list[Any] = []
+    day7 = MONDAY + timedelta(days=7, hours=1)
+    sweeping = threading.Thread(target=lambda: reports.append(run_reminders(as_of=day7)))
+    sweeping.start()
+    try:
+        assert hashing.wait(timeout=60), "no code was hashed"
+        other = sqlite3.connect(make_url(sqlite_database).database or "", timeout=1.0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    finally:
+        release.set()
+        sweeping.join(timeout=60)
+    (report,) = reports
+    assert (report.claimed, report.codes_renewed) == (3, 3)
+    # The three codes in one call, hashed side by side.
+    assert calls == [3]
+    assert len(enqueued) == 3
+    for payload in payloads:
+        account = account_of(payload["contract_id"])
+        assert account.access_code_issued_at == day7
+        assert account.access_code_expires_at == day7 + timedelta(days=get_settings().access_code_ttl_days)

@@ -9,10 +9,18 @@ from typing import Any
 
 from sqlalchemy import update
 
+from models.access_codes import AccessCodePolicy, access_code_fields_many
 from models.account import Account
 from models.code_refusal import purge_refusals
 from models.delivery import touch_deliveries
-from models.reminders import ReminderSweep, SweepResult, stale_pending_deliveries, sweep_due_reminders
+from models.reminders import (
+    ReminderPolicy,
+    ReminderSweep,
+    SweepResult,
+    accounts_to_renew,
+    stale_pending_deliveries,
+    sweep_due_reminders,
+)
 from models.types import utc_now
 from models.upsert import affected_rows, table_of
 from workers.database import session_scope
@@ -61,6 +69,28 @@ def _record_totals(row: ReminderSweep, total: SweepResult) -> None:
     row.codes_renewed = total.codes_renewed
 
 
+def _renewed_codes(
+    settings: Settings, *, as_of: datetime, policy: ReminderPolicy, codes: AccessCodePolicy
+) -> dict[int, dict[str, object]]:
+    """New codes for the accounts the next batch renews, hashed before its transaction.
+
+    On all the hasher's threads at once (``ARGON2_MAX_CONCURRENT``); a batch of
+    1,000 reminders can renew hundreds of codes.
+    """
+    if not policy.in_window(as_of):
+        # Outside the window the batch only postpones.
+        return {}
+    with session_scope() as session:
+        account_ids = accounts_to_renew(
+            session,
+            now=as_of,
+            limit=settings.reminder_batch_size,
+            max_failed_attempts=settings.access_code_max_attempts,
+        )
+    fields = access_code_fields_many(policy=codes, now=as_of, count=len(account_ids))
+    return dict(zip(account_ids, fields, strict=True))
+
+
 def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None) -> SweepReport:
     """Claim every due reminder as of ``as_of`` (now by default), in batches, and enqueue them.
 
@@ -81,6 +111,7 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
         sweep_id = sweep.id
     try:
         while True:
+            renewals = _renewed_codes(settings, as_of=as_of, policy=policy, codes=codes)
             with session_scope() as session:
                 batch = sweep_due_reminders(
                     session,
@@ -89,6 +120,7 @@ def run_sweep(*, as_of: datetime | None = None, settings: Settings | None = None
                     codes=codes,
                     limit=settings.reminder_batch_size,
                     max_failed_attempts=settings.access_code_max_attempts,
+                    renewals=renewals,
                 )
             batches += 1
             # Counted once committed: a failing enqueue below still leaves them claimed
