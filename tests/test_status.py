@@ -39,6 +39,7 @@ from tests.status_system import (
 )
 from tests.support import RedisServer, free_port
 from workers.database import get_engine
+from workers.ops.snapshot import Snapshot, WorkerFigures
 
 #: Messages a worker takes from each queue beyond the one it processes: none, so
 #: that which worker holds what is known.
@@ -456,3 +457,28 @@ def test_message_counts_outlive_a_redis_outage_and_say_so_in_one_line(
     key = processed_key(broker.namespace, int(at // 60 * 60))
     assert client.hget(key, "contracts:done") == b"1"
     client.delete(key)
+
+
+def test_live_workers_on_an_unreadable_rabbitmq_are_the_registrys() -> None:
+    # RabbitMQ could not be read (no queue figures): its consumer counts are unknown,
+    # not zero; the workers' heartbeats in Redis still say who is alive.
+    now = datetime.now(UTC)
+    workers = [
+        WorkerFigures(
+            worker_id=f"w{index}", host="host", pid=index, last_heartbeat=now, silent_seconds=1.0, alive=alive
+        )
+        for index, alive in enumerate((True, True, False))
+    ]
+    snapshot = Snapshot(
+        taken_at=now,
+        queues=[],
+        workers=workers,
+        emails={},
+        contracts={},
+        dead_letters={},
+        last_sweep=None,
+        errors=["broker: cannot be read"],
+        broker="rabbitmq",
+    )
+    assert snapshot.live_workers == 2
+    assert snapshot.as_dict()["live_workers"] == 2

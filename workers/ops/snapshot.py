@@ -95,8 +95,9 @@ class Snapshot:
     @property
     def live_workers(self) -> int:
         """Worker processes alive: heartbeats within the timeout (Redis), or consuming every
-        queue a worker must (RabbitMQ: the fewest consumers on those queues)."""
-        if self.broker == "rabbitmq":
+        queue a worker must (RabbitMQ: the fewest consumers on those queues; when RabbitMQ
+        could not be read, the registry's heartbeats in Redis, which workers keep there too)."""
+        if self.broker == "rabbitmq" and self.queues:
             consumers = {queue.name: queue.consumers or 0 for queue in self.queues}
             return min(consumers.get(name, 0) for name in CONSUMED_QUEUES)
         return sum(1 for worker in self.workers if worker.alive)
