@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 import dramatiq
 
 from actors.deliver_email import deliver_or_hand_over
-from models.access_codes import access_code_fields
-from models.errors import AccessCodeNeeded, Rejected
+from models.access_codes import with_code_hashed_outside
+from models.errors import Rejected
 from models.messages import SendContract, contract_id_of, parse_message
 from models.sending import record_contract, record_send_rejection
 from models.types import utc_now
@@ -31,14 +32,12 @@ def send_contract(payload: dict[str, Any]) -> None:
         message = parse_message(SendContract, payload)
         settings = get_settings()
         now = utc_now()
-        try:
-            delivery_ids, first = _record(message, settings=settings, now=now, access_code=None)
-        except AccessCodeNeeded:
-            # A new account, or one that never logged in: its code is hashed here,
-            # outside any transaction (see record_contract), and the transaction
-            # runs again with it. An account that logged in never costs a hash.
-            code = access_code_fields(policy=settings.access_code_policy(), now=now)
-            delivery_ids, first = _record(message, settings=settings, now=now, access_code=code)
+        parsed = message
+        delivery_ids, first = with_code_hashed_outside(
+            lambda code: _record(parsed, settings=settings, now=now, access_code=code),
+            policy=settings.access_code_policy(),
+            now=now,
+        )
     except Rejected as rejection:
         contract_id = message.contract_id if message else contract_id_of(payload)
         if contract_id is not None:
@@ -50,7 +49,7 @@ def send_contract(payload: dict[str, Any]) -> None:
 
 
 def _record(
-    message: SendContract, *, settings: Settings, now: datetime, access_code: dict[str, object] | None
+    message: SendContract, *, settings: Settings, now: datetime, access_code: Mapping[str, object] | None
 ) -> tuple[list[int], Prepared | None]:
     """``record_contract`` in a transaction; the invitation's claim when it is the one delivery."""
     first: Prepared | None = None

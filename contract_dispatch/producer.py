@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from models.access_codes import with_code_hashed_outside
 from models.cancelling import cancel_queued, check_cancel_contract
 from models.contract import ContractStatus
 from models.delivery import EmailDelivery
@@ -423,17 +424,20 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
 
     checked_contract_id(contract_id)
     settings = get_settings()
-    with session_scope() as session:
-        delivery_id = _resend_invitation(
-            session,
-            contract_id,
-            policy=settings.access_code_policy(),
-            reminders=settings.reminder_policy(),
-            now=utc_now(),
-        )
-        step = session.get(EmailDelivery, delivery_id)
-        assert step is not None
-        receipt = ResendReceipt(contract_id=contract_id, status=ContractStatus.SENT.value, step=step.step)
+    now = utc_now()
+
+    def record(code: Mapping[str, object] | None) -> tuple[int, ResendReceipt]:
+        with session_scope() as session:
+            delivery_id = _resend_invitation(
+                session, contract_id, reminders=settings.reminder_policy(), now=now, access_code=code
+            )
+            step = session.get(EmailDelivery, delivery_id)
+            assert step is not None
+            return delivery_id, ResendReceipt(
+                contract_id=contract_id, status=ContractStatus.SENT.value, step=step.step
+            )
+
+    delivery_id, receipt = with_code_hashed_outside(record, policy=settings.access_code_policy(), now=now)
     try:
         enqueue_deliveries([delivery_id])
     except _BROKER_ERRORS as exc:

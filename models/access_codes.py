@@ -15,15 +15,18 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from argon2 import PasswordHasher, Type
 
 from models.account import Account
+from models.errors import AccessCodeNeeded
+
+T = TypeVar("T")
 
 #: No 0/O, 1/I/L: a code read from an email and typed by hand must not be ambiguous.
 ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
@@ -175,6 +178,23 @@ def access_code_fields_many(
 def issue_access_code(account: Account, *, policy: AccessCodePolicy, now: datetime) -> None:
     """Give ``account`` a new code (the previous one stops working); store only its hash."""
     apply_access_code(account, access_code_fields(policy=policy, now=now))
+
+
+def with_code_hashed_outside(
+    run: Callable[[Mapping[str, object] | None], T], *, policy: AccessCodePolicy, now: datetime
+) -> T:
+    """``run(None)``; if it raises ``AccessCodeNeeded``, ``run`` again with a new code's fields.
+
+    ``run`` opens its transaction and gives the code it needs to ``apply_access_code``
+    (or an insert). The code is hashed here, between the two transactions: an argon2id
+    hash (tens of milliseconds of CPU) holds no lock, and on SQLite, whose transactions
+    take the one write lock at their start, no other transaction waits for it. An account
+    that needs no code (it logged in) costs no hash and one transaction.
+    """
+    try:
+        return run(None)
+    except AccessCodeNeeded:
+        return run(access_code_fields(policy=policy, now=now))
 
 
 def apply_access_code(account: Account, fields: Mapping[str, object]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import CompoundSelect, bindparam, func, literal_column, null, sql, union_all, update
 from sqlmodel import Session, col, select
 
-from models.access_codes import AccessCodePolicy, apply_access_code, issue_access_code, needs_access_code
+from models.access_codes import apply_access_code, needs_access_code
 from models.account import Account
 from models.binding import bind_account, check_binding
 from models.contract import Contract, ContractStatus
@@ -162,10 +162,8 @@ def record_contract(
 
     ``access_code``: a new code's account columns (``access_code_fields``), hashed
     before the transaction. An account that needs one when none was given raises
-    ``AccessCodeNeeded``: the caller rolls back, hashes one, and runs this again.
-    The hash (tens of milliseconds of CPU) then holds no lock: on SQLite a
-    transaction holds the database's one write lock from its start, and every
-    other worker's transaction waited behind each new account's hash.
+    ``AccessCodeNeeded`` (see ``with_code_hashed_outside``): on SQLite every other
+    worker's transaction waited behind each new account's hash.
     """
 
     def new_code() -> dict[str, object]:
@@ -477,15 +475,16 @@ def resend_invitation(
     session: Session,
     contract_id: str,
     *,
-    policy: AccessCodePolicy,
     reminders: ReminderPolicy,
     now: datetime,
+    access_code: Mapping[str, object] | None = None,
 ) -> int:
     """Send the invitation again (a new step) and restart the reminders; returns the delivery id.
 
     A client who never logged in gets a new temporary password (the previous
     one stops working): a resend usually means the first email was lost or
-    its code expired.
+    its code expired. ``access_code`` as for ``record_contract``
+    (``with_code_hashed_outside``).
     """
     contract = check_resend_invitation(_locked_contract(session, contract_id), contract_id)
     account = (
@@ -495,7 +494,9 @@ def resend_invitation(
     )
     issue_codes = account is not None and needs_access_code(account)
     if account is not None and issue_codes:
-        issue_access_code(account, policy=policy, now=now)
+        if access_code is None:
+            raise AccessCodeNeeded
+        apply_access_code(account, access_code)
         session.add(account)
     last_step = session.exec(
         select(func.max(EmailDelivery.step)).where(

@@ -158,20 +158,22 @@ def send_args(payload: dict[str, Any]) -> list[str]:
 
 def record_resend(contract_id: str) -> int:
     """The invitation sent again, recorded and committed but never enqueued; its delivery id."""
+    from models.access_codes import with_code_hashed_outside
     from models.sending import resend_invitation
     from models.types import utc_now
     from workers.database import session_scope
     from workers.settings import get_settings
 
     settings = get_settings()
-    with session_scope() as session:
-        return resend_invitation(
-            session,
-            contract_id,
-            policy=settings.access_code_policy(),
-            reminders=settings.reminder_policy(),
-            now=utc_now(),
-        )
+    now = utc_now()
+
+    def record(code: Any) -> int:
+        with session_scope() as session:
+            return resend_invitation(
+                session, contract_id, reminders=settings.reminder_policy(), now=now, access_code=code
+            )
+
+    return with_code_hashed_outside(record, policy=settings.access_code_policy(), now=now)
 
 
 def readme_message(actor: str, args: Any, *, queue: str = "contracts") -> dict[str, Any]:

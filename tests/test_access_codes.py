@@ -6,6 +6,7 @@ received: that is the one place it may exist outside a worker's memory.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -30,7 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import select
 
 import actors
-from contract_dispatch import notify_signatories, send_contract
+from contract_dispatch import notify_signatories, resend_invitation, send_contract
 from models.access_codes import (
     ALPHABET,
     CODE_LENGTH,
@@ -296,6 +297,47 @@ def test_a_code_is_hashed_while_no_transaction_holds_the_write_lock(
         stored = account_for(email).access_code_hash
         assert code is not None and stored is not None
         assert argon2.PasswordHasher().verify(stored, code)
+
+
+def test_a_resend_hashes_its_new_code_while_no_transaction_holds_the_write_lock(
+    sqlite_database, standin, monkeypatch
+):
+    payload = contract_payload()
+    actors.send_contract.fn(payload)
+    hashing, release = threading.Event(), threading.Event()
+    hash_now = GatedHasher.hash_many
+
+    def held(self: GatedHasher, plaintexts: Sequence[str]) -> list[str]:
+        hashing.set()
+        release.wait(timeout=60)
+        return hash_now(self, plaintexts)
+
+    monkeypatch.setattr(GatedHasher, "hash_many", held)
+    enqueued: list[int] = []
+    # The module (``actors.deliver_email`` is also the actor's name in the package).
+    monkeypatch.setattr(
+        importlib.import_module("actors.deliver_email"), "enqueue_deliveries", enqueued.extend
+    )
+    receipts: list[Any] = []
+    resending = threading.Thread(target=lambda: receipts.append(resend_invitation(payload["contract_id"])))
+    resending.start()
+    try:
+        assert hashing.wait(timeout=60), "the new code was never hashed"
+        other = sqlite3.connect(make_url(sqlite_database).database or "", timeout=1.0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    finally:
+        release.set()
+        resending.join(timeout=60)
+    (receipt,) = receipts
+    assert receipt.step == 1
+    (delivery_id,) = enqueued
+    with session_scope() as session:
+        resent = session.get(EmailDelivery, delivery_id)
+        assert resent is not None and resent.includes_access_code
 
 
 def test_retried_delivery_resends_the_same_code(worker, standin, redis_server):
