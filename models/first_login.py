@@ -238,20 +238,31 @@ def _account_of(session: Session, address: str | None) -> Account | None:
     return find_account(session, address) if address is not None else None
 
 
-def _check(session: Session, email: str, code: str, *, policy: FirstLoginPolicy, now: datetime) -> _Snapshot:
-    """Read the account (no lock) and run the one argon2id verification of the call."""
+def _check(
+    transaction: Transaction, email: str, code: str, *, policy: FirstLoginPolicy, now: datetime
+) -> _Snapshot:
+    """Read the account (no lock), then run the one argon2id verification of the call.
+
+    The verification runs after the read's transaction: on SQLite every
+    transaction holds the one write lock from its start, and the other
+    workers' transactions would wait through the hash.
+    """
     address = _address(email)
-    account = _account_of(session, address)
-    encoded = account.access_code_hash if account is not None else None
+    with transaction() as session:
+        account = _account_of(session, address)
+        account_id = account.id if account is not None else None
+        encoded = account.access_code_hash if account is not None else None
+        nonce = account.access_code_nonce if account is not None else None
+        usable = account is not None and _usable(account, policy=policy, now=now)
     matched = _hash_matches(encoded, normalize_code(code), parameters=policy.hash_parameters)
     return _Snapshot(
-        account_id=account.id if account is not None else None,
+        account_id=account_id,
         # Text that is no address is counted as typed (bounded: it is stored as a digest).
         refusal_digest=address_digest(address or email[:EMAIL_MAX_LENGTH], key=policy.refusal_key),
-        nonce=account.access_code_nonce if account is not None else None,
+        nonce=nonce,
         encoded=encoded,
         matched=matched and encoded is not None,
-        usable=account is not None and _usable(account, policy=policy, now=now),
+        usable=usable,
     )
 
 
@@ -292,8 +303,7 @@ def verify_code(
     transaction: Transaction, email: str, code: str, *, policy: FirstLoginPolicy, now: datetime
 ) -> bool:
     """Whether ``code`` is the usable code of ``email``; a wrong code counts as a failed attempt."""
-    with transaction() as session:
-        snapshot = _check(session, email, code, policy=policy, now=now)
+    snapshot = _check(transaction, email, code, policy=policy, now=now)
     rehashed = _rehash(snapshot, code, policy=policy)
     with transaction() as session:
         account = _locked(session, snapshot, policy=policy, now=now)
@@ -321,8 +331,7 @@ def set_password(
     the policy, and ``AccessCodeRefused`` when the code is not usable.
     """
     password = check_password_policy(new_password, code=code, policy=policy)
-    with transaction() as session:
-        snapshot = _check(session, email, code, policy=policy, now=now)
+    snapshot = _check(transaction, email, code, policy=policy, now=now)
     # Hashed before the row is locked: the lock is held for a few statements only.
     password_hash = password_hasher(policy.hash_parameters).hash(password) if snapshot.earns_work else None
     with transaction() as session:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import statistics
 import subprocess
 import threading
@@ -23,12 +24,14 @@ from typing import Any
 import argon2
 import pytest
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlmodel import select
 
 import contract_dispatch
 from contract_dispatch import AccessCodeRefused, PasswordRefused, send_contract
 from models.access_codes import (
     AccessCodePolicy,
+    GatedHasher,
     HashParameters,
     current_access_code,
     issue_access_code,
@@ -694,3 +697,40 @@ def test_cli_first_login_odd_input_gets_a_named_answer(
         assert missing.returncode == 3, describe(missing)
         assert missing.stderr.startswith(f"unavailable: no database at {nowhere}"), describe(missing)
     assert not nowhere.parent.exists()
+
+
+@pytest.mark.parametrize("step", ["verify_code", "set_password"])
+def test_a_code_is_verified_while_no_transaction_holds_the_write_lock(
+    sqlite_database: str, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """On SQLite every transaction holds the one write lock from its start: a verification
+    inside the read's transaction made every worker's transaction wait through it."""
+    email, code = new_account()
+    verifying, release = threading.Event(), threading.Event()
+    verify_now = GatedHasher.verify
+
+    def held(self: GatedHasher, encoded: str, secret: str) -> bool:
+        verifying.set()
+        release.wait(timeout=60)
+        return verify_now(self, encoded, secret)
+
+    monkeypatch.setattr(GatedHasher, "verify", held)
+    outcome: list[Any] = []
+    work = (lambda: check(email, code)) if step == "verify_code" else (lambda: spend(email, code))
+    running = threading.Thread(target=lambda: outcome.append(work()))
+    running.start()
+    try:
+        assert verifying.wait(timeout=60), "the code was never verified"
+        path = make_url(sqlite_database).database or ""
+        other = sqlite3.connect(path, timeout=1.0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+    finally:
+        release.set()
+        running.join(timeout=60)
+    assert outcome == [True] if step == "verify_code" else outcome == [None]
+    if step == "set_password":
+        assert stored(email).first_login_at == SOON
