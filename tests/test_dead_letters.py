@@ -50,7 +50,7 @@ from tests.support import (
 from tests.test_access_codes import deliveries_of, requests_for, wait_settled
 from workers import dead_letters
 from workers.cli_dead_letters import as_json
-from workers.database import session_scope
+from workers.database import get_engine, session_scope
 from workers.middleware import maintenance
 from workers.middleware.dead_letters import DeadLetters
 from workers.redis_dispatch import run_maintenance
@@ -890,3 +890,25 @@ def test_redis_dropping_its_copy_leaves_the_sql_record_and_retry_works(
         keys = client.keys(f"{namespace}:*")
         if keys:
             client.delete(*keys)
+
+
+def test_listing_dead_letters_never_starts_the_embedded_redis(
+    test_environment: dict[str, str], tmp_path: Any
+) -> None:
+    # As status: a command that only reads shows the SQL records and says why it read nothing else.
+    data_dir = tmp_path / "data"
+    env = {
+        **{key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "BROKER_URL")},
+        **{key: value for key, value in test_environment.items() if key not in ("REDIS_URL", "BROKER_URL")},
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'dead.db'}",
+    }
+    get_engine(env["DATABASE_URL"])  # a database to read: the command never creates one
+    listed = run_cli(env, "dead-letters", "list", "--json")
+    assert listed.returncode == 0, describe(listed)
+    assert json.loads(listed.stdout) == []
+    warning = "warning: the embedded Redis is not running (a worker starts it), showing SQL records only"
+    assert listed.stderr.strip() == warning, describe(listed)
+    shown = run_cli(env, "dead-letters", "show", "1")
+    assert shown.returncode == 1, describe(shown)
+    assert not (data_dir / "redis").exists() or not any((data_dir / "redis").iterdir())

@@ -45,16 +45,24 @@ def _broker() -> Any:
     return actors.broker
 
 
-def _sync_quietly(*, warn: bool = True) -> None:
+def _sync_quietly(*, warn: bool = True, start_embedded: bool = True) -> None:
     """File dead letters that only Redis knows about; say so if Redis is unreachable
     (unless not ``warn``: retry and purge say it, as their one line, when they need it).
 
     Raises ``DatabaseMissing`` first: filing them into a mistyped SQLite path
-    would create a database of their own there.
+    would create a database of their own there. Without ``start_embedded`` (the
+    commands that only read, as ``status``) an embedded Redis that is not running
+    is not started: the SQL records are shown.
     """
-    from workers import dead_letters
+    from workers import dead_letters, embedded_redis
 
     require_database()
+    settings = get_settings()
+    if not start_embedded and not settings.redis_url and not embedded_redis.is_running(settings.data_dir):
+        sys.stderr.write(
+            "warning: the embedded Redis is not running (a worker starts it), showing SQL records only\n"
+        )
+        return
     try:
         broker = _broker()
         dead_letters.sync(broker, broker.get_declared_queues())
@@ -121,7 +129,7 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    _sync_quietly()
+    _sync_quietly(start_embedded=False)
     with session_scope() as session:
         records = find_dead_letters(
             session, queue_name=args.queue, actor_name=args.actor, include_retried=args.include_retried
@@ -148,7 +156,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    _sync_quietly()
+    _sync_quietly(start_embedded=False)
     with session_scope() as session:
         record = session.get(DeadLetter, args.id)
     if record is None:

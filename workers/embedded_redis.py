@@ -65,6 +65,11 @@ def url_for(data_dir: Path) -> str:
     return f"unix://{socket_path(data_dir)}?db=0"
 
 
+def is_running(data_dir: Path) -> bool:
+    """Whether the embedded server of ``data_dir`` answers (never starts it)."""
+    return _answers(url_for(data_dir))
+
+
 def _answers(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     try:
