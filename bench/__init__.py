@@ -42,6 +42,9 @@ RESULTS_PATH = Path(__file__).with_name("results.json")
 #: Where PostgreSQL runs are made (trust auth); each database is a schema of its own.
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
+#: The RabbitMQ server of ``--broker rabbitmq`` (a virtual host of the run's own is added).
+BENCH_AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
+
 #: The secret key of benchmark runs (never a production value).
 BENCH_SECRET_KEY = "bench-secret-key-" + "z" * 32
 
@@ -178,6 +181,28 @@ class Workbench:
             dispose_engines()
             if not self.keep:
                 drop()
+
+
+@contextmanager
+def service_on_rabbitmq() -> Iterator[str]:
+    """The service's broker on RabbitMQ, in a virtual host of the run's own: yields its AMQP URL.
+
+    ``BROKER_URL`` is set before the actors are imported: the process's broker is
+    built from it once. A RabbitMQ that cannot give a virtual host ends the run.
+    """
+    import importlib
+
+    from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
+    from workers.settings import reset_settings
+
+    try:
+        with virtual_host(BENCH_AMQP_URL, prefix="contract-dispatch-bench") as amqp_url:
+            os.environ["BROKER_URL"] = amqp_url
+            reset_settings()
+            importlib.import_module("actors")
+            yield amqp_url
+    except VhostUnavailable as exc:
+        raise SystemExit(f"RabbitMQ at {BENCH_AMQP_URL} is unusable: {exc}") from None
 
 
 # -- timing and reporting ---------------------------------------------------------

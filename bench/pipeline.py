@@ -55,7 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import DatabaseKind, Workbench, machine
+from bench import BENCH_AMQP_URL, DatabaseKind, Workbench, machine, service_on_rabbitmq
 from bench.connections import bundle_path, trusted_bundle
 from bench.noop import LATENCIES_KEY, QUEUE, noop_message
 from bench.processes import WorkerRun, noop_worker, service_worker
@@ -84,8 +84,6 @@ WARM_UP_NOOPS = 40
 #: Steady state: completions between these fractions of a run count for its rate.
 STEADY_FROM, STEADY_TO = 0.1, 0.9
 
-#: The RabbitMQ server of ``--broker rabbitmq`` (a virtual host of the run's own is added).
-BENCH_AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 
 #: Reading a queue's counts from RabbitMQ gives up after this long, in seconds.
 AMQP_TIMEOUT_SECONDS = 5.0
@@ -708,19 +706,8 @@ def run(workbench: Workbench, options: argparse.Namespace, kinds: list[DatabaseK
         # Sets up the service's broker (the producer's) from the workbench's settings.
         importlib.import_module("actors")
         return {kind: run_on(workbench, kind, options) for kind in kinds}
-    from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
-
-    try:
-        with virtual_host(BENCH_AMQP_URL, prefix="contract-dispatch-bench") as amqp_url:
-            from workers.settings import reset_settings
-
-            # Before the actors are imported: the producer's broker is built from BROKER_URL.
-            os.environ["BROKER_URL"] = amqp_url
-            reset_settings()
-            importlib.import_module("actors")
-            return {f"{kind} on rabbitmq": run_on(workbench, kind, options) for kind in kinds}
-    except VhostUnavailable as exc:
-        raise SystemExit(f"RabbitMQ at {BENCH_AMQP_URL} is unusable: {exc}") from None
+    with service_on_rabbitmq():
+        return {f"{kind} on rabbitmq": run_on(workbench, kind, options) for kind in kinds}
 
 
 # -- the summary -----------------------------------------------------------------------

@@ -29,7 +29,6 @@ forget: what a batch could cost at best). No memory figure there.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -37,7 +36,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from bench import DatabaseKind, Workbench, machine
+from bench import DatabaseKind, Workbench, machine, service_on_rabbitmq
 
 DESCRIPTION = "messages enqueued per second by the producer API, single and bulk, against raw enqueue"
 
@@ -339,22 +338,8 @@ def run(workbench: Workbench, options: argparse.Namespace, kinds: list[DatabaseK
     """Each database's figures, keyed ``postgresql`` (on Redis) or ``postgresql on rabbitmq``."""
     if getattr(options, "broker", "redis") == "redis":
         return {kind: run_on(workbench, kind, options) for kind in kinds}
-    from bench.pipeline import BENCH_AMQP_URL
-    from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
-
-    try:
-        with virtual_host(BENCH_AMQP_URL, prefix="contract-dispatch-bench") as amqp_url:
-            from workers.settings import reset_settings
-
-            # Before the actors are imported: the producer's broker is built from BROKER_URL.
-            os.environ["BROKER_URL"] = amqp_url
-            reset_settings()
-            importlib.import_module("actors")
-            return {
-                f"{kind} on rabbitmq": run_on(workbench, kind, options, amqp_url=amqp_url) for kind in kinds
-            }
-    except VhostUnavailable as exc:
-        raise SystemExit(f"RabbitMQ at {BENCH_AMQP_URL} is unusable: {exc}") from None
+    with service_on_rabbitmq() as amqp_url:
+        return {f"{kind} on rabbitmq": run_on(workbench, kind, options, amqp_url=amqp_url) for kind in kinds}
 
 
 def summary(figures: dict[str, Any]) -> list[str]:

@@ -10,12 +10,10 @@ import importlib
 import json
 import logging
 import re
-import sqlite3
 import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from models.delivery import EmailDelivery
 from models.types import utc_now
 from tests.sendgrid_standin import Answer, Received, SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, wait_for_contract, wait_until
+from tests.write_lock import run_with_argon2_held
 from workers.database import normalize_database_url, session_scope
 from workers.settings import get_settings
 
@@ -248,48 +247,12 @@ def test_a_code_is_hashed_while_no_transaction_holds_the_write_lock(
                 account = session.exec(select(Account).where(Account.email == email)).one()
                 account.first_login_at = utc_now()
                 session.add(account)
-    hashing, release = threading.Event(), threading.Event()
-    hashed: list[str] = []
-    hash_now = GatedHasher.hash_many
-
-    def held(self: GatedHasher, plaintexts: Sequence[str]) -> list[str]:
-        hashed.extend(plaintexts)
-        hashing.set()
-        release.wait(timeout=60)
-        return hash_now(self, plaintexts)
-
-    monkeypatch.setattr(GatedHasher, "hash_many", held)
     payload = contract_payload(email=email, company_name=company_name)
-    failures: list[BaseException] = []
-
-    def send() -> None:
-        try:
-            actors.send_contract.fn(payload)
-        except BaseException as error:
-            failures.append(error)
-
-    sending = threading.Thread(target=send)
-    sending.start()
-    try:
-        if first_contract == "logged in":
-            sending.join(timeout=60)
-            assert hashed == [], "an account that logged in costs no hash"
-        else:
-            assert hashing.wait(timeout=60), "the code was never hashed"
-            # Another writer gets the lock at once while the code is being hashed.
-            other = sqlite3.connect(
-                make_url(sqlite_database).database or "", timeout=1.0, isolation_level=None
-            )
-            try:
-                other.execute("BEGIN IMMEDIATE")
-                other.execute("ROLLBACK")
-            finally:
-                other.close()
-    finally:
-        release.set()
-        sending.join(timeout=60)
-    assert failures == []
-    assert len(hashed) == (0 if first_contract == "logged in" else 1)
+    _, calls = run_with_argon2_held(
+        monkeypatch, sqlite_database, lambda: actors.send_contract.fn(payload), method="hash_many"
+    )
+    # One code hashed (while another writer took the lock), or none for a client who logged in.
+    assert [len(plaintexts) for (plaintexts,) in calls] == ([] if first_contract == "logged in" else [1])
     code = code_in(invitation(standin, payload["contract_id"]))
     if first_contract == "logged in":
         assert code is None
@@ -304,35 +267,15 @@ def test_a_resend_hashes_its_new_code_while_no_transaction_holds_the_write_lock(
 ):
     payload = contract_payload()
     actors.send_contract.fn(payload)
-    hashing, release = threading.Event(), threading.Event()
-    hash_now = GatedHasher.hash_many
-
-    def held(self: GatedHasher, plaintexts: Sequence[str]) -> list[str]:
-        hashing.set()
-        release.wait(timeout=60)
-        return hash_now(self, plaintexts)
-
-    monkeypatch.setattr(GatedHasher, "hash_many", held)
     enqueued: list[int] = []
     # The module (``actors.deliver_email`` is also the actor's name in the package).
     monkeypatch.setattr(
         importlib.import_module("actors.deliver_email"), "enqueue_deliveries", enqueued.extend
     )
-    receipts: list[Any] = []
-    resending = threading.Thread(target=lambda: receipts.append(resend_invitation(payload["contract_id"])))
-    resending.start()
-    try:
-        assert hashing.wait(timeout=60), "the new code was never hashed"
-        other = sqlite3.connect(make_url(sqlite_database).database or "", timeout=1.0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-        finally:
-            other.close()
-    finally:
-        release.set()
-        resending.join(timeout=60)
-    (receipt,) = receipts
+    receipt, calls = run_with_argon2_held(
+        monkeypatch, sqlite_database, lambda: resend_invitation(payload["contract_id"]), method="hash_many"
+    )
+    assert len(calls) == 1, "the new code was never hashed"
     assert receipt.step == 1
     (delivery_id,) = enqueued
     with session_scope() as session:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import threading
@@ -24,14 +23,12 @@ from typing import Any
 import argon2
 import pytest
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
 from sqlmodel import select
 
 import contract_dispatch
 from contract_dispatch import AccessCodeRefused, PasswordRefused, send_contract
 from models.access_codes import (
     AccessCodePolicy,
-    GatedHasher,
     HashParameters,
     current_access_code,
     issue_access_code,
@@ -52,6 +49,7 @@ from tests.processes import CLI, COMMAND_TIMEOUT_SECONDS, describe, run_cli
 from tests.sendgrid_standin import SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract
 from tests.test_access_codes import code_in, invitation
+from tests.write_lock import run_with_argon2_held
 from workers.database import get_engine, session_scope
 from workers.reminders import purge_code_refusals
 from workers.settings import get_settings
@@ -706,31 +704,9 @@ def test_a_code_is_verified_while_no_transaction_holds_the_write_lock(
     """On SQLite every transaction holds the one write lock from its start: a verification
     inside the read's transaction made every worker's transaction wait through it."""
     email, code = new_account()
-    verifying, release = threading.Event(), threading.Event()
-    verify_now = GatedHasher.verify
-
-    def held(self: GatedHasher, encoded: str, secret: str) -> bool:
-        verifying.set()
-        release.wait(timeout=60)
-        return verify_now(self, encoded, secret)
-
-    monkeypatch.setattr(GatedHasher, "verify", held)
-    outcome: list[Any] = []
     work = (lambda: check(email, code)) if step == "verify_code" else (lambda: spend(email, code))
-    running = threading.Thread(target=lambda: outcome.append(work()))
-    running.start()
-    try:
-        assert verifying.wait(timeout=60), "the code was never verified"
-        path = make_url(sqlite_database).database or ""
-        other = sqlite3.connect(path, timeout=1.0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-        finally:
-            other.close()
-    finally:
-        release.set()
-        running.join(timeout=60)
-    assert outcome == [True] if step == "verify_code" else outcome == [None]
+    outcome, calls = run_with_argon2_held(monkeypatch, sqlite_database, work, method="verify")
+    assert calls, "the code was never verified"
+    assert outcome is (True if step == "verify_code" else None)
     if step == "set_password":
         assert stored(email).first_login_at == SOON

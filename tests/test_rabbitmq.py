@@ -1159,3 +1159,22 @@ def test_a_refused_login_or_vhost_is_said_at_once_by_either_producer(
             assert "wrong" not in result.stderr and "Traceback" not in result.stderr
         assert contract_status(payload["contract_id"]) is None
         assert contract_status(batch["contract_id"]) is None
+
+
+def test_a_batch_returned_as_unroutable_every_time_fails_saying_so(
+    own_vhost_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = _rabbitmq_broker(own_vhost_url, [])
+    tries: list[int] = []
+
+    def always_returned(messages: list[dramatiq.Message[Any]]) -> list[dramatiq.Message[Any]]:
+        tries.append(len(messages))
+        return messages
+
+    monkeypatch.setattr(broker, "_publish_in_transaction", always_returned)
+    try:
+        with pytest.raises(ConnectionClosed, match="returned 2 messages as unroutable 6 times"):
+            enqueue_many(broker, _batch(2))
+        assert tries == [2] * 6
+    finally:
+        broker.close()

@@ -17,11 +17,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ import redis
 from argon2.exceptions import VerifyMismatchError
 from sqlalchemy import inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateTable
 from sqlmodel import Session, col, select
 
@@ -47,7 +44,7 @@ from contract_dispatch import (
     run_reminders,
     send_contract,
 )
-from models.access_codes import GatedHasher, password_hasher
+from models.access_codes import password_hasher
 from models.account import Account
 from models.contract import Contract
 from models.delivery import Claim, EmailDelivery
@@ -67,6 +64,7 @@ from tests.support import (
     wait_for_contract,
     wait_until,
 )
+from tests.write_lock import run_with_argon2_held
 from workers.database import create_tables, get_engine, session_scope
 from workers.settings import Settings, get_settings, parse_days
 
@@ -1167,38 +1165,15 @@ def test_a_sweep_hashes_its_renewed_codes_while_no_transaction_holds_the_write_l
     for payload in payloads:
         actors.send_contract.fn(payload)
     invited_at(MONDAY, *(payload["contract_id"] for payload in payloads))
-    hashing, release = threading.Event(), threading.Event()
-    calls: list[int] = []
-    hash_now = GatedHasher.hash_many
-
-    def held(self: GatedHasher, plaintexts: Sequence[str]) -> list[str]:
-        calls.append(len(plaintexts))
-        hashing.set()
-        release.wait(timeout=60)
-        return hash_now(self, plaintexts)
-
-    monkeypatch.setattr(GatedHasher, "hash_many", held)
     enqueued: list[int] = []
     monkeypatch.setattr(workers.reminders, "_enqueue", enqueued.extend)
-    reports: list[Any] = []
     day7 = MONDAY + timedelta(days=7, hours=1)
-    sweeping = threading.Thread(target=lambda: reports.append(run_reminders(as_of=day7)))
-    sweeping.start()
-    try:
-        assert hashing.wait(timeout=60), "no code was hashed"
-        other = sqlite3.connect(make_url(sqlite_database).database or "", timeout=1.0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-        finally:
-            other.close()
-    finally:
-        release.set()
-        sweeping.join(timeout=60)
-    (report,) = reports
+    report, calls = run_with_argon2_held(
+        monkeypatch, sqlite_database, lambda: run_reminders(as_of=day7), method="hash_many"
+    )
     assert (report.claimed, report.codes_renewed) == (3, 3)
     # The three codes in one call, hashed side by side.
-    assert calls == [3]
+    assert [len(plaintexts) for (plaintexts,) in calls] == [3]
     assert len(enqueued) == 3
     for payload in payloads:
         account = account_of(payload["contract_id"])

@@ -125,12 +125,13 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
         """
         pending = list(messages)
         unanswered = False
+        failure: BaseException | str = ""
         for attempt in range(1, BATCH_ATTEMPTS + 1):
             try:
                 pending = self._publish_in_transaction(pending)
             except _UnansweredCommit as error:
                 unanswered = True
-                failure: BaseException = error.cause
+                failure = error.cause
             except (*_CONNECTION_ERRORS, AMQPConnectorException) as error:
                 failure = error
                 if isinstance(error, tuple(AMQP_HANDSHAKE_REFUSALS)):
@@ -140,6 +141,8 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
             else:
                 if not pending:
                     return
+                # Returned as unroutable: published again at once, their queue declared anew.
+                failure = f"RabbitMQ returned {len(pending)} messages as unroutable {attempt} times"
                 continue
             # As enqueue: the next attempt opens a new connection and channel.
             del self.connection
@@ -149,9 +152,7 @@ class ServiceRabbitmqBroker(RabbitmqBroker):
                 time.sleep(delay)
         if unanswered:
             raise BatchMaybeQueued(failure)  # type: ignore[no-untyped-call]
-        raise ConnectionClosed(  # type: ignore[no-untyped-call]
-            failure if pending else f"RabbitMQ returned messages as unroutable {BATCH_ATTEMPTS} times"
-        )
+        raise ConnectionClosed(failure)  # type: ignore[no-untyped-call]
 
     def _publish_in_transaction(self, messages: list[Message[Any]]) -> list[Message[Any]]:
         """Publish and commit; returns the messages RabbitMQ returned as unroutable, to publish again.
