@@ -26,7 +26,14 @@ from workers.settings import Settings, get_settings
     **actor_options(SendContract.actor_name),
 )
 def send_contract(payload: dict[str, Any]) -> None:
-    """Public message; see ``models.messages.SendContract`` for its fields."""
+    """Public message; see ``models.messages.SendContract`` for its fields.
+
+    It runs from two queues: ``contracts``, and ``contracts-bulk`` where the bulk
+    producers (``send_contracts``, ``send-contracts``) put theirs. Each queue has
+    its own consumer in every worker process, so a contract sent alone is fetched
+    as soon as it is queued and waits behind at most what the bulk consumer has
+    prefetched, not behind a whole import.
+    """
     message: SendContract | None = None
     try:
         message = parse_message(SendContract, payload)
@@ -46,6 +53,12 @@ def send_contract(payload: dict[str, Any]) -> None:
         raise
     # After commit: the email is never sent before its delivery row exists.
     deliver_or_hand_over(delivery_ids, prepared=first)
+
+
+# The worker consumes the queues its broker has declared (the actor's own when it
+# is declared, above): this one too.
+assert SendContract.bulk_queue_name is not None
+send_contract.broker.declare_queue(SendContract.bulk_queue_name)
 
 
 def _record(

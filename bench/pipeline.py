@@ -27,6 +27,10 @@ Figures, each as a ratio to its baseline:
 - end-to-end latency at 20 messages per second: p50 and p99 from the producer
   call (``send_contract``) to the stand-in's 202, against the no-op actor's from
   enqueue to the actor running;
+- behind an import: the same latency for contracts sent one at a time while
+  an import (``send_contracts``, queue ``contracts-bulk``) is being worked
+  through, against the idle figure; and how much of the import was left when
+  the last of them was sent (none left: the figure is the idle one);
 - memory: peak RSS of each worker process over the whole run.
 
 Rates are steady-state rates: completions between the 10th and the 90th
@@ -97,6 +101,8 @@ SIZES: dict[str, tuple[int, int]] = {
     "new_accounts": (300, 150),
     "provider_emails": (600, 160),
     "latency_seconds": (10, 4),
+    "import_contracts": (3000, 1000),
+    "import_latency_seconds": (5, 2),
     "noop_messages": (10000, 2000),
 }
 
@@ -597,6 +603,43 @@ class ServiceRun:
             ]
         )
 
+    def behind_import(self, count: int, seconds: int) -> dict[str, Any]:
+        """send_contract at LATENCY_RATE per second while an import of ``count`` contracts,
+        queued first, is worked through; producer call to 202, per contract sent alone."""
+        from contract_dispatch import send_contract
+
+        self.standin.reset()
+        imported = self.contracts.existing_accounts(count)
+        alone = self.contracts.existing_accounts(int(seconds * LATENCY_RATE))
+        alone_ids = {payload["contract_id"] for payload in alone}
+        self.produce(imported)
+        called: dict[str, float] = {}
+        with self.worker() as worker:
+            for index in paced(len(alone), LATENCY_RATE):
+                payload = alone[index]
+                called[payload["contract_id"]] = time.time()
+                send_contract(**payload)
+            import_sent = sum(
+                1 for received in self.standin.accepted if contract_of(received.reference) not in alone_ids
+            )
+            wait_for(
+                lambda: len(self.standin.accepted) >= count + len(alone),
+                timeout=60 + count / 5,
+                what="the import's and the single contracts' emails",
+                worker=worker,
+            )
+        return {
+            **percentiles(
+                [
+                    received.answered_at - called[contract_of(received.reference)]
+                    for received in self.standin.accepted
+                    if contract_of(received.reference) in alone_ids
+                ]
+            ),
+            "import_contracts": count,
+            "import_left_after_last_send": count - import_sent,
+        }
+
     def provider(self, count: int) -> dict[str, Any]:
         """Emails per second while every provider call takes PROVIDER_DELAY_SECONDS."""
         from tests.sendgrid_standin import Answer
@@ -659,6 +702,13 @@ def run_service(workbench: Workbench, options: argparse.Namespace) -> dict[str, 
         seconds = size(options, "latency_seconds")
         print(f"    service: latency at {LATENCY_RATE:.0f}/s for {seconds} s ...", flush=True)
         figures["latency"] = run.latency(seconds)
+
+        count, seconds = size(options, "import_contracts"), size(options, "import_latency_seconds")
+        print(
+            f"    service: latency at {LATENCY_RATE:.0f}/s for {seconds} s behind an import of {count} ...",
+            flush=True,
+        )
+        figures["latency_behind_import"] = run.behind_import(count, seconds)
     return figures
 
 
@@ -785,6 +835,17 @@ def summary(figures: dict[str, Any]) -> list[str]:
             f"  {_verdict(latency['p99_ms'] <= 100)} latency at 20/s    p99 {latency['p99_ms']:.0f} ms "
             f"(goal <= 100 ms), p50 {latency['p50_ms']:.0f} ms; no-op p99 {noop_latency['p99_ms']:.0f} ms, "
             f"p50 {noop_latency['p50_ms']:.0f} ms ({ratios['latency_p99_vs_noop']:.2f} x no-op p99)"
+        )
+        behind = service["latency_behind_import"]
+        lines.append(
+            f"       behind an import  p99 {behind['p99_ms']:.0f} ms, p50 {behind['p50_ms']:.0f} ms: sent "
+            f"alone while {behind['import_contracts']} imported contracts went out "
+            f"({behind['import_left_after_last_send']} still queued after the last one"
+            + (
+                ": the import ended too soon, make it larger)"
+                if not behind["import_left_after_last_send"]
+                else ")"
+            )
         )
         lines.append(
             f"  {_verdict(service_peak < 150e6)} memory              peak RSS per worker process "

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench import DatabaseKind, Workbench, machine, service_on_rabbitmq
+from models.messages import SendContract
 
 DESCRIPTION = "messages enqueued per second by the producer API, single and bulk, against raw enqueue"
 
@@ -54,7 +55,10 @@ SIZES = {"single": (1000, 200), "bulk": (5000, 1000)}
 
 WORKSPACE = "ws-producer"
 
-#: The raw baseline's queue on RabbitMQ (the service's is "contracts", in the same virtual host).
+#: The service's queues its producer fills: single sends, bulk sends.
+SERVICE_QUEUES = (SendContract.queue_name, SendContract.bulk_queue_name or SendContract.queue_name)
+
+#: The raw baseline's queue on RabbitMQ (the service's are SERVICE_QUEUES, in the same virtual host).
 RAW_AMQP_QUEUE = "raw_contracts"
 
 #: How long one AMQP connection or command of the bench's own may take, in seconds.
@@ -113,7 +117,7 @@ class ProducerRun:
         if amqp_url is None:
             self.raw = RedisBroker(url=workbench.redis_url, namespace=self.raw_namespace)  # type: ignore[no-untyped-call]
         else:
-            # The service's queue is "contracts" in the same virtual host.
+            # The service's queues are in the same virtual host.
             self.raw = RabbitmqBroker(url=amqp_url, confirm_delivery=True)
             self.raw_unconfirmed = RabbitmqBroker(url=amqp_url, confirm_delivery=False)
         self.raw.declare_queue(self.raw_queue)
@@ -181,7 +185,7 @@ class ProducerRun:
     def _raw_messages(self, count: int) -> list[Any]:
         import dramatiq
 
-        from models.messages import SendContract, parse_message
+        from models.messages import parse_message
 
         return [
             dramatiq.Message(
@@ -237,15 +241,17 @@ class ProducerRun:
 
     def check_queued(self, which: str, count: int) -> None:
         """Raise unless ``count`` messages are queued for the service or the raw baseline."""
+        # The service's single sends go to "contracts", its bulk ones to "contracts-bulk".
+        queues = SERVICE_QUEUES if which == "service" else (self.raw_queue,)
         if self.amqp_url is None:
             namespace = self.service_broker.namespace if which == "service" else self.raw_namespace
-            queued = int(self.redis.hlen(f"{namespace}:contracts.msgs"))
+            queued = sum(int(self.redis.hlen(f"{namespace}:{queue}.msgs")) for queue in queues)
         else:
             from workers.ops.rabbitmq_queues import amqp_connection, queue_state
 
-            queue = "contracts" if which == "service" else RAW_AMQP_QUEUE
             with amqp_connection(self.amqp_url, timeout=AMQP_TIMEOUT_SECONDS) as connection:
-                queued = int(queue_state(connection, queue).message_count)
+                states = [queue_state(connection, queue) for queue in queues]
+            queued = sum(int(state.message_count) for state in states if state is not None)
         if queued != count:
             raise SystemExit(f"{count} messages sent but {queued} queued ({which})")
 

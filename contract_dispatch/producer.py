@@ -79,16 +79,23 @@ def _enqueue(message: WireMessage) -> None:
 
 
 def _enqueue_many(messages: Sequence[WireMessage]) -> None:
-    """Enqueue messages in one round trip to the broker (see ``workers.redis_dispatch``)."""
+    """Enqueue messages in one round trip to the broker (see ``workers.redis_dispatch``).
+
+    Each goes to its actor's bulk queue when it has one (``contracts-bulk``), so
+    that a batch never delays the messages sent one at a time.
+    """
     if not messages:
         return
     import actors
     from workers.rabbitmq import BatchMaybeQueued
     from workers.redis_dispatch import enqueue_many
 
-    prepared = [
-        actors.broker.get_actor(message.actor_name).message(message.to_payload()) for message in messages
-    ]
+    prepared = []
+    for message in messages:
+        queued = actors.broker.get_actor(message.actor_name).message(message.to_payload())
+        if message.bulk_queue_name is not None:
+            queued = queued.copy(queue_name=message.bulk_queue_name)
+        prepared.append(queued)
     try:
         enqueue_many(actors.broker, prepared)
     except BatchMaybeQueued as exc:
@@ -247,6 +254,9 @@ def send_contracts(contracts: Iterable[Mapping[str, Any]]) -> list[Receipt | Rej
     in four queries, the new contracts are inserted by one executemany) and the
     accepted messages are enqueued in one round trip to the broker, which is
     what makes this much cheaper per contract than ``send_contract`` in a loop.
+    They go to the queue ``contracts-bulk``, consumed beside ``contracts`` by
+    the same workers: a contract sent with ``send_contract`` meanwhile does not
+    wait for the batch to be worked through.
 
     Returns, in the order given, a ``Receipt`` for each contract accepted (or
     already accepted earlier) and the ``Rejected`` refusal for each refused one:

@@ -127,6 +127,9 @@ class WireMessage(BaseModel):
     #: The Dramatiq actor (and queue) a message of this type goes to.
     actor_name: ClassVar[str]
     queue_name: ClassVar[str]
+    #: The queue of the same actor that bulk producers use, if it has one: a
+    #: message sent alone is never queued behind an import. Workers consume both.
+    bulk_queue_name: ClassVar[str | None] = None
 
     version: Annotated[
         Literal[1], BeforeValidator(_not_a_boolean), Field(description="Wire contract version.")
@@ -156,10 +159,12 @@ class Signatory(BaseModel):
 
 
 class SendContract(WireMessage):
-    """Send a contract for signature to a client's email (queue ``contracts``)."""
+    """Send a contract for signature to a client's email (queue ``contracts``, or
+    ``contracts-bulk`` from a bulk producer)."""
 
     actor_name: ClassVar[str] = "send_contract"
     queue_name: ClassVar[str] = "contracts"
+    bulk_queue_name: ClassVar[str | None] = "contracts-bulk"
 
     contract_id: Identifier
     email: EmailAddress
@@ -380,6 +385,8 @@ def json_schemas() -> dict[str, Any]:
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = f"urn:contract-dispatch:{model.actor_name}:v{SCHEMA_VERSION}"
         schema["x-queue"] = model.queue_name
+        if model.bulk_queue_name is not None:
+            schema["x-bulk-queue"] = model.bulk_queue_name
         schema["x-actor"] = model.actor_name
         schemas[model.actor_name] = schema
     return schemas

@@ -44,7 +44,7 @@ from tests.support import contract_payload, unique, wait_until
 from workers.database import dispose_engines, session_scope
 
 #: The service's queues.
-QUEUES = ("contracts", "emails", "maintenance")
+QUEUES = ("contracts", "contracts-bulk", "emails", "maintenance")
 
 #: The workers' heartbeat timeout, in milliseconds: long, so that nothing a killed worker
 #: holds comes back while a test looks at it.

@@ -83,6 +83,8 @@ def test_bulk_send_checks_each_contract_and_enqueues_the_accepted_ones_at_once(
         first["contract_id"],
         second["contract_id"],
     ]
+    # On the bulk queue, which the worker consumes beside `contracts`.
+    assert {message.queue_name for message in call} == {"contracts-bulk"}
     for payload in (first, second):
         report = wait_for_contract(
             payload["contract_id"], all_emails_sent(1), what="a bulk contract to be sent"
@@ -92,6 +94,16 @@ def test_bulk_send_checks_each_contract_and_enqueues_the_accepted_ones_at_once(
     for payload in (bad_lead_source, other_company, unknown_workspace):
         assert contract_status(payload["contract_id"]) is None
     assert len(standin.accepted_for(f"invitation:{bound['contract_id']}:")) == 1
+
+
+def test_the_bulk_queue_is_declared_and_published_with_the_wire_contract():
+    import actors
+    from models.messages import json_schemas
+
+    assert {"contracts", "contracts-bulk"} <= actors.broker.get_declared_queues()
+    schema = json_schemas()["send_contract"]
+    assert (schema["x-queue"], schema["x-bulk-queue"]) == ("contracts", "contracts-bulk")
+    assert "x-bulk-queue" not in json_schemas()["notify_signatories"]
 
 
 def test_bulk_send_forgets_its_reservations_when_the_broker_is_down(database, monkeypatch):

@@ -24,6 +24,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from sqlmodel import col, delete, select
 from contract_dispatch import contract_status, set_workspace
 from models.dead_letter import DeadLetter
 from models.types import utc_now
-from tests.processes import CLI, TcpProxy, WorkerProcess, run_cli
+from tests.processes import CLI, TcpProxy, WorkerProcess, describe, run_cli
 from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
 from tests.sendgrid_standin import Answer, SendGridStandIn
 from tests.support import (
@@ -331,6 +332,65 @@ def test_send_contracts_through_the_cli_enqueues_the_batch_at_once(
         assert len(standin.accepted_for(f"invitation:{payload['contract_id']}:")) == 1
 
 
+#: The import behind which a contract is sent alone, and its invitations' answer time at
+#: the provider, in seconds: 120 x 0.25 s on the worker's 4 threads keep it busy for 7.5 s.
+IMPORT_CONTRACTS = 120
+IMPORT_ANSWER_SECONDS = 0.25
+
+#: At most this many of the import's invitations go out between a contract sent alone
+#: being queued and its own invitation: what the worker holds when it is queued (4
+#: threads, 8 prefetched), with room to spare. Behind the import it would be all of them.
+AHEAD_OF_IT_AT_MOST = 24
+
+
+def test_a_contract_sent_alone_is_not_queued_behind_an_import(
+    system: System, standin: SendGridStandIn
+) -> None:
+    imported = [contract_payload() for _ in range(IMPORT_CONTRACTS)]
+    slow = {payload["contract_id"] for payload in imported}
+
+    def chooser(incoming: Any) -> Answer:
+        contract_id = (incoming.reference or "::").split(":")[1]
+        return Answer(delay=IMPORT_ANSWER_SECONDS, kind="slow") if contract_id in slow else Answer()
+
+    def import_answered() -> list[float]:
+        return [
+            received.answered_at
+            for received in standin.accepted
+            if (received.reference or "::").split(":")[1] in slow
+        ]
+
+    standin.chooser = chooser
+    try:
+        result = run_cli(system.env, "send-contracts", stdin="".join(json.dumps(p) + "\n" for p in imported))
+        assert result.returncode == 0, describe(result)
+        alone = contract_payload()
+        sent = system.cli(*send_args(alone))
+        assert sent.returncode == 0, sent.stderr
+        queued_at = time.time()
+        left = IMPORT_CONTRACTS - len(import_answered())
+        assert left > 2 * AHEAD_OF_IT_AT_MOST, f"the import was nearly done ({left} left): nothing to tell"
+
+        wait_for_contract(
+            alone["contract_id"],
+            all_emails_sent(1),
+            timeout=BOOT_TIMEOUT_SECONDS,
+            what=f"the contract sent alone on {system.kind}: {_log_of(system)}",
+        )
+        (invitation,) = standin.accepted_for(f"invitation:{alone['contract_id']}:")
+        ahead = [t for t in import_answered() if queued_at < t <= invitation.answered_at]
+        assert len(ahead) <= AHEAD_OF_IT_AT_MOST, f"{len(ahead)} of the import's {left} went out before it"
+        # The import itself is worked through, each contract once.
+        wait_until(
+            lambda: len(import_answered()) >= IMPORT_CONTRACTS,
+            timeout=BOOT_TIMEOUT_SECONDS,
+            what=f"the import's invitations on {system.kind}",
+        )
+        assert len(import_answered()) == IMPORT_CONTRACTS
+    finally:
+        standin.chooser = None
+
+
 def test_provider_failures_are_retried_then_sent(system: System, standin: SendGridStandIn) -> None:
     # The message is written raw, as a producer without Python does. Two transient
     # failures, within MAX_RETRIES=3: the third attempt goes through (retries travel
@@ -502,7 +562,10 @@ def test_health_sees_the_broker_and_its_live_workers(system: System) -> None:
     if system.kind == "amqp":
         # The broker is RabbitMQ's, and so is the word on who consumes.
         assert checks["broker"]["detail"].startswith("RabbitMQ at "), checks
-        consumers = re.search(r"consumers (\d+) on contracts, (\d+) on emails", checks["workers"]["detail"])
+        consumers = re.search(
+            r"consumers (\d+) on contracts, (\d+) on contracts-bulk, (\d+) on emails",
+            checks["workers"]["detail"],
+        )
         assert consumers is not None and min(map(int, consumers.groups())) >= 1, checks
     else:
         assert "broker" not in checks

@@ -78,7 +78,7 @@ TUNING_VARIABLES = (
     "SENDGRID_TIMEOUT",
 )
 
-QUEUES = ("contracts", "emails")
+QUEUES = ("contracts", "contracts-bulk", "emails")
 
 
 def report(what: str, seconds: float) -> None:

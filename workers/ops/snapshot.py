@@ -27,10 +27,10 @@ from models.reminders import ReminderSweep
 from models.types import utc_now
 
 #: The service's queues, in the order they are shown.
-QUEUES = ("contracts", "emails", "maintenance")
+QUEUES = ("contracts", "contracts-bulk", "emails", "maintenance")
 
 #: The queues a worker must consume for contracts to get sent.
-CONSUMED_QUEUES = ("contracts", "emails")
+CONSUMED_QUEUES = ("contracts", "contracts-bulk", "emails")
 
 #: How long reading the broker's figures may take, in seconds.
 BROKER_READ_TIMEOUT_SECONDS = 5.0
