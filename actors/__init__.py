@@ -13,7 +13,7 @@ from actors.cancel_contract import cancel_contract  # noqa: E402
 from actors.deliver_email import deliver_email, deliver_email_group  # noqa: E402
 from actors.housekeeping import broker_maintenance, expire_access_codes_job  # noqa: E402
 from actors.notify_signatories import notify_signatories  # noqa: E402
-from actors.send_contract import send_contract  # noqa: E402
+from actors.send_contract import send_contract, send_contract_bulk  # noqa: E402
 from actors.sweep_reminders import sweep_reminders  # noqa: E402
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "expire_access_codes_job",
     "notify_signatories",
     "send_contract",
+    "send_contract_bulk",
     "sweep_reminders",
 ]

@@ -26,14 +26,7 @@ from workers.settings import Settings, get_settings
     **actor_options(SendContract.actor_name),
 )
 def send_contract(payload: dict[str, Any]) -> None:
-    """Public message; see ``models.messages.SendContract`` for its fields.
-
-    It runs from two queues: ``contracts``, and ``contracts-bulk`` where the bulk
-    producers (``send_contracts``, ``send-contracts``) put theirs. Each queue has
-    its own consumer in every worker process, so a contract sent alone is fetched
-    as soon as it is queued and waits behind at most what the bulk consumer has
-    prefetched, not behind a whole import.
-    """
+    """Public message; see ``models.messages.SendContract`` for its fields."""
     message: SendContract | None = None
     try:
         message = parse_message(SendContract, payload)
@@ -55,10 +48,22 @@ def send_contract(payload: dict[str, Any]) -> None:
     deliver_or_hand_over(delivery_ids, prepared=first)
 
 
-# The worker consumes the queues its broker has declared (the actor's own when it
-# is declared, above): this one too.
-assert SendContract.bulk_queue_name is not None
-send_contract.broker.declare_queue(SendContract.bulk_queue_name)
+#: ``send_contract_bulk``'s priority; send_contract's is Dramatiq's default, 0. A worker
+#: runs the messages it has fetched lowest number first.
+BULK_PRIORITY = 10
+
+assert SendContract.bulk_actor_name is not None and SendContract.bulk_queue_name is not None
+#: The same job for the bulk producers (``send_contracts``, ``send-contracts``), on a
+#: queue of its own: every worker process has a consumer on each queue, so a
+#: contract sent alone is fetched as soon as it is queued instead of behind an
+#: import, and runs before the import messages its worker has already fetched.
+send_contract_bulk = dramatiq.actor(
+    actor_name=SendContract.bulk_actor_name,
+    queue_name=SendContract.bulk_queue_name,
+    priority=BULK_PRIORITY,
+    # The same contracts as send_contract, so the same retry policy (SEND_CONTRACT_*).
+    **actor_options(SendContract.actor_name),
+)(send_contract.fn)
 
 
 def _record(

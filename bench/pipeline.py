@@ -605,7 +605,8 @@ class ServiceRun:
 
     def behind_import(self, count: int, seconds: int) -> dict[str, Any]:
         """send_contract at LATENCY_RATE per second while an import of ``count`` contracts,
-        queued first, is worked through; producer call to 202, per contract sent alone."""
+        queued first, is worked through (from its WARM_UP_CONTRACTS-th email on);
+        producer call to 202, per contract sent alone."""
         from contract_dispatch import send_contract
 
         self.standin.reset()
@@ -615,6 +616,14 @@ class ServiceRun:
         self.produce(imported)
         called: dict[str, float] = {}
         with self.worker() as worker:
+            # Once the import flows: each worker process has connected and cached, as
+            # before the idle latency run.
+            wait_for(
+                lambda: len(self.standin.accepted) >= WARM_UP_CONTRACTS,
+                timeout=60,
+                what="the import's first emails",
+                worker=worker,
+            )
             for index in paced(len(alone), LATENCY_RATE):
                 payload = alone[index]
                 called[payload["contract_id"]] = time.time()

@@ -81,8 +81,9 @@ def _enqueue(message: WireMessage) -> None:
 def _enqueue_many(messages: Sequence[WireMessage]) -> None:
     """Enqueue messages in one round trip to the broker (see ``workers.redis_dispatch``).
 
-    Each goes to its actor's bulk queue when it has one (``contracts-bulk``), so
-    that a batch never delays the messages sent one at a time.
+    Each goes to its message's bulk actor when it has one (``send_contract_bulk``,
+    queue ``contracts-bulk``), so that a batch never delays the messages sent one
+    at a time.
     """
     if not messages:
         return
@@ -90,12 +91,10 @@ def _enqueue_many(messages: Sequence[WireMessage]) -> None:
     from workers.rabbitmq import BatchMaybeQueued
     from workers.redis_dispatch import enqueue_many
 
-    prepared = []
-    for message in messages:
-        queued = actors.broker.get_actor(message.actor_name).message(message.to_payload())
-        if message.bulk_queue_name is not None:
-            queued = queued.copy(queue_name=message.bulk_queue_name)
-        prepared.append(queued)
+    prepared = [
+        actors.broker.get_actor(message.bulk_actor_name or message.actor_name).message(message.to_payload())
+        for message in messages
+    ]
     try:
         enqueue_many(actors.broker, prepared)
     except BatchMaybeQueued as exc:
@@ -254,9 +253,9 @@ def send_contracts(contracts: Iterable[Mapping[str, Any]]) -> list[Receipt | Rej
     in four queries, the new contracts are inserted by one executemany) and the
     accepted messages are enqueued in one round trip to the broker, which is
     what makes this much cheaper per contract than ``send_contract`` in a loop.
-    They go to the queue ``contracts-bulk``, consumed beside ``contracts`` by
-    the same workers: a contract sent with ``send_contract`` meanwhile does not
-    wait for the batch to be worked through.
+    They go to ``send_contract_bulk`` on queue ``contracts-bulk``, consumed
+    beside ``contracts`` by the same workers at a lower priority: a contract sent
+    with ``send_contract`` meanwhile does not wait for the batch.
 
     Returns, in the order given, a ``Receipt`` for each contract accepted (or
     already accepted earlier) and the ``Rejected`` refusal for each refused one:

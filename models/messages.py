@@ -127,8 +127,10 @@ class WireMessage(BaseModel):
     #: The Dramatiq actor (and queue) a message of this type goes to.
     actor_name: ClassVar[str]
     queue_name: ClassVar[str]
-    #: The queue of the same actor that bulk producers use, if it has one: a
-    #: message sent alone is never queued behind an import. Workers consume both.
+    #: The actor (same job, lower priority) and queue that bulk producers use, if
+    #: there are: a message sent alone is never queued behind an import, nor
+    #: processed after the import messages a worker has already fetched.
+    bulk_actor_name: ClassVar[str | None] = None
     bulk_queue_name: ClassVar[str | None] = None
 
     version: Annotated[
@@ -159,11 +161,12 @@ class Signatory(BaseModel):
 
 
 class SendContract(WireMessage):
-    """Send a contract for signature to a client's email (queue ``contracts``, or
-    ``contracts-bulk`` from a bulk producer)."""
+    """Send a contract for signature to a client's email (queue ``contracts``; from a
+    bulk producer, actor ``send_contract_bulk`` on queue ``contracts-bulk``)."""
 
     actor_name: ClassVar[str] = "send_contract"
     queue_name: ClassVar[str] = "contracts"
+    bulk_actor_name: ClassVar[str | None] = "send_contract_bulk"
     bulk_queue_name: ClassVar[str | None] = "contracts-bulk"
 
     contract_id: Identifier
@@ -385,7 +388,8 @@ def json_schemas() -> dict[str, Any]:
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = f"urn:contract-dispatch:{model.actor_name}:v{SCHEMA_VERSION}"
         schema["x-queue"] = model.queue_name
-        if model.bulk_queue_name is not None:
+        if model.bulk_actor_name is not None:
+            schema["x-bulk-actor"] = model.bulk_actor_name
             schema["x-bulk-queue"] = model.bulk_queue_name
         schema["x-actor"] = model.actor_name
         schemas[model.actor_name] = schema

@@ -84,7 +84,9 @@ def test_bulk_send_checks_each_contract_and_enqueues_the_accepted_ones_at_once(
         second["contract_id"],
     ]
     # On the bulk queue, which the worker consumes beside `contracts`.
-    assert {message.queue_name for message in call} == {"contracts-bulk"}
+    assert {(message.actor_name, message.queue_name) for message in call} == {
+        ("send_contract_bulk", "contracts-bulk")
+    }
     for payload in (first, second):
         report = wait_for_contract(
             payload["contract_id"], all_emails_sent(1), what="a bulk contract to be sent"
@@ -96,13 +98,24 @@ def test_bulk_send_checks_each_contract_and_enqueues_the_accepted_ones_at_once(
     assert len(standin.accepted_for(f"invitation:{bound['contract_id']}:")) == 1
 
 
-def test_the_bulk_queue_is_declared_and_published_with_the_wire_contract():
+def test_the_bulk_actor_runs_after_contracts_sent_alone_and_is_published_with_the_wire_contract():
     import actors
     from models.messages import json_schemas
 
     assert {"contracts", "contracts-bulk"} <= actors.broker.get_declared_queues()
+    # Dramatiq runs a worker's fetched messages lowest priority number first.
+    assert actors.send_contract_bulk.priority > actors.send_contract.priority
+    assert actors.send_contract_bulk.fn is actors.send_contract.fn
+    # The same retry policy (retry_when is a closure of its own, built the same way).
+    policy = ("max_retries", "min_backoff", "max_backoff", "throws")
+    bulk, alone = actors.send_contract_bulk.options, actors.send_contract.options
+    assert set(bulk) == set(alone) and all(bulk[name] == alone[name] for name in policy)
     schema = json_schemas()["send_contract"]
-    assert (schema["x-queue"], schema["x-bulk-queue"]) == ("contracts", "contracts-bulk")
+    assert (schema["x-queue"], schema["x-bulk-actor"], schema["x-bulk-queue"]) == (
+        "contracts",
+        "send_contract_bulk",
+        "contracts-bulk",
+    )
     assert "x-bulk-queue" not in json_schemas()["notify_signatories"]
 
 
