@@ -52,7 +52,6 @@ def send_contract(payload: dict[str, Any]) -> None:
 #: runs the messages it has fetched lowest number first.
 BULK_PRIORITY = 10
 
-assert SendContract.bulk_actor_name is not None and SendContract.bulk_queue_name is not None
 #: The same job for the bulk producers (``send_contracts``, ``send-contracts``), on a
 #: queue of its own: every worker process has a consumer on each queue, so a
 #: contract sent alone is fetched as soon as it is queued instead of behind an

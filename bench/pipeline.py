@@ -88,7 +88,6 @@ WARM_UP_NOOPS = 40
 #: Steady state: completions between these fractions of a run count for its rate.
 STEADY_FROM, STEADY_TO = 0.1, 0.9
 
-
 #: Reading a queue's counts from RabbitMQ gives up after this long, in seconds.
 AMQP_TIMEOUT_SECONDS = 5.0
 
@@ -573,7 +572,6 @@ class ServiceRun:
 
         self.standin.reset()
         payloads = self.contracts.existing_accounts(int(seconds * LATENCY_RATE))
-        called: dict[str, float] = {}
         with self.worker() as worker:
             # A few contracts first: each process's first message opens its connections.
             self.standin.reset()
@@ -586,35 +584,23 @@ class ServiceRun:
                 worker=worker,
             )
             self.standin.reset()
-            for index in paced(len(payloads), LATENCY_RATE):
-                payload = payloads[index]
-                called[payload["contract_id"]] = time.time()
-                send_contract(**payload)
+            called = self._paced_sends(payloads)
             wait_for(
                 lambda: len(self.standin.accepted) >= len(payloads),
                 timeout=60,
                 what="the latency run's emails",
                 worker=worker,
             )
-        return percentiles(
-            [
-                received.answered_at - called[contract_of(received.reference)]
-                for received in self.standin.accepted
-            ]
-        )
+        return self._latencies(called)
 
     def behind_import(self, count: int, seconds: int) -> dict[str, Any]:
         """send_contract at LATENCY_RATE per second while an import of ``count`` contracts,
         queued first, is worked through (from its WARM_UP_CONTRACTS-th email on);
         producer call to 202, per contract sent alone."""
-        from contract_dispatch import send_contract
-
         self.standin.reset()
         imported = self.contracts.existing_accounts(count)
         alone = self.contracts.existing_accounts(int(seconds * LATENCY_RATE))
-        alone_ids = {payload["contract_id"] for payload in alone}
         self.produce(imported)
-        called: dict[str, float] = {}
         with self.worker() as worker:
             # Once the import flows: each worker process has connected and cached, as
             # before the idle latency run.
@@ -624,12 +610,9 @@ class ServiceRun:
                 what="the import's first emails",
                 worker=worker,
             )
-            for index in paced(len(alone), LATENCY_RATE):
-                payload = alone[index]
-                called[payload["contract_id"]] = time.time()
-                send_contract(**payload)
+            called = self._paced_sends(alone)
             import_sent = sum(
-                1 for received in self.standin.accepted if contract_of(received.reference) not in alone_ids
+                1 for received in self.standin.accepted if contract_of(received.reference) not in called
             )
             wait_for(
                 lambda: len(self.standin.accepted) >= count + len(alone),
@@ -638,16 +621,31 @@ class ServiceRun:
                 worker=worker,
             )
         return {
-            **percentiles(
-                [
-                    received.answered_at - called[contract_of(received.reference)]
-                    for received in self.standin.accepted
-                    if contract_of(received.reference) in alone_ids
-                ]
-            ),
+            **self._latencies(called),
             "import_contracts": count,
             "import_left_after_last_send": count - import_sent,
         }
+
+    def _paced_sends(self, payloads: list[dict[str, Any]]) -> dict[str, float]:
+        """``send_contract`` of each payload, LATENCY_RATE per second; each call's time by contract id."""
+        from contract_dispatch import send_contract
+
+        called: dict[str, float] = {}
+        for index in paced(len(payloads), LATENCY_RATE):
+            payload = payloads[index]
+            called[payload["contract_id"]] = time.time()
+            send_contract(**payload)
+        return called
+
+    def _latencies(self, called: dict[str, float]) -> dict[str, float]:
+        """Percentiles from each call in ``called`` to its invitation's 202 at the stand-in."""
+        return percentiles(
+            [
+                received.answered_at - called[contract_id]
+                for received in self.standin.accepted
+                if (contract_id := contract_of(received.reference)) in called
+            ]
+        )
 
     def provider(self, count: int) -> dict[str, Any]:
         """Emails per second while every provider call takes PROVIDER_DELAY_SECONDS."""

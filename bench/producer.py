@@ -56,7 +56,7 @@ SIZES = {"single": (1000, 200), "bulk": (5000, 1000)}
 WORKSPACE = "ws-producer"
 
 #: The service's queues its producer fills: single sends, bulk sends.
-SERVICE_QUEUES = (SendContract.queue_name, SendContract.bulk_queue_name or SendContract.queue_name)
+SERVICE_QUEUES = (SendContract.queue_name, SendContract.bulk_queue_name)
 
 #: The raw baseline's queue on RabbitMQ (the service's are SERVICE_QUEUES, in the same virtual host).
 RAW_AMQP_QUEUE = "raw_contracts"

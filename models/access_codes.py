@@ -197,6 +197,13 @@ def with_code_hashed_outside(
         return run(access_code_fields(policy=policy, now=now))
 
 
+def given_code(fields: Mapping[str, object] | None) -> Mapping[str, object]:
+    """The code a transaction was given, or ``AccessCodeNeeded`` (see ``with_code_hashed_outside``)."""
+    if fields is None:
+        raise AccessCodeNeeded
+    return fields
+
+
 def apply_access_code(account: Account, fields: Mapping[str, object]) -> None:
     """Give ``account`` the code of ``access_code_fields`` made earlier (outside its transaction)."""
     for name, value in fields.items():

@@ -166,8 +166,8 @@ class SendContract(WireMessage):
 
     actor_name: ClassVar[str] = "send_contract"
     queue_name: ClassVar[str] = "contracts"
-    bulk_actor_name: ClassVar[str | None] = "send_contract_bulk"
-    bulk_queue_name: ClassVar[str | None] = "contracts-bulk"
+    bulk_actor_name: ClassVar[str] = "send_contract_bulk"
+    bulk_queue_name: ClassVar[str] = "contracts-bulk"
 
     contract_id: Identifier
     email: EmailAddress

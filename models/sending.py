@@ -10,12 +10,12 @@ from typing import Any
 from sqlalchemy import CompoundSelect, bindparam, func, literal_column, null, sql, union_all, update
 from sqlmodel import Session, col, select
 
-from models.access_codes import apply_access_code, needs_access_code
+from models.access_codes import apply_access_code, given_code, needs_access_code
 from models.account import Account
 from models.binding import bind_account, check_binding
 from models.contract import Contract, ContractStatus
 from models.delivery import EmailDelivery, EmailKind, add_delivery, cancel_delivery, pending_delivery_ids
-from models.errors import AccessCodeNeeded, ContractClosed, ContractConflict, Rejected, UnknownContract
+from models.errors import ContractClosed, ContractConflict, Rejected, UnknownContract
 from models.messages import SendContract
 from models.reminders import CYCLE_FIELDS, ReminderPolicy, cycle_start, start_cycle
 from models.upsert import chunks, insert_ignoring_conflict, insert_many_returning, table_of
@@ -165,12 +165,6 @@ def record_contract(
     ``AccessCodeNeeded`` (see ``with_code_hashed_outside``): on SQLite every other
     worker's transaction waited behind each new account's hash.
     """
-
-    def new_code() -> dict[str, object]:
-        if access_code is None:
-            raise AccessCodeNeeded
-        return dict(access_code)
-
     state = _locked_state(session, message, now=now)
     _check_same_content(state.content_hash, message)
     if state.status not in OPEN_STATUSES:
@@ -182,11 +176,11 @@ def record_contract(
         email=message.email,
         company_name=message.company_name,
         # A new account is inserted with its code: one statement instead of four.
-        new_account_fields=new_code,
+        new_account_fields=lambda: dict(given_code(access_code)),
     )
     issue_codes = needs_access_code(account)
     if issue_codes and not created:
-        fields = new_code()
+        fields = given_code(access_code)
         # The whole row (locked by bind_account in this transaction), to issue a code on it.
         codes_account = session.get_one(Account, account.id)
         apply_access_code(codes_account, fields)
@@ -494,9 +488,7 @@ def resend_invitation(
     )
     issue_codes = account is not None and needs_access_code(account)
     if account is not None and issue_codes:
-        if access_code is None:
-            raise AccessCodeNeeded
-        apply_access_code(account, access_code)
+        apply_access_code(account, given_code(access_code))
         session.add(account)
     last_step = session.exec(
         select(func.max(EmailDelivery.step)).where(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from typing import Any
 
 import dramatiq
@@ -25,7 +26,14 @@ from contract_dispatch import (
     send_contract,
     send_contracts,
 )
-from tests.support import all_emails_sent, contract_payload, forget_namespace, unique, wait_for_contract
+from tests.support import (
+    all_emails_sent,
+    contract_payload,
+    forget_namespace,
+    unique,
+    wait_for_contract,
+    wait_until,
+)
 
 #: A batch of 200 small messages is larger than this, in bytes; any other command is smaller.
 BATCH_BYTES = 10_000
@@ -98,13 +106,11 @@ def test_bulk_send_checks_each_contract_and_enqueues_the_accepted_ones_at_once(
     assert len(standin.accepted_for(f"invitation:{bound['contract_id']}:")) == 1
 
 
-def test_the_bulk_actor_runs_after_contracts_sent_alone_and_is_published_with_the_wire_contract():
+def test_the_bulk_actor_is_send_contract_on_a_queue_of_its_own_and_in_the_wire_contract():
     import actors
     from models.messages import json_schemas
 
     assert {"contracts", "contracts-bulk"} <= actors.broker.get_declared_queues()
-    # Dramatiq runs a worker's fetched messages lowest priority number first.
-    assert actors.send_contract_bulk.priority > actors.send_contract.priority
     assert actors.send_contract_bulk.fn is actors.send_contract.fn
     # The same retry policy (retry_when is a closure of its own, built the same way).
     policy = ("max_retries", "min_backoff", "max_backoff", "throws")
@@ -117,6 +123,50 @@ def test_the_bulk_actor_runs_after_contracts_sent_alone_and_is_published_with_th
         "contracts-bulk",
     )
     assert "x-bulk-queue" not in json_schemas()["notify_signatories"]
+
+
+def test_a_worker_runs_a_contract_sent_alone_before_the_import_messages_it_has_fetched(redis_server):
+    """The two actors' queues and priorities, on a one-thread Dramatiq worker in a namespace of its own.
+
+    The thread is held on the import's first message while the worker has already
+    fetched its second (Dramatiq prefetches two per thread): the contract sent
+    alone, fetched after it, runs next all the same.
+    """
+    import actors
+
+    namespace = unique("priority")
+    client = redis_server.client()
+    broker = RedisBroker(client=client, namespace=namespace, middleware=[])
+    ran: list[str] = []
+    running, release = threading.Event(), threading.Event()
+
+    def record(label: str) -> None:
+        ran.append(label)
+        running.set()
+        release.wait(timeout=30)
+
+    alone, bulk = (
+        dramatiq.actor(
+            actor_name=real.actor_name, queue_name=real.queue_name, priority=real.priority, broker=broker
+        )(record)
+        for real in (actors.send_contract, actors.send_contract_bulk)
+    )
+    for label in ("import-1", "import-2", "import-3"):
+        bulk.send(label)
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=50)
+    worker.start()
+    try:
+        wait_until(running.is_set, timeout=30, what="the import's first message to run")
+        wait_until(lambda: worker.work_queue.qsize() == 1, timeout=30, what="the second one fetched")
+        alone.send("alone")
+        wait_until(lambda: worker.work_queue.qsize() == 2, timeout=30, what="the contract sent alone fetched")
+        release.set()
+        wait_until(lambda: len(ran) == 4, timeout=30, what="all four messages to run")
+        assert ran == ["import-1", "alone", "import-2", "import-3"]
+    finally:
+        release.set()
+        worker.stop()
+        forget_namespace(client, namespace)
 
 
 def test_bulk_send_forgets_its_reservations_when_the_broker_is_down(database, monkeypatch):

@@ -64,7 +64,7 @@ from workers.settings import Settings, get_settings
 #: alert on new dead letters would miss an actor's first ones.
 DEAD_LETTER_ACTORS = (
     SendContract.actor_name,
-    SendContract.bulk_actor_name or SendContract.actor_name,
+    SendContract.bulk_actor_name,
     NotifySignatories.actor_name,
     CancelContract.actor_name,
     SweepReminders.actor_name,
