@@ -63,18 +63,22 @@ class Cli:
     def wait_status(
         self, contract_id: str, done: Callable[[dict[str, Any]], bool], what: str
     ) -> dict[str, Any]:
-        """Poll ``contract-status --json`` until ``done`` holds; return that report."""
-        found: list[dict[str, Any]] = []
+        """Wait until ``done`` holds of ``contract-status --json``; return that report.
+
+        Polled in this process, through the function the command prints (each CLI
+        start costs a second of CPU), then asked of the command once.
+        """
+        from contract_dispatch import contract_status
+        from workers.cli import status_json
 
         def check() -> bool:
-            report = self.status(contract_id)
-            if report is not None and done(report):
-                found.append(report)
-                return True
-            return False
+            report = contract_status(contract_id)
+            return report is not None and done(json.loads(json.dumps(status_json(report), default=str)))
 
         wait_until(check, timeout=STATUS_TIMEOUT_SECONDS, what=what)
-        return found[0]
+        report = self.status(contract_id)
+        assert report is not None and done(report), report
+        return report
 
 
 def emails_sent(kind: str, count: int) -> Callable[[dict[str, Any]], bool]:

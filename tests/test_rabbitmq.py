@@ -333,8 +333,8 @@ def test_send_contracts_through_the_cli_enqueues_the_batch_at_once(
 
 
 #: The import behind which a contract is sent alone, and its invitations' answer time at
-#: the provider, in seconds: 120 x 0.25 s on the worker's 4 threads keep it busy for 7.5 s.
-IMPORT_CONTRACTS = 120
+#: the provider, in seconds: 80 x 0.25 s on the worker's 4 threads keep it busy for 5 s.
+IMPORT_CONTRACTS = 80
 IMPORT_ANSWER_SECONDS = 0.25
 
 #: At most this many of the import's invitations go out between a contract sent alone
