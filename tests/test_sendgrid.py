@@ -532,7 +532,6 @@ def _leaks(caplog: pytest.LogCaptureFixture, *secrets: str) -> list[str]:
 
 def test_the_library_debug_log_never_shows_the_key_or_the_mail(standin, caplog):
     pinned = logging.getLogger(SENDGRID_HTTP_LOGGER)
-    saved_level, saved_filters = pinned.level, list(pinned.filters)
     root = logging.getLogger()
     caplog.set_level(logging.DEBUG)
     assert root.level == logging.DEBUG
@@ -540,6 +539,8 @@ def test_the_library_debug_log_never_shows_the_key_or_the_mail(standin, caplog):
 
     # Without the pin the library does log both: this test can see a leak.
     unpinned = _backend(standin.url)  # building a backend pins the logger...
+    # (read once pinned: run alone, this test builds the first backend of its process)
+    saved_level, saved_filters = pinned.level, list(pinned.filters)
     pinned.setLevel(logging.NOTSET)  # ...so undo that for this one control send
     for f in saved_filters:
         pinned.removeFilter(f)
@@ -562,7 +563,9 @@ def test_the_library_debug_log_never_shows_the_key_or_the_mail(standin, caplog):
         backend.send(_email(text=marker, html=f"<p>{marker}</p>"))
     finally:
         pinned.setLevel(saved_level)
-    assert len(standin.accepted) == 3
+    # This test's three sends: the stand-in is this process's, and an email a worker of
+    # an earlier test still had to send may arrive meanwhile.
+    assert len([r for r in standin.accepted if marker in r.content("text/plain")]) == 3
     assert _leaks(caplog, API_KEY, marker) == []
     assert API_KEY not in caplog.text and marker not in caplog.text
 
