@@ -29,7 +29,7 @@ typecheck: $(STAMP)
 
 # Test processes (pytest-xdist): the suite waits on subprocesses, servers and provider
 # delays as much as it computes, so one more process than the 2 cores keeps them busy
-# (95 % of both; 753 s against 828-889 s on two processes on a slow 2-core machine).
+# (95 % of both; 742-815 s against 828-889 s on two processes on a slow 2-core machine).
 PYTEST_WORKERS ?= 3
 
 pytest: $(STAMP)
