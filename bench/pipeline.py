@@ -63,6 +63,7 @@ from bench import BENCH_AMQP_URL, DatabaseKind, Workbench, machine, service_on_r
 from bench.connections import bundle_path, trusted_bundle
 from bench.noop import LATENCIES_KEY, QUEUE, noop_message
 from bench.processes import WorkerRun, noop_worker, service_worker
+from tests.sendgrid_standin import contract_of
 from workers.settings import DEFAULT_WORKER_TIMEOUT_MS
 
 DESCRIPTION = "contracts through real workers to the SendGrid stand-in, against a no-op Dramatiq actor"
@@ -401,11 +402,6 @@ class Contracts:
                 for payload in payloads
             )
         return payloads
-
-
-def contract_of(reference: str | None) -> str:
-    """The contract id in a delivery's reference (``kind:contract_id:recipient:step``)."""
-    return (reference or "::").split(":")[1]
 
 
 @contextmanager

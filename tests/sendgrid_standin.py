@@ -285,6 +285,11 @@ class SendGridStandIn:
                 self.on_answer(email)
 
 
+def contract_of(reference: str | None) -> str:
+    """The contract id in an email's reference (``kind:contract_id:recipient:step``); "" for none."""
+    return (reference or "::").split(":")[1]
+
+
 def _reference(body: dict[str, Any]) -> str | None:
     """The email's reference: its custom argument, or its (first) personalization's."""
     personalizations = body.get("personalizations") or [{}]

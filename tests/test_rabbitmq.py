@@ -46,7 +46,7 @@ from models.dead_letter import DeadLetter
 from models.types import utc_now
 from tests.processes import CLI, TcpProxy, WorkerProcess, describe, run_cli
 from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
-from tests.sendgrid_standin import Answer, SendGridStandIn
+from tests.sendgrid_standin import Answer, SendGridStandIn, contract_of
 from tests.support import (
     RedisServer,
     all_emails_sent,
@@ -350,15 +350,12 @@ def test_a_contract_sent_alone_is_not_queued_behind_an_import(
     slow = {payload["contract_id"] for payload in imported}
 
     def chooser(incoming: Any) -> Answer:
-        contract_id = (incoming.reference or "::").split(":")[1]
-        return Answer(delay=IMPORT_ANSWER_SECONDS, kind="slow") if contract_id in slow else Answer()
+        slow_answer = Answer(delay=IMPORT_ANSWER_SECONDS, kind="slow")
+        return slow_answer if contract_of(incoming.reference) in slow else Answer()
 
     def import_answered() -> list[float]:
-        return [
-            received.answered_at
-            for received in standin.accepted
-            if (received.reference or "::").split(":")[1] in slow
-        ]
+        accepted = standin.accepted
+        return [received.answered_at for received in accepted if contract_of(received.reference) in slow]
 
     standin.chooser = chooser
     try:

@@ -43,6 +43,7 @@ from tests.sendgrid_standin import Answer, SendGridStandIn
 from tests.support import RedisServer, contract_payload, enqueue_raw, send_args, unique, wait_until
 from workers.database import session_scope
 from workers.middleware import shutdown
+from workers.ops.snapshot import CONSUMED_QUEUES
 from workers.settings import DEFAULT_SEND_LEASE_SECONDS, DEFAULT_SENDGRID_TIMEOUT_SECONDS
 
 #: The issue's bound: a SIGKILLed worker's messages are processed within this long.
@@ -78,7 +79,8 @@ TUNING_VARIABLES = (
     "SENDGRID_TIMEOUT",
 )
 
-QUEUES = ("contracts", "contracts-bulk", "emails")
+#: The queues a worker consumes, where its messages wait or are held.
+QUEUES = CONSUMED_QUEUES
 
 
 def report(what: str, seconds: float) -> None:
