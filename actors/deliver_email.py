@@ -89,7 +89,8 @@ def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None) 
     not go out, deliver_email takes it over. Otherwise enqueue, as ``enqueue_deliveries``.
 
     ``prepared``: the delivery's claim, made in the transaction just committed
-    (``workers.email.delivery.prepare``).
+    (``workers.email.delivery.prepare``, or ``prepare_invitation`` for the
+    invitation recorded already claimed).
 
     A contract's invitation is sent by the send_contract that records it: a second
     message (its trip through the broker, fetch, ack and middleware) cost about as

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -15,7 +15,7 @@ from models.messages import SendContract, contract_id_of, parse_message
 from models.sending import record_contract, record_send_rejection
 from models.types import utc_now
 from workers.database import session_scope
-from workers.email.delivery import Prepared, prepare
+from workers.email.delivery import Prepared, prepare, prepare_invitation
 from workers.retry_policy import actor_options
 from workers.settings import Settings, get_settings
 
@@ -71,11 +71,20 @@ def _record(
     """``record_contract`` in a transaction; the invitation's claim when it is the one delivery."""
     first: Prepared | None = None
     with session_scope() as session:
-        delivery_ids = record_contract(
-            session, message, reminders=settings.reminder_policy(), now=now, access_code=access_code
+        # The invitation is recorded already claimed, its claim committing with
+        # the contract (no transaction of its own before its first attempt), and
+        # composed from what this transaction wrote (not claimed and read back).
+        recorded = record_contract(
+            session,
+            message,
+            reminders=settings.reminder_policy(),
+            now=now,
+            access_code=access_code,
+            claim_lease=timedelta(seconds=settings.send_lease_seconds),
         )
-        if len(delivery_ids) == 1:
-            # The invitation's claim and reads commit with the contract: one
-            # transaction fewer before its first attempt.
-            first = prepare(session, delivery_ids[0], settings=settings, now=now)
-    return delivery_ids, first
+        if recorded.invitation is None and len(recorded.delivery_ids) == 1:
+            # Redelivered after its commit: the invitation is claimed as any delivery.
+            first = prepare(session, recorded.delivery_ids[0], settings=settings, now=now)
+    if recorded.invitation is not None:
+        first = prepare_invitation(message, recorded.invitation, settings=settings, now=now)
+    return recorded.delivery_ids, first

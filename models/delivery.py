@@ -17,6 +17,7 @@ from models.upsert import (
     chunks,
     insert_many_ignoring_conflict,
     insert_returning,
+    insert_returning_row,
     table_of,
 )
 from models.workspace import IDENTIFIER_MAX_LENGTH
@@ -233,7 +234,8 @@ class DeliveryRow:
 
 
 _deliveries = table_of(EmailDelivery)
-_row_columns = [_deliveries.c[field.name] for field in fields(DeliveryRow)]
+_ROW_NAMES = tuple(field.name for field in fields(DeliveryRow))
+_row_columns = [_deliveries.c[name] for name in _ROW_NAMES]
 
 # Built once: a statement object reused keeps its SQLAlchemy cache key, so each
 # execution skips building and keying the statement (the hot path runs these
@@ -265,6 +267,49 @@ _MARK_SENT = (
         last_error=None,
     )
 )
+
+
+def add_claimed_delivery(
+    session: Session,
+    *,
+    kind: EmailKind,
+    contract_id: str,
+    recipient: str,
+    recipient_name: str | None,
+    locale: str,
+    includes_access_code: bool,
+    now: datetime,
+    lease: timedelta,
+) -> DeliveryRow | None:
+    """Record a new email already claimed for its first attempt; None if it is recorded already.
+
+    What ``add_delivery`` then ``claim_delivery`` do in two statements, in one:
+    for an email its caller sends as soon as the transaction commits. The row is
+    inserted pending, its attempt counted and its lease taken, as the claim
+    would leave it. An email already recorded is left as it is, for the caller
+    to claim as usual.
+    """
+    row = insert_returning_row(
+        session,
+        EmailDelivery,
+        {
+            "kind": kind.value,
+            "contract_id": contract_id,
+            "recipient": recipient,
+            "recipient_name": recipient_name,
+            "step": 0,
+            "locale": locale,
+            "includes_access_code": includes_access_code,
+            "status": DeliveryStatus.PENDING.value,
+            "attempts": 1,
+            "lease_expires_at": now + lease,
+            "created_at": now,
+            "updated_at": now,
+        },
+        conflict_columns=["kind", "contract_id", "recipient", "step"],
+        returning=_ROW_NAMES,
+    )
+    return None if row is None else DeliveryRow(**row._mapping)
 
 
 def lease_remaining(delivery: DeliveryRow, *, now: datetime) -> timedelta:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import CompoundSelect, bindparam, func, literal_column, null, sql, union_all, update
@@ -14,7 +14,15 @@ from models.access_codes import apply_access_code, given_code, needs_access_code
 from models.account import Account
 from models.binding import bind_account, check_binding
 from models.contract import Contract, ContractStatus
-from models.delivery import EmailDelivery, EmailKind, add_delivery, cancel_delivery, pending_delivery_ids
+from models.delivery import (
+    DeliveryRow,
+    EmailDelivery,
+    EmailKind,
+    add_claimed_delivery,
+    add_delivery,
+    cancel_delivery,
+    pending_delivery_ids,
+)
 from models.errors import ContractClosed, ContractConflict, Rejected, UnknownContract
 from models.messages import SendContract
 from models.reminders import CYCLE_FIELDS, ReminderPolicy, cycle_start, start_cycle
@@ -146,6 +154,26 @@ def _locked_state(session: Session, message: SendContract, *, now: datetime) -> 
     return ContractState.of(row)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClaimedInvitation:
+    """An invitation recorded already claimed, and what its email needs that the transaction knew."""
+
+    delivery: DeliveryRow
+    #: When the client first logged in (None: never, so the email may carry a code).
+    first_login_at: datetime | None
+    #: The code columns given to the account in this transaction (None: no code issued).
+    access_code: Mapping[str, object] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedContract:
+    """What ``record_contract`` recorded: the deliveries to send once committed."""
+
+    delivery_ids: list[int]
+    #: The one delivery, already claimed, when ``claim_lease`` was given and it is new.
+    invitation: ClaimedInvitation | None = None
+
+
 def record_contract(
     session: Session,
     message: SendContract,
@@ -153,7 +181,8 @@ def record_contract(
     reminders: ReminderPolicy,
     now: datetime,
     access_code: Mapping[str, object] | None = None,
-) -> list[int]:
+    claim_lease: timedelta | None = None,
+) -> RecordedContract:
     """Validate, bind, issue codes, record the contract and its invitation (one transaction).
 
     Returns the ids of the deliveries to enqueue once the caller has committed. A
@@ -164,11 +193,19 @@ def record_contract(
     before the transaction. An account that needs one when none was given raises
     ``AccessCodeNeeded`` (see ``with_code_hashed_outside``): on SQLite every other
     worker's transaction waited behind each new account's hash.
+
+    ``claim_lease``: for a caller that sends the invitation itself after the
+    commit, the invitation is recorded already claimed for that long
+    (``add_claimed_delivery``) and returned with what its email says
+    (``RecordedContract.invitation``): two round trips fewer than claiming it and
+    reading it back.
     """
     state = _locked_state(session, message, now=now)
     _check_same_content(state.content_hash, message)
     if state.status not in OPEN_STATUSES:
-        return pending_delivery_ids(session, message.contract_id, EmailKind.INVITATION)
+        return RecordedContract(
+            delivery_ids=pending_delivery_ids(session, message.contract_id, EmailKind.INVITATION)
+        )
 
     resource_group_id = resolve_resource_group(session, message.workspace_id, message.resource_group_id)
     account, created = bind_account(
@@ -204,17 +241,26 @@ def record_contract(
     )
     # The contract was open, so it has had no invitation yet: this one is the
     # only one pending.
-    return [
-        add_delivery(
-            session,
-            kind=EmailKind.INVITATION,
-            contract_id=message.contract_id,
-            recipient=message.email,
-            recipient_name=None,
-            locale=message.locale,
-            includes_access_code=issue_codes,
-        )
-    ]
+    invitation: dict[str, Any] = {
+        "kind": EmailKind.INVITATION,
+        "contract_id": message.contract_id,
+        "recipient": message.email,
+        "recipient_name": None,
+        "locale": message.locale,
+        "includes_access_code": issue_codes,
+    }
+    if claim_lease is not None:
+        claimed = add_claimed_delivery(session, **invitation, now=now, lease=claim_lease)
+        if claimed is not None:
+            return RecordedContract(
+                delivery_ids=[claimed.id],
+                invitation=ClaimedInvitation(
+                    delivery=claimed,
+                    first_login_at=account.first_login_at,
+                    access_code=given_code(access_code) if issue_codes else None,
+                ),
+            )
+    return RecordedContract(delivery_ids=[add_delivery(session, **invitation)])
 
 
 def record_send_rejection(

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Table, Text, column, func, literal, select
+from sqlalchemy import CursorResult, Row, Table, Text, column, func, literal, select
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
@@ -60,20 +60,37 @@ def insert_returning(
 ) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING RETURNING returning``: the new row's value, or None."""
     statement = _insert_statement(
-        session.get_bind().dialect.name, table_of(table), tuple(conflict_columns), returning
+        session.get_bind().dialect.name, table_of(table), tuple(conflict_columns), (returning,)
     )
     return session.execute(statement, values).scalar()
 
 
+def insert_returning_row(
+    session: Session,
+    table: type[SQLModel],
+    values: dict[str, Any],
+    *,
+    conflict_columns: list[str],
+    returning: Sequence[str],
+) -> Row[Any] | None:
+    """``insert_returning`` of several columns: the new row's ``returning`` columns, or None."""
+    statement = _insert_statement(
+        session.get_bind().dialect.name, table_of(table), tuple(conflict_columns), tuple(returning)
+    )
+    return session.execute(statement, values).first()
+
+
 @functools.lru_cache(maxsize=64)
-def _insert_statement(dialect: str, target: Table, conflict_columns: tuple[str, ...], returning: str) -> Any:
+def _insert_statement(
+    dialect: str, target: Table, conflict_columns: tuple[str, ...], returning: tuple[str, ...]
+) -> Any:
     # Built once per table and shape, the values bound at execution: a reused
     # statement keeps its cache key (the hot path inserts for every contract).
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return (
         insert(target)
         .on_conflict_do_nothing(index_elements=list(conflict_columns))
-        .returning(target.c[returning])
+        .returning(*(target.c[name] for name in returning))
     )
 
 

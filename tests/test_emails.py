@@ -11,7 +11,7 @@ import email.policy
 import email.utils
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from typing import Any
 
@@ -23,17 +23,17 @@ import actors
 from contract_dispatch import Rejected, notify_signatories, send_contract, submit_notify_signatories
 from models.access_codes import access_code_fields, current_access_code
 from models.account import Account
-from models.delivery import EmailDelivery, EmailKind
+from models.delivery import Claim, EmailDelivery, EmailKind
 from models.errors import RenderError
 from models.messages import NotifySignatories, SendContract, parse_message
-from models.sending import record_contract
+from models.sending import RecordedContract, record_contract
 from models.types import utc_now
 from tests.sendgrid_standin import Received
 from tests.support import all_emails_sent, contract_payload, wait_for_contract
 from workers.database import session_scope
 from workers.email.backend import build_backend
 from workers.email.console_backend import ConsoleBackend
-from workers.email.delivery import deliver
+from workers.email.delivery import compose, deliver, load_contract, prepare_invitation
 from workers.email.file_backend import FileBackend
 from workers.email.message import OutgoingEmail
 from workers.email.render import format_datetime, render_email
@@ -478,7 +478,7 @@ def test_whole_delivery_with_the_file_backend(database, tmp_path):
             access_code=access_code_fields(policy=file_settings.access_code_policy(), now=utc_now()),
             reminders=file_settings.reminder_policy(),
             now=utc_now(),
-        )
+        ).delivery_ids
     deliver(delivery_id, settings=file_settings, backend=backend)
 
     (written,) = list(tmp_path.iterdir())
@@ -506,6 +506,63 @@ def test_whole_delivery_with_the_file_backend(database, tmp_path):
     # Sent is final: a second delivery attempt writes nothing.
     deliver(delivery_id, settings=file_settings, backend=backend)
     assert list(tmp_path.iterdir()) == [written]
+
+
+@pytest.mark.parametrize(
+    "case", ["new account", "code reissued", "logged in", "english, no title", "redelivered"]
+)
+def test_the_invitation_send_contract_composes_is_the_one_read_back_from_the_database(database, case):
+    """send_contract records its invitation already claimed and composes it from what its
+    transaction wrote (no claim, no read back): the email must be the one ``prepare``
+    would compose from the database, code and expiry included."""
+    settings = get_settings()
+    overrides: dict[str, Any] = {}
+    if case == "english, no title":
+        overrides = {"locale": "en", "title": None}
+    payload = contract_payload(**overrides)
+    if case in ("code reissued", "logged in"):
+        earlier = contract_payload(email=payload["email"], company_name=payload["company_name"])
+        record(parse_message(SendContract, earlier), settings=settings)
+        if case == "logged in":
+            mark_logged_in(payload["email"])
+    message = parse_message(SendContract, payload)
+    if case == "redelivered":
+        # Recorded by an earlier delivery of the same message: claimed as any delivery.
+        record(message, settings=settings)
+    recorded = record(message, settings=settings)
+    if case == "redelivered":
+        assert recorded.invitation is None
+        return
+    invitation = recorded.invitation
+    assert invitation is not None and recorded.delivery_ids == [invitation.delivery.id]
+    composed = prepare_invitation(message, invitation, settings=settings, now=utc_now())
+    assert composed.claim is Claim.CLAIMED and composed.failure is None and composed.email is not None
+    with session_scope() as session:
+        stored = session.get_one(EmailDelivery, invitation.delivery.id)
+        # As a claim leaves it: one attempt counted, its lease taken.
+        assert (stored.status, stored.attempts) == ("pending", 1)
+        assert stored.lease_expires_at == invitation.delivery.lease_expires_at is not None
+        contract, account = load_contract(session, invitation.delivery)
+    read_back = compose(invitation.delivery, contract, account, settings)
+    assert composed.email == read_back
+    carries_code = case != "logged in"
+    assert bool(composed.email.secrets) is carries_code
+    if carries_code:
+        assert current_code(payload["email"]) in composed.email.text
+
+
+def record(message: SendContract, *, settings: Any) -> RecordedContract:
+    """send_contract's transaction, with a code hashed for it (as ``with_code_hashed_outside``)."""
+    now = utc_now()
+    with session_scope() as session:
+        return record_contract(
+            session,
+            message,
+            access_code=access_code_fields(policy=settings.access_code_policy(), now=now),
+            reminders=settings.reminder_policy(),
+            now=now,
+            claim_lease=timedelta(seconds=settings.send_lease_seconds),
+        )
 
 
 # -- rendering rules ------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
+from typing import cast
 from urllib.parse import quote
 
 from sqlalchemy import bindparam, sql
@@ -25,7 +26,7 @@ from sqlmodel import Session
 from models.access_codes import current_access_code
 from models.account import Account
 from models.cancelling import unwanted_reason
-from models.contract import Contract
+from models.contract import Contract, ContractStatus
 from models.delivery import (
     Claim,
     DeliveryRow,
@@ -39,6 +40,8 @@ from models.delivery import (
     record_attempt_error,
 )
 from models.errors import DeliveryBusy, DispatchError, PermanentError, RenderError, UnknownDelivery
+from models.messages import SendContract
+from models.sending import ClaimedInvitation
 from models.types import utc_now
 from models.upsert import table_of
 from workers.database import autocommit, session_scope
@@ -279,6 +282,44 @@ def prepare(session: Session, delivery_id: int, *, settings: Settings, now: date
         prepared.email = compose(delivery, contract, account, settings) if unwanted is None else None
     except SQLAlchemyError:
         raise
+    except Exception as exc:
+        prepared.failure = exc
+    return prepared
+
+
+def prepare_invitation(
+    message: SendContract, invitation: ClaimedInvitation, *, settings: Settings, now: datetime
+) -> Prepared:
+    """``prepare`` for the invitation ``record_contract`` recorded already claimed.
+
+    Composed from the message and what the transaction gave the account, which
+    is what ``prepare`` would read back: the contract was just recorded as sent
+    with the message's content (its content hash was checked), and the account's
+    code, if any, is the one issued with it. No SQL: call it after the commit,
+    so that rendering holds no lock.
+    """
+    delivery = invitation.delivery
+    note_contract_id(delivery.contract_id)
+    prepared = Prepared(delivery_id=delivery.id, claim=Claim.CLAIMED, delivery=delivery, now=now)
+    code = invitation.access_code or {}
+    contract = ContractFacts(
+        id=message.contract_id,
+        status=ContractStatus.SENT.value,
+        title=message.title,
+        company_name=message.company_name,
+        email=message.email,
+        signed_at=None,
+        legal_name=None,
+        registration_number=None,
+        signer_name=None,
+    )
+    account = AccountFacts(
+        first_login_at=invitation.first_login_at,
+        access_code_nonce=cast(str | None, code.get("access_code_nonce")),
+        access_code_expires_at=cast(datetime | None, code.get("access_code_expires_at")),
+    )
+    try:
+        prepared.email = compose(delivery, contract, account, settings)
     except Exception as exc:
         prepared.failure = exc
     return prepared
