@@ -43,7 +43,7 @@ from models.signing import check_notify_signatories
 from models.status import ContractReport, contract_report
 from models.types import utc_now
 from models.workspace import set_workspace as _set_workspace
-from workers.broker_errors import BROKER_ERRORS, broker_problem
+from workers.broker_errors import BROKER_ERRORS, BatchMaybeQueued, broker_problem
 from workers.database import autocommit_session, raising_unavailable, require_database, session_scope
 from workers.refusal_limit import RefusalLimit, refusal_limit
 from workers.reminders import SweepReport, run_sweep
@@ -88,7 +88,6 @@ def _enqueue_many(messages: Sequence[WireMessage]) -> None:
     if not messages:
         return
     import actors
-    from workers.rabbitmq import BatchMaybeQueued
     from workers.redis_dispatch import enqueue_many
 
     prepared = [

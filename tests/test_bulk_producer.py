@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
+import time
 from typing import Any
 
 import dramatiq
@@ -13,6 +15,8 @@ import pytest
 import redis
 import redis.connection
 from dramatiq.brokers.redis import RedisBroker
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 import contract_dispatch
 import workers.cli
@@ -26,7 +30,9 @@ from contract_dispatch import (
     send_contract,
     send_contracts,
 )
+from tests.processes import CLI, COMMAND_TIMEOUT_SECONDS, TcpProxy
 from tests.support import (
+    RedisServer,
     all_emails_sent,
     contract_payload,
     forget_namespace,
@@ -34,6 +40,7 @@ from tests.support import (
     wait_for_contract,
     wait_until,
 )
+from workers.broker_errors import BatchMaybeQueued
 
 #: A batch of 200 small messages is larger than this, in bytes; any other command is smaller.
 BATCH_BYTES = 10_000
@@ -409,6 +416,116 @@ def test_a_batch_cut_short_on_its_way_to_redis_queues_none_of_its_messages(redis
     finally:
         forget_namespace(client, namespace)
         client.close()
+
+
+#: The end of the ``MULTI`` block a batch sends to Redis: the ``EXEC`` command, as RESP.
+EXEC_COMMAND = b"*1\r\n$4\r\nEXEC\r\n"
+
+
+def _exec_cutting_proxy(
+    redis_server: RedisServer, *, back_after_seconds: float | None
+) -> tuple[TcpProxy, list[float]]:
+    """A proxy to the tests' Redis that drops the connection once a batch's ``EXEC`` went
+    through (Redis runs the batch, its answer is lost), and accepts connections again
+    ``back_after_seconds`` later (None: never). Also returns when it cut, once it has."""
+    cuts: list[float] = []
+
+    def after_exec(data: bytes) -> bool:
+        if cuts or EXEC_COMMAND not in data:
+            return False
+        cuts.append(time.monotonic())
+        if back_after_seconds is not None:
+            threading.Timer(back_after_seconds, proxy.restore).start()
+        return True
+
+    proxy = TcpProxy("127.0.0.1", redis_server.port, cut_after=after_exec)
+    return proxy.start(), cuts
+
+
+def _queued_ids(client: redis.Redis, namespace: str) -> tuple[list[Any], int]:
+    """The ids in the queue ``bulk``, and how many bodies its hash holds."""
+    return client.lrange(f"{namespace}:bulk", 0, -1), client.hlen(f"{namespace}:bulk.msgs")
+
+
+def test_a_batch_whose_answer_was_lost_is_queued_once(redis_server):
+    """Redis ran the batch, the connection dropped before its answer: the retry finds the
+    batch there and does not send it again (redis-py's own retry would queue it twice)."""
+    namespace = unique("lost")
+    direct = redis_server.client()
+    proxy, cuts = _exec_cutting_proxy(redis_server, back_after_seconds=0.05)
+    client = redis.Redis(port=proxy.port, retry=Retry(ConstantBackoff(0.2), 3))
+    broker = RedisBroker(client=client, namespace=namespace, middleware=[])
+    broker.declare_queue("bulk")
+    try:
+        workers.redis_dispatch.enqueue_many(broker, _messages(5))
+        assert len(cuts) == 1, "the batch's EXEC went through the proxy, which then dropped"
+        ids, bodies = _queued_ids(direct, namespace)
+        assert len(ids) == len(set(ids)) == bodies == 5
+    finally:
+        proxy.stop()
+        client.close()
+        forget_namespace(direct, namespace)
+        direct.close()
+
+
+def test_a_batch_whose_answer_was_lost_with_redis_gone_may_be_queued(redis_server):
+    """No attempt got through after the lost answer: the caller hears the batch may be queued
+    (it is), not that nothing was sent."""
+    namespace = unique("gone")
+    direct = redis_server.client()
+    proxy, cuts = _exec_cutting_proxy(redis_server, back_after_seconds=None)
+    client = redis.Redis(port=proxy.port, retry=Retry(ConstantBackoff(0.05), 2))
+    broker = RedisBroker(client=client, namespace=namespace, middleware=[])
+    broker.declare_queue("bulk")
+    try:
+        with pytest.raises(BatchMaybeQueued):
+            workers.redis_dispatch.enqueue_many(broker, _messages(5))
+        assert len(cuts) == 1
+        ids, bodies = _queued_ids(direct, namespace)
+        assert len(ids) == bodies == 5
+    finally:
+        proxy.stop()
+        client.close()
+        forget_namespace(direct, namespace)
+        direct.close()
+
+
+@pytest.mark.slow
+def test_send_contracts_whose_batch_answer_was_lost_says_it_may_be_queued_and_keeps_it_reserved(
+    database, redis_server, test_environment
+):
+    proxy, cuts = _exec_cutting_proxy(redis_server, back_after_seconds=None)
+    namespace = unique("answer")
+    env = {
+        **os.environ,
+        **test_environment,
+        "DATABASE_URL": database,
+        "REDIS_NAMESPACE": namespace,
+        "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
+    }
+    payloads = [contract_payload() for _ in range(3)]
+    try:
+        result = subprocess.run(
+            [CLI, "send-contracts", "--json"],
+            env=env,
+            input="".join(json.dumps(payload) + "\n" for payload in payloads),
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            check=False,
+        )
+    finally:
+        proxy.stop()
+        forget_namespace(redis_server.client(), namespace)
+    assert len(cuts) == 1, result.stderr
+    assert result.returncode == 3, result.stderr
+    assert "the batch may have been queued" in result.stderr
+    assert "lines 1 to 3 may have been queued, those after them were not sent" in result.stderr
+    assert "nothing was sent" not in result.stderr and "Traceback" not in result.stderr
+    # Kept reserved: Redis did queue the batch, and a worker processes it as accepted.
+    for payload in payloads:
+        report = contract_status(payload["contract_id"])
+        assert report is not None and report.status == "queued"
 
 
 def test_ctrl_c_during_a_batch_of_send_contracts_waits_for_its_answer(

@@ -22,6 +22,12 @@ BROKER_ERRORS = (
     AMQPConnectorException,
 )
 
+
+class BatchMaybeQueued(dramatiq.errors.ConnectionClosed):
+    """No attempt to enqueue a batch got through, and one went unanswered after it was sent:
+    the broker may have queued the whole batch (never part of it)."""
+
+
 #: AMQP reply codes of a connection RabbitMQ refused: bad credentials or rights, an unknown vhost.
 _AMQP_REFUSALS = (403, 530)
 

@@ -36,7 +36,7 @@ from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from models.types import utc_now
 from workers import dead_letters
-from workers.broker_errors import AMQP_HANDSHAKE_REFUSALS
+from workers.broker_errors import AMQP_HANDSHAKE_REFUSALS, BatchMaybeQueued
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ BATCH_RETRY_DELAY_SECONDS = 0.2
 
 #: What a dropped or refused connection raises through pika's blocking adapter.
 _CONNECTION_ERRORS = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
-
-
-class BatchMaybeQueued(ConnectionClosed):
-    """No attempt got through, and one's commit went unanswered: RabbitMQ may have queued the batch."""
 
 
 class _UnansweredCommit(Exception):
