@@ -453,7 +453,8 @@ def test_a_batch_whose_answer_was_lost_is_queued_once(redis_server):
     namespace = unique("lost")
     direct = redis_server.client()
     proxy, cuts = _exec_cutting_proxy(redis_server, back_after_seconds=0.05)
-    client = redis.Redis(port=proxy.port, retry=Retry(ConstantBackoff(0.2), 3))
+    # Tries for 3 s: the proxy is back after 0.05 s, or later on a loaded machine.
+    client = redis.Redis(port=proxy.port, retry=Retry(ConstantBackoff(0.1), 30))
     broker = RedisBroker(client=client, namespace=namespace, middleware=[])
     broker.declare_queue("bulk")
     try:
