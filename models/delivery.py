@@ -95,6 +95,39 @@ class Claim(StrEnum):
 LAST_ERROR_MAX_LENGTH = 1000
 
 
+@dataclass(frozen=True, kw_only=True)
+class NewDelivery:
+    """One email to record (``add_deliveries``, ``add_claimed_delivery``)."""
+
+    contract_id: str
+    recipient: str
+    recipient_name: str | None
+    locale: str
+    step: int = 0
+    includes_access_code: bool = False
+
+
+#: A delivery's idempotency key, as the unique constraint's columns.
+_KEY_COLUMNS = ["kind", "contract_id", "recipient", "step"]
+
+
+def _pending_row(kind: EmailKind, delivery: NewDelivery, *, now: datetime) -> dict[str, object]:
+    """The row of a new email, pending and never attempted."""
+    return {
+        "kind": kind.value,
+        "contract_id": delivery.contract_id,
+        "recipient": delivery.recipient,
+        "recipient_name": delivery.recipient_name,
+        "step": delivery.step,
+        "locale": delivery.locale,
+        "includes_access_code": delivery.includes_access_code,
+        "status": DeliveryStatus.PENDING.value,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 def add_delivery(
     session: Session,
     *,
@@ -111,24 +144,19 @@ def add_delivery(
     A new email takes one statement (its id comes back from the insert); one
     already recorded is looked up by its key.
     """
-    now = utc_now()
+    new = NewDelivery(
+        contract_id=contract_id,
+        recipient=recipient,
+        recipient_name=recipient_name,
+        locale=locale,
+        step=step,
+        includes_access_code=includes_access_code,
+    )
     inserted = insert_returning(
         session,
         EmailDelivery,
-        {
-            "kind": kind.value,
-            "contract_id": contract_id,
-            "recipient": recipient,
-            "recipient_name": recipient_name,
-            "step": step,
-            "locale": locale,
-            "includes_access_code": includes_access_code,
-            "status": DeliveryStatus.PENDING.value,
-            "attempts": 0,
-            "created_at": now,
-            "updated_at": now,
-        },
-        conflict_columns=["kind", "contract_id", "recipient", "step"],
+        _pending_row(kind, new, now=utc_now()),
+        conflict_columns=_KEY_COLUMNS,
         returning="id",
     )
     if inserted is not None:
@@ -145,18 +173,6 @@ def add_delivery(
     return delivery_id
 
 
-@dataclass(frozen=True, kw_only=True)
-class NewDelivery:
-    """One email for ``add_deliveries`` to record."""
-
-    contract_id: str
-    recipient: str
-    recipient_name: str | None
-    locale: str
-    step: int = 0
-    includes_access_code: bool = False
-
-
 def add_deliveries(session: Session, *, kind: EmailKind, deliveries: Sequence[NewDelivery]) -> list[int]:
     """Record many emails of one kind (each idempotent on its key) and return their ids, in order.
 
@@ -169,23 +185,8 @@ def add_deliveries(session: Session, *, kind: EmailKind, deliveries: Sequence[Ne
     insert_many_ignoring_conflict(
         session,
         EmailDelivery,
-        [
-            {
-                "kind": kind.value,
-                "contract_id": delivery.contract_id,
-                "recipient": delivery.recipient,
-                "recipient_name": delivery.recipient_name,
-                "step": delivery.step,
-                "locale": delivery.locale,
-                "includes_access_code": delivery.includes_access_code,
-                "status": DeliveryStatus.PENDING.value,
-                "attempts": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for delivery in deliveries
-        ],
-        conflict_columns=["kind", "contract_id", "recipient", "step"],
+        [_pending_row(kind, delivery, now=now) for delivery in deliveries],
+        conflict_columns=_KEY_COLUMNS,
     )
     ids: dict[tuple[str, str, int], int] = {}
     for contract_ids in chunks(sorted({delivery.contract_id for delivery in deliveries})):
@@ -270,16 +271,7 @@ _MARK_SENT = (
 
 
 def add_claimed_delivery(
-    session: Session,
-    *,
-    kind: EmailKind,
-    contract_id: str,
-    recipient: str,
-    recipient_name: str | None,
-    locale: str,
-    includes_access_code: bool,
-    now: datetime,
-    lease: timedelta,
+    session: Session, *, kind: EmailKind, delivery: NewDelivery, now: datetime, lease: timedelta
 ) -> DeliveryRow | None:
     """Record a new email already claimed for its first attempt; None if it is recorded already.
 
@@ -292,21 +284,8 @@ def add_claimed_delivery(
     row = insert_returning_row(
         session,
         EmailDelivery,
-        {
-            "kind": kind.value,
-            "contract_id": contract_id,
-            "recipient": recipient,
-            "recipient_name": recipient_name,
-            "step": 0,
-            "locale": locale,
-            "includes_access_code": includes_access_code,
-            "status": DeliveryStatus.PENDING.value,
-            "attempts": 1,
-            "lease_expires_at": now + lease,
-            "created_at": now,
-            "updated_at": now,
-        },
-        conflict_columns=["kind", "contract_id", "recipient", "step"],
+        {**_pending_row(kind, delivery, now=now), "attempts": 1, "lease_expires_at": now + lease},
+        conflict_columns=_KEY_COLUMNS,
         returning=_ROW_NAMES,
     )
     return None if row is None else DeliveryRow(**row._mapping)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ from models.delivery import (
     DeliveryRow,
     EmailDelivery,
     EmailKind,
+    NewDelivery,
     add_claimed_delivery,
     add_delivery,
     cancel_delivery,
@@ -241,16 +242,17 @@ def record_contract(
     )
     # The contract was open, so it has had no invitation yet: this one is the
     # only one pending.
-    invitation: dict[str, Any] = {
-        "kind": EmailKind.INVITATION,
-        "contract_id": message.contract_id,
-        "recipient": message.email,
-        "recipient_name": None,
-        "locale": message.locale,
-        "includes_access_code": issue_codes,
-    }
+    invitation = NewDelivery(
+        contract_id=message.contract_id,
+        recipient=message.email,
+        recipient_name=None,
+        locale=message.locale,
+        includes_access_code=issue_codes,
+    )
     if claim_lease is not None:
-        claimed = add_claimed_delivery(session, **invitation, now=now, lease=claim_lease)
+        claimed = add_claimed_delivery(
+            session, kind=EmailKind.INVITATION, delivery=invitation, now=now, lease=claim_lease
+        )
         if claimed is not None:
             return RecordedContract(
                 delivery_ids=[claimed.id],
@@ -260,7 +262,9 @@ def record_contract(
                     access_code=given_code(access_code) if issue_codes else None,
                 ),
             )
-    return RecordedContract(delivery_ids=[add_delivery(session, **invitation)])
+    return RecordedContract(
+        delivery_ids=[add_delivery(session, kind=EmailKind.INVITATION, **asdict(invitation))]
+    )
 
 
 def record_send_rejection(

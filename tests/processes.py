@@ -10,6 +10,7 @@ a while: an outage without touching a server other tests share.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -18,8 +19,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tests.support import free_port, wait_until
 
@@ -118,6 +120,38 @@ def child_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent:
             found.append(int(entry.name))
     return sorted(found)
+
+
+def run_send_contracts(
+    env: Mapping[str, str], payloads: Sequence[Mapping[str, Any]]
+) -> subprocess.CompletedProcess[str]:
+    """``contract-dispatch send-contracts --json`` in ``env``, the payloads on stdin as JSON lines."""
+    return subprocess.run(
+        [CLI, "send-contracts", "--json"],
+        env=dict(env),
+        input="".join(json.dumps(payload) + "\n" for payload in payloads),
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def assert_said_the_batch_may_be_queued(
+    result: subprocess.CompletedProcess[str], payloads: Sequence[Mapping[str, Any]]
+) -> None:
+    """``run_send_contracts`` whose broker took the batch and never answered: it says the
+    batch may be queued (not that nothing was sent) and keeps the contracts reserved, so
+    that a worker processes them as accepted if the batch was queued."""
+    from contract_dispatch import contract_status
+
+    assert result.returncode == 3, result.stderr
+    assert "the batch may have been queued" in result.stderr
+    assert f"lines 1 to {len(payloads)} may have been queued, those after them were not sent" in result.stderr
+    assert "nothing was sent" not in result.stderr and "Traceback" not in result.stderr
+    for payload in payloads:
+        report = contract_status(str(payload["contract_id"]))
+        assert report is not None and report.status == "queued"
 
 
 class TcpProxy:

@@ -44,7 +44,15 @@ from sqlmodel import col, delete, select
 from contract_dispatch import contract_status, set_workspace
 from models.dead_letter import DeadLetter
 from models.types import utc_now
-from tests.processes import CLI, TcpProxy, WorkerProcess, describe, run_cli
+from tests.processes import (
+    CLI,
+    TcpProxy,
+    WorkerProcess,
+    assert_said_the_batch_may_be_queued,
+    describe,
+    run_cli,
+    run_send_contracts,
+)
 from tests.rabbitmq_vhost import VhostUnavailable, virtual_host
 from tests.sendgrid_standin import Answer, SendGridStandIn, contract_of
 from tests.support import (
@@ -1130,26 +1138,11 @@ def test_a_batch_whose_commit_goes_unanswered_may_be_queued_and_stays_reserved(
     }
     payloads = [contract_payload() for _ in range(3)]
     try:
-        result = subprocess.run(
-            [CLI, "send-contracts", "--json"],
-            env=env,
-            input="".join(json.dumps(payload) + "\n" for payload in payloads),
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_SECONDS,
-            check=False,
-        )
+        result = run_send_contracts(env, payloads)
     finally:
         proxy.stop()
         forget_namespace(redis_server.client(), namespace)
-    assert result.returncode == 3, result.stderr
-    assert "the batch may have been queued" in result.stderr
-    assert "lines 1 to 3 may have been queued, those after them were not sent" in result.stderr
-    assert "nothing was sent" not in result.stderr and "Traceback" not in result.stderr
-    # Kept reserved: if RabbitMQ queued the batch, a worker processes it as accepted.
-    for payload in payloads:
-        report = contract_status(payload["contract_id"])
-        assert report is not None and report.status == "queued"
+    assert_said_the_batch_may_be_queued(result, payloads)
 
 
 def test_a_batch_committed_before_the_connection_dropped_is_not_published_again(
