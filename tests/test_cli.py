@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -724,6 +725,49 @@ def test_send_contracts_stopped_by_ctrl_c_says_up_to_which_line(cli, worker):
     )
     assert "sending the same input again is safe" in stderr
     process.stdin.close()
+
+
+def _line_within(stream: Any, seconds: float) -> str:
+    """The next line of a child's output pipe, failing if none comes within ``seconds``."""
+    readable, _, _ = select.select([stream], [], [], seconds)
+    assert readable, f"no line within {seconds} s"
+    line: str = stream.readline()
+    return line
+
+
+def test_send_contracts_answers_each_line_written_to_a_pipe_as_it_comes(cli):
+    """A producer writing one line at a time, its pipe still open, has each sent before the next.
+
+    With the default batch size (500): a batch goes out ``--linger-ms`` after its
+    first line, not once it is full or the input has ended.
+    """
+    payloads = [contract_payload() for _ in range(2)]
+    process = subprocess.Popen(
+        [CLI, "send-contracts", "--json"],
+        env=cli.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    try:
+        for number, payload in enumerate(payloads, start=1):
+            process.stdin.write(json_lines(payload))
+            process.stdin.flush()
+            answer = json.loads(_line_within(process.stdout, COMMAND_TIMEOUT_SECONDS))
+            assert answer == {"line": number, "contract_id": payload["contract_id"], "status": "queued"}
+        process.stdin.close()
+        assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+    assert stderr.splitlines()[-1].startswith("2 contracts: 2 queued, 0 refused"), stderr
+    for payload in payloads:
+        report = cli.status(payload["contract_id"])
+        assert report is not None and report["status"] == "queued", report
 
 
 def test_settings_found_unusable_late_exit_3_in_one_line(cli, tmp_path):

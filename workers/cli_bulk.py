@@ -3,7 +3,10 @@
 Each input line is one send_contract message payload in the wire format (the
 object ``contract-dispatch schema`` describes). Lines go to ``send_contracts``
 in batches: one transaction for the checks and one broker round trip per batch.
-A bad line is refused on its own; the others still go.
+A batch goes out when it is full or ``--linger-ms`` after its first line,
+whichever comes first, so lines a producer writes to a pipe one at a time are
+sent (and answered) as they come. A bad line is refused on its own; the others
+still go.
 
 Exit codes: 0 every line accepted, 2 at least one line refused, 3 the broker or
 the database became unusable (the lines already reported were handled; the
@@ -39,9 +42,17 @@ from workers.cli import (
     whole_number,
 )
 from workers.cli_progress import Progress
+from workers.line_feed import LineFeed
 
 #: Contracts per ``send_contracts`` call: one transaction and one broker round trip each.
 DEFAULT_BATCH_SIZE = 500
+
+#: How long a batch waits for more lines after its first, in milliseconds: lines
+#: written to a pipe one at a time are sent this soon after they arrive.
+DEFAULT_LINGER_MS = 10
+
+#: Longest wait accepted, in milliseconds.
+MAX_LINGER_MS = 60_000
 
 #: Largest batch accepted: a transaction holding more locks for longer gains nothing.
 MAX_BATCH_SIZE = 5000
@@ -80,29 +91,38 @@ def parse_line(number: int, raw: bytes) -> Line:
     return Line(number, message, message.contract_id)
 
 
-def read_lines(stream: BinaryIO) -> Iterator[Line]:
-    """The input's non-blank lines, parsed one at a time (the input is never held whole).
+def next_parsed(feed: LineFeed, *, timeout: float | None) -> Line | None:
+    """The next non-blank line, parsed; None at the end, or when none arrived within ``timeout`` seconds.
 
     Read as bytes: a line that is not UTF-8 is refused alone instead of
     stopping the whole input. A byte order mark before the first line is
     skipped: it says the file is UTF-8, which is what is read anyway.
     """
-    for number, raw in enumerate(stream, start=1):
+    while (read := feed.next_line(timeout=timeout)) is not None:
+        number, raw = read
         if number == 1:
             raw = raw.removeprefix(UTF8_BOM)
         if raw.strip():
-            yield parse_line(number, raw)
+            return parse_line(number, raw)
+    return None
 
 
-def batches(lines: Iterator[Line], size: int) -> Iterator[list[Line]]:
-    """The lines in lists of ``size`` (the last one shorter), as they are read."""
-    batch: list[Line] = []
-    for line in lines:
-        batch.append(line)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+def batches(feed: LineFeed, size: int, *, linger_ms: int) -> Iterator[list[Line]]:
+    """The input's lines in lists of at most ``size``, each out as soon as it is full or has waited enough.
+
+    A batch waits for more lines at most ``linger_ms`` after its first one: from a
+    file, batches fill at once; from a pipe written slowly, each line goes out
+    within ``linger_ms`` of its arrival instead of waiting for the batch to fill
+    or the input to end. The input is never held whole either way.
+    """
+    while (first := next_parsed(feed, timeout=None)) is not None:
+        batch = [first]
+        deadline = time.monotonic() + linger_ms / 1000
+        while len(batch) < size:
+            line = next_parsed(feed, timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                break
+            batch.append(line)
         yield batch
 
 
@@ -196,7 +216,7 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
     sent_through = 0
     in_flight: list[Line] = []
     try:
-        for batch in batches(read_lines(stream), args.batch_size):
+        for batch in batches(LineFeed(stream), args.batch_size, linger_ms=args.linger_ms):
             in_flight = batch
             try:
                 with ctrl_c_after_the_batch() as interrupted:
@@ -276,6 +296,14 @@ def add_commands(commands: Any) -> None:
         default=DEFAULT_BATCH_SIZE,
         metavar="N",
         help=f"contracts per transaction and broker round trip (default {DEFAULT_BATCH_SIZE})",
+    )
+    bulk.add_argument(
+        "--linger-ms",
+        type=whole_number(low=0, high=MAX_LINGER_MS),
+        default=DEFAULT_LINGER_MS,
+        metavar="MS",
+        help="how long a batch waits for more lines after its first, in milliseconds: lines "
+        f"written slowly to a pipe are sent this soon (default {DEFAULT_LINGER_MS})",
     )
     bulk.add_argument(
         "--json", action="store_true", help="one JSON object per input line on stdout, in input order"

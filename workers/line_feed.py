@@ -1,0 +1,85 @@
+"""An input's lines as they arrive, each waited for no longer than the caller says.
+
+``send-contracts`` reads a file or a pipe. From a file every line is there at
+once; from a pipe a producer may write a line now and the next one in a minute,
+and a reader that blocks on the next line (Python's line iteration) holds the
+lines it has until the producer writes again or closes the pipe. This one polls
+the input's descriptor, so its caller can send what it has when the input pauses.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections import deque
+from typing import BinaryIO
+
+#: Bytes read from the input at a time.
+READ_SIZE = 64 * 1024
+
+
+class LineFeed:
+    """The lines of a binary input, numbered from 1, never holding more of it than one read.
+
+    An input with no descriptor (an in-memory stream) always has its next line
+    ready: it is read with ``readline`` and no timeout applies.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._poll: select.poll | None = None
+        try:
+            descriptor = stream.fileno()
+        except (OSError, ValueError):  # io.UnsupportedOperation is both
+            descriptor = -1
+        if descriptor >= 0:
+            # poll, not epoll: epoll refuses regular files, which poll reports always readable.
+            self._poll = select.poll()
+            self._poll.register(descriptor, select.POLLIN)
+        self._descriptor = descriptor
+        self._partial = bytearray()
+        self._lines: deque[bytes] = deque()
+        self._number = 0
+        #: Whether the input has ended (every line may not have been taken yet).
+        self.ended = False
+
+    def next_line(self, *, timeout: float | None) -> tuple[int, bytes] | None:
+        """The next line's number and bytes (newline included, if it had one).
+
+        None at the end of the input (``ended``), or when ``timeout`` seconds
+        passed without a whole line arriving (``timeout=None``: wait as long as
+        it takes; 0: only a line already arrived).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._lines:
+            if self.ended:
+                return None
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._read(remaining):
+                return None
+        self._number += 1
+        return self._number, self._lines.popleft()
+
+    def _read(self, timeout: float | None) -> bool:
+        """Read what has arrived into whole lines; False when nothing arrived within ``timeout``."""
+        if self._poll is None:
+            chunk = self._stream.readline()
+        else:
+            if not self._poll.poll(None if timeout is None else timeout * 1000):
+                return False
+            chunk = os.read(self._descriptor, READ_SIZE)
+        if not chunk:
+            self.ended = True
+            if self._partial:
+                # A last line without its newline.
+                self._lines.append(bytes(self._partial))
+                self._partial.clear()
+            return True
+        self._partial += chunk
+        start = 0
+        while (end := self._partial.find(b"\n", start)) >= 0:
+            self._lines.append(bytes(self._partial[start : end + 1]))
+            start = end + 1
+        del self._partial[:start]
+        return True
