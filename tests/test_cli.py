@@ -727,19 +727,23 @@ def test_send_contracts_stopped_by_ctrl_c_says_up_to_which_line(cli, worker):
     process.stdin.close()
 
 
-def _line_within(stream: Any, seconds: float) -> str:
-    """The next line of a child's output pipe, failing if none comes within ``seconds``."""
+def _line_within(stream: Any, seconds: float) -> bytes:
+    """The next line of a child's unbuffered output pipe, failing if none comes within ``seconds``.
+
+    Unbuffered (``bufsize=0``): a buffered reader may hold the next line already,
+    where ``select`` on the pipe cannot see it.
+    """
     readable, _, _ = select.select([stream], [], [], seconds)
     assert readable, f"no line within {seconds} s"
-    line: str = stream.readline()
+    line: bytes = stream.readline()
     return line
 
 
 def test_send_contracts_answers_each_line_written_to_a_pipe_as_it_comes(cli):
     """A producer writing one line at a time, its pipe still open, has each sent before the next.
 
-    With the default batch size (500): a batch goes out ``--linger-ms`` after its
-    first line, not once it is full or the input has ended.
+    With the default batch size (500): a batch takes the lines already arrived,
+    it does not wait until it is full or the input has ended.
     """
     payloads = [contract_payload() for _ in range(2)]
     process = subprocess.Popen(
@@ -748,13 +752,12 @@ def test_send_contracts_answers_each_line_written_to_a_pipe_as_it_comes(cli):
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
+        bufsize=0,
     )
     assert process.stdin is not None and process.stdout is not None and process.stderr is not None
     try:
         for number, payload in enumerate(payloads, start=1):
-            process.stdin.write(json_lines(payload))
-            process.stdin.flush()
+            process.stdin.write(json_lines(payload).encode())
             answer = json.loads(_line_within(process.stdout, COMMAND_TIMEOUT_SECONDS))
             assert answer == {"line": number, "contract_id": payload["contract_id"], "status": "queued"}
         process.stdin.close()
@@ -763,11 +766,46 @@ def test_send_contracts_answers_each_line_written_to_a_pipe_as_it_comes(cli):
         if process.poll() is None:
             process.kill()
             process.wait()
-    stderr = process.stderr.read()
+    stderr = process.stderr.read().decode()
     assert stderr.splitlines()[-1].startswith("2 contracts: 2 queued, 0 refused"), stderr
     for payload in payloads:
         report = cli.status(payload["contract_id"])
         assert report is not None and report["status"] == "queued", report
+
+
+def test_send_contracts_linger_ms_gathers_the_lines_that_come_within_it(cli):
+    payloads = [contract_payload() for _ in range(3)]
+    process = subprocess.Popen(
+        [CLI, "send-contracts", "--json", "--batch-size", "2", "--linger-ms", "60000"],
+        env=cli.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        bufsize=0,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        # A full batch does not wait: both answered (and the command is up).
+        process.stdin.write(json_lines(*payloads[:2]).encode())
+        for number in (1, 2):
+            assert json.loads(_line_within(process.stdout, COMMAND_TIMEOUT_SECONDS))["line"] == number
+        # The next line waits for company, up to a minute: not sent, not answered.
+        process.stdin.write(json_lines(payloads[2]).encode())
+        readable, _, _ = select.select([process.stdout], [], [], 1.0)
+        assert not readable, process.stdout.readline()
+        assert cli.status(payloads[2]["contract_id"]) is None
+        # The end of the input ends the wait.
+        process.stdin.close()
+        assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert json.loads(process.stdout.read()) == {
+        "line": 3,
+        "contract_id": payloads[2]["contract_id"],
+        "status": "queued",
+    }
 
 
 def test_settings_found_unusable_late_exit_3_in_one_line(cli, tmp_path):

@@ -3,9 +3,9 @@
 Each input line is one send_contract message payload in the wire format (the
 object ``contract-dispatch schema`` describes). Lines go to ``send_contracts``
 in batches: one transaction for the checks and one broker round trip per batch.
-A batch goes out when it is full or ``--linger-ms`` after its first line,
-whichever comes first, so lines a producer writes to a pipe one at a time are
-sent (and answered) as they come. A bad line is refused on its own; the others
+A batch takes the lines already arrived, up to ``--batch-size`` (and waits
+``--linger-ms`` after its first line for more), so lines a producer writes to a
+pipe one at a time are sent (and answered) as they come. A bad line is refused on its own; the others
 still go.
 
 Exit codes: 0 every line accepted, 2 at least one line refused, 3 the broker or
@@ -47,9 +47,11 @@ from workers.line_feed import LineFeed
 #: Contracts per ``send_contracts`` call: one transaction and one broker round trip each.
 DEFAULT_BATCH_SIZE = 500
 
-#: How long a batch waits for more lines after its first, in milliseconds: lines
-#: written to a pipe one at a time are sent this soon after they arrive.
-DEFAULT_LINGER_MS = 10
+#: How long a batch waits for more lines after its first, in milliseconds. 0:
+#: a batch takes the lines already arrived, so lines written to a pipe one at a
+#: time go out as they come, and lines that come faster than batches are sent
+#: gather behind the batch in flight into the next one.
+DEFAULT_LINGER_MS = 0
 
 #: Longest wait accepted, in milliseconds.
 MAX_LINGER_MS = 60_000
@@ -110,10 +112,11 @@ def next_parsed(feed: LineFeed, *, timeout: float | None) -> Line | None:
 def batches(feed: LineFeed, size: int, *, linger_ms: int) -> Iterator[list[Line]]:
     """The input's lines in lists of at most ``size``, each out as soon as it is full or has waited enough.
 
-    A batch waits for more lines at most ``linger_ms`` after its first one: from a
-    file, batches fill at once; from a pipe written slowly, each line goes out
-    within ``linger_ms`` of its arrival instead of waiting for the batch to fill
-    or the input to end. The input is never held whole either way.
+    A batch takes the lines already arrived and waits for more at most
+    ``linger_ms`` after its first one: from a file, batches fill at once; from a
+    pipe written slowly, each line goes out as it comes (``linger_ms`` later at
+    most) instead of waiting for the batch to fill or the input to end. The input
+    is never held whole either way.
     """
     while (first := next_parsed(feed, timeout=None)) is not None:
         batch = [first]
@@ -302,8 +305,8 @@ def add_commands(commands: Any) -> None:
         type=whole_number(low=0, high=MAX_LINGER_MS),
         default=DEFAULT_LINGER_MS,
         metavar="MS",
-        help="how long a batch waits for more lines after its first, in milliseconds: lines "
-        f"written slowly to a pipe are sent this soon (default {DEFAULT_LINGER_MS})",
+        help="how long a batch waits for more lines after its first, in milliseconds "
+        f"(default {DEFAULT_LINGER_MS}: it takes the lines already arrived)",
     )
     bulk.add_argument(
         "--json", action="store_true", help="one JSON object per input line on stdout, in input order"
