@@ -27,6 +27,9 @@ Figures, each as a ratio to its baseline:
 - end-to-end latency at 20 messages per second: p50 and p99 from the producer
   call (``send_contract``) to the stand-in's 202, against the no-op actor's from
   enqueue to the actor running;
+- the same latency through the command line: each contract a JSON line written
+  to one ``send-contracts --json`` process's stdin, as a producer in another
+  language keeps it (line written to 202);
 - behind an import: the same latency for contracts sent one at a time while
   an import (``send_contracts``, queue ``contracts-bulk``) is being worked
   through, against the idle figure; and how much of the import was left when
@@ -49,8 +52,10 @@ import argparse
 import contextlib
 import http.server
 import importlib
+import json
 import os
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,7 +67,7 @@ from typing import Any
 from bench import BENCH_AMQP_URL, DatabaseKind, Workbench, machine, service_on_rabbitmq
 from bench.connections import bundle_path, trusted_bundle
 from bench.noop import LATENCIES_KEY, QUEUE, noop_message
-from bench.processes import WorkerRun, noop_worker, service_worker
+from bench.processes import CLI, WorkerRun, noop_worker, service_worker
 from tests.sendgrid_standin import contract_of
 from workers.settings import DEFAULT_WORKER_TIMEOUT_MS
 
@@ -467,6 +472,31 @@ def argon2id_hash_seconds(repeat: int = 7) -> tuple[float, str]:
     return statistics.median(times), described
 
 
+@contextmanager
+def _send_contracts_process() -> Iterator[subprocess.Popen[str]]:
+    """``contract-dispatch send-contracts --json`` reading stdin; closed (and checked) on the way out."""
+    process = subprocess.Popen(
+        [CLI, "send-contracts", "--json"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    try:
+        yield process
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise SystemExit("send-contracts did not end with its input") from None
+    if code != 0:
+        raise SystemExit(f"send-contracts exited {code}")
+
+
 class ServiceRun:
     """The service's workers, the stand-in and the producer, for one database.
 
@@ -589,6 +619,42 @@ class ServiceRun:
             )
         return self._latencies(called)
 
+    def latency_through_cli(self, seconds: int) -> dict[str, Any]:
+        """The latency run through one ``send-contracts --json`` process, as a producer in
+        another language would keep it: a JSON line per contract on its stdin, LATENCY_RATE
+        per second; line written to 202, per contract."""
+        payloads = self.contracts.existing_accounts(int(seconds * LATENCY_RATE))
+        warm_up = self.contracts.existing_accounts(WARM_UP_CONTRACTS)
+        with self.worker() as worker, _send_contracts_process() as process:
+            assert process.stdin is not None and process.stdout is not None
+            # The command started, connected and answered, and each worker process sent one.
+            self.standin.reset()
+            for payload in warm_up:
+                process.stdin.write(json.dumps(payload) + "\n")
+                process.stdin.flush()
+                if '"queued"' not in process.stdout.readline():
+                    raise SystemExit("send-contracts did not queue the latency warm-up's contracts")
+            wait_for(
+                lambda: len(self.standin.accepted) >= WARM_UP_CONTRACTS,
+                timeout=60,
+                what="the pipe latency warm-up",
+                worker=worker,
+            )
+            self.standin.reset()
+            called: dict[str, float] = {}
+            for index in paced(len(payloads), LATENCY_RATE):
+                payload = payloads[index]
+                called[payload["contract_id"]] = time.time()
+                process.stdin.write(json.dumps(payload) + "\n")
+                process.stdin.flush()
+            wait_for(
+                lambda: len(self.standin.accepted) >= len(payloads),
+                timeout=60,
+                what="the pipe latency run's emails",
+                worker=worker,
+            )
+        return self._latencies(called)
+
     def behind_import(self, count: int, seconds: int) -> dict[str, Any]:
         """send_contract at LATENCY_RATE per second while an import of ``count`` contracts,
         queued first, is worked through (from its WARM_UP_CONTRACTS-th email on);
@@ -705,6 +771,12 @@ def run_service(workbench: Workbench, options: argparse.Namespace) -> dict[str, 
         seconds = size(options, "latency_seconds")
         print(f"    service: latency at {LATENCY_RATE:.0f}/s for {seconds} s ...", flush=True)
         figures["latency"] = run.latency(seconds)
+
+        print(
+            f"    service: latency at {LATENCY_RATE:.0f}/s for {seconds} s through send-contracts ...",
+            flush=True,
+        )
+        figures["latency_through_cli"] = run.latency_through_cli(seconds)
 
         count, seconds = size(options, "import_contracts"), size(options, "import_latency_seconds")
         print(
@@ -839,6 +911,12 @@ def summary(figures: dict[str, Any]) -> list[str]:
             f"(goal <= 100 ms), p50 {latency['p50_ms']:.0f} ms; no-op p99 {noop_latency['p99_ms']:.0f} ms, "
             f"p50 {noop_latency['p50_ms']:.0f} ms ({ratios['latency_p99_vs_noop']:.2f} x no-op p99)"
         )
+        piped = service.get("latency_through_cli")
+        if piped is not None:
+            lines.append(
+                f"       through send-contracts  p99 {piped['p99_ms']:.0f} ms, p50 {piped['p50_ms']:.0f} ms: "
+                "a JSON line per contract on one command's stdin"
+            )
         behind = service["latency_behind_import"]
         lines.append(
             f"       behind an import  p99 {behind['p99_ms']:.0f} ms, p50 {behind['p50_ms']:.0f} ms: sent "
