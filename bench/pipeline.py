@@ -473,28 +473,31 @@ def argon2id_hash_seconds(repeat: int = 7) -> tuple[float, str]:
 
 
 @contextmanager
-def _send_contracts_process() -> Iterator[subprocess.Popen[str]]:
-    """``contract-dispatch send-contracts --json`` reading stdin; closed (and checked) on the way out."""
-    process = subprocess.Popen(
-        [CLI, "send-contracts", "--json"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-    try:
-        yield process
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
+def _send_contracts_process(log_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """``contract-dispatch send-contracts --json`` reading stdin, its stderr (progress,
+    summary) to ``log_path``; closed and checked on the way out."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [CLI, "send-contracts", "--json"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=dict(os.environ),
+        )
         try:
-            code = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise SystemExit("send-contracts did not end with its input") from None
+            yield process
+        finally:
+            assert process.stdin is not None
+            process.stdin.close()
+            try:
+                code = process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise SystemExit(f"send-contracts did not end with its input; see {log_path}") from None
     if code != 0:
-        raise SystemExit(f"send-contracts exited {code}")
+        raise SystemExit(f"send-contracts exited {code}: {log_path.read_text()[-2000:]}")
 
 
 class ServiceRun:
@@ -625,7 +628,10 @@ class ServiceRun:
         per second; line written to 202, per contract."""
         payloads = self.contracts.existing_accounts(int(seconds * LATENCY_RATE))
         warm_up = self.contracts.existing_accounts(WARM_UP_CONTRACTS)
-        with self.worker() as worker, _send_contracts_process() as process:
+        with (
+            self.worker() as worker,
+            _send_contracts_process(self.workbench.root / "send-contracts.log") as process,
+        ):
             assert process.stdin is not None and process.stdout is not None
             # The command started, connected and answered, and each worker process sent one.
             self.standin.reset()
