@@ -6,7 +6,7 @@ from typing import Any
 
 import dramatiq
 
-from models.messages import BROKER_MAINTENANCE_ACTOR, EXPIRE_ACCESS_CODES_ACTOR
+from models.messages import BROKER_MAINTENANCE_ACTOR, EXPIRE_ACCESS_CODES_ACTOR, MAINTENANCE_QUEUE
 from workers import dead_letters
 from workers.redis_dispatch import run_maintenance
 from workers.reminders import expire_access_codes, purge_code_refusals, redrive_stale_deliveries
@@ -14,7 +14,9 @@ from workers.retry_policy import actor_options
 
 
 @dramatiq.actor(
-    actor_name=BROKER_MAINTENANCE_ACTOR, queue_name="maintenance", **actor_options(BROKER_MAINTENANCE_ACTOR)
+    actor_name=BROKER_MAINTENANCE_ACTOR,
+    queue_name=MAINTENANCE_QUEUE,
+    **actor_options(BROKER_MAINTENANCE_ACTOR),
 )
 def broker_maintenance(payload: dict[str, Any] | None = None) -> None:
     """Return dead workers' messages, file dead letters, re-drive emails whose message was lost.
@@ -33,7 +35,7 @@ def broker_maintenance(payload: dict[str, Any] | None = None) -> None:
 
 @dramatiq.actor(
     actor_name=EXPIRE_ACCESS_CODES_ACTOR,
-    queue_name="maintenance",
+    queue_name=MAINTENANCE_QUEUE,
     **actor_options(EXPIRE_ACCESS_CODES_ACTOR),
 )
 def expire_access_codes_job(payload: dict[str, Any] | None = None) -> None:

@@ -60,6 +60,9 @@ Identifier = Annotated[
     ),
 ]
 
+#: The queue of the scheduled jobs (reminder sweeps, housekeeping): none is in a hurry.
+MAINTENANCE_QUEUE = "maintenance"
+
 #: Length guards checked before a text is normalised (normalising may shorten it, so
 #: the real limit is checked after), each with the limit it stands guard for: so
 #: that work on a huge input stays bounded, while a refusal still names the real limit.
@@ -242,7 +245,7 @@ class SweepReminders(WireMessage):
     """Run one reminder sweep (queue ``maintenance``; internal, sent by the scheduler)."""
 
     actor_name: ClassVar[str] = "sweep_reminders"
-    queue_name: ClassVar[str] = "maintenance"
+    queue_name: ClassVar[str] = MAINTENANCE_QUEUE
 
     as_of: AwareDatetime | None = Field(default=None, description="Act as if it were this time.")
 

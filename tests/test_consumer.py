@@ -27,6 +27,7 @@ from tests.support import unique, wait_until
 from workers import consumer
 from workers.broker import ServiceRedisBroker
 from workers.database import session_scope
+from workers.settings import Settings, get_settings, reset_settings
 
 
 def _broker(redis_server: Any) -> ServiceRedisBroker:
@@ -170,3 +171,41 @@ def test_malformed_messages_are_dead_lettered_with_their_reason(database, redis_
     assert records[no_id].exception_type == "MalformedMessage"
     assert "redis_message_id" in records[no_id].exception_message
     assert all(r.actor_name == "(malformed)" and r.redis_message_id == r.message_id for r in records.values())
+
+
+def test_an_idle_delay_or_maintenance_queue_is_polled_at_most_once_a_second(redis_server):
+    """Their consumers back off up to PATIENT_POLL_MS; the queues in a hurry up to the worker timeout."""
+    broker = _broker(redis_server)
+    previous = get_settings()
+    reset_settings(_backoffs(min_backoff_ms=5000))
+    try:
+        consumers = {
+            name: broker.consume(name, prefetch=1, timeout=50)
+            for name in ("q", "q.DQ", "emails", "maintenance", "maintenance.DQ")
+        }
+    finally:
+        reset_settings(previous)
+    timeouts = {}
+    for name, made in consumers.items():
+        assert isinstance(made, consumer.TolerantRedisConsumer)
+        timeouts[name] = made.timeout
+    assert timeouts == {"q": 50, "q.DQ": 1000, "emails": 50, "maintenance": 1000, "maintenance.DQ": 1000}
+
+
+def test_the_patient_poll_never_makes_a_retry_wait_longer():
+    """Under half the shortest retry delay of any actor (a first retry waits half of it at least)."""
+    assert consumer.patient_poll_ms(_backoffs(min_backoff_ms=5000), worker_timeout_ms=50) == 1000
+    assert (
+        consumer.patient_poll_ms(
+            _backoffs(min_backoff_ms=5000, deliver_email_min_backoff_ms=400), worker_timeout_ms=50
+        )
+        == 200
+    )
+    # Never under the worker's own idle timeout (the tests' 20 ms backoffs).
+    assert consumer.patient_poll_ms(_backoffs(min_backoff_ms=20), worker_timeout_ms=50) == 50
+    assert consumer.patient_poll_ms(_backoffs(min_backoff_ms=5000), worker_timeout_ms=2000) == 2000
+
+
+def _backoffs(**retry_settings: int) -> Settings:
+    """The tests' settings with these retry delays, the longest one at its default (an hour)."""
+    return Settings(max_backoff_ms=3_600_000, **retry_settings)  # type: ignore[arg-type]
