@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
+import workers.cli_bulk
 from tests.processes import CLI, COMMAND_TIMEOUT_SECONDS, describe, run_cli
 from tests.support import (
     all_emails_sent,
@@ -866,6 +867,26 @@ def test_send_contracts_refuses_a_line_that_is_not_utf8_alone(cli, worker):
     assert "UTF-8" in output[0]["error"]["message"], output
     assert output[1] == {"line": 2, "contract_id": payload["contract_id"], "status": "queued"}, output
     wait_for_invitation(payload["contract_id"])
+
+
+def test_send_contracts_refuses_a_line_too_long_to_be_a_payload_alone(cli, tmp_path):
+    """A file with no newline for megabytes (binary, say) is refused line by line, never held whole."""
+    payload = contract_payload()
+    path = tmp_path / "mixed.jsonl"
+    too_long = workers.cli_bulk.MAX_LINE_BYTES + 1
+    path.write_bytes(b'{"contract_id": "' + b"x" * too_long + b'"}\n' + json_lines(payload).encode())
+    result = cli("send-contracts", str(path), "--json")
+    assert result.returncode == 2, describe(result)
+    first, second = answers(result)
+    assert first == {
+        "line": 1,
+        "contract_id": None,
+        "error": {
+            "code": "invalid_payload",
+            "message": f"line longer than {workers.cli_bulk.MAX_LINE_BYTES} bytes",
+        },
+    }, first
+    assert second == {"line": 2, "contract_id": payload["contract_id"], "status": "queued"}
 
 
 def test_send_contracts_reads_a_file_saved_with_a_byte_order_mark(cli, tmp_path):

@@ -59,6 +59,10 @@ MAX_LINGER_MS = 60_000
 #: Largest batch accepted: a transaction holding more locks for longer gains nothing.
 MAX_BATCH_SIZE = 5000
 
+#: The longest input line read, in bytes (a send_contract payload at its limits is
+#: about a megabyte): a longer one is refused without being held whole.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+
 #: The byte order mark some editors and spreadsheet exports put before the first line.
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -102,6 +106,8 @@ def next_parsed(feed: LineFeed, *, timeout: float | None) -> Line | None:
     """
     while (read := feed.next_line(timeout=timeout)) is not None:
         number, raw = read
+        if raw is None:
+            return Line(number, InvalidPayload(f"line longer than {feed.max_line_bytes} bytes"), None)
         if number == 1:
             raw = raw.removeprefix(UTF8_BOM)
         if raw.strip():
@@ -219,7 +225,8 @@ def cmd_send_contracts(args: argparse.Namespace) -> int:
     sent_through = 0
     in_flight: list[Line] = []
     try:
-        for batch in batches(LineFeed(stream), args.batch_size, linger_ms=args.linger_ms):
+        feed = LineFeed(stream, max_line_bytes=MAX_LINE_BYTES)
+        for batch in batches(feed, args.batch_size, linger_ms=args.linger_ms):
             in_flight = batch
             try:
                 with ctrl_c_after_the_batch() as interrupted:

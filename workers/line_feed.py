@@ -20,14 +20,20 @@ READ_SIZE = 64 * 1024
 
 
 class LineFeed:
-    """The lines of a binary input, numbered from 1, never holding more of it than one read.
+    """The lines of a binary input, numbered from 1, never holding more of it than one read
+    beyond a line of ``max_line_bytes``.
 
-    An input with no descriptor (an in-memory stream) always has its next line
-    ready: it is read with ``readline`` and no timeout applies.
+    A longer line is not kept: its bytes are dropped as they arrive and it is
+    given as None, so that an input with no newline (a binary file given by
+    mistake) does not fill the memory. An input with no descriptor (an in-memory
+    stream) always has its next line ready: it is read with ``readline`` and no
+    timeout applies.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, *, max_line_bytes: int) -> None:
         self._stream = stream
+        #: The longest line kept, in bytes (its newline included).
+        self.max_line_bytes = max_line_bytes
         self._poll: select.poll | None = None
         try:
             descriptor = stream.fileno()
@@ -39,13 +45,15 @@ class LineFeed:
             self._poll.register(descriptor, select.POLLIN)
         self._descriptor = descriptor
         self._partial = bytearray()
-        self._lines: deque[bytes] = deque()
+        #: Whether the line being read is already too long (its bytes are dropped).
+        self._overlong = False
+        self._lines: deque[bytes | None] = deque()
         self._number = 0
         #: Whether the input has ended (every line may not have been taken yet).
         self.ended = False
 
-    def next_line(self, *, timeout: float | None) -> tuple[int, bytes] | None:
-        """The next line's number and bytes (newline included, if it had one).
+    def next_line(self, *, timeout: float | None) -> tuple[int, bytes | None] | None:
+        """The next line's number and bytes (newline included, if it had one; None if too long).
 
         None at the end of the input (``ended``), or when ``timeout`` seconds
         passed without a whole line arriving (``timeout=None``: wait as long as
@@ -64,22 +72,35 @@ class LineFeed:
     def _read(self, timeout: float | None) -> bool:
         """Read what has arrived into whole lines; False when nothing arrived within ``timeout``."""
         if self._poll is None:
-            chunk = self._stream.readline()
+            chunk = self._stream.readline(READ_SIZE)
         else:
             if not self._poll.poll(None if timeout is None else timeout * 1000):
                 return False
             chunk = os.read(self._descriptor, READ_SIZE)
         if not chunk:
             self.ended = True
-            if self._partial:
+            if self._partial or self._overlong:
                 # A last line without its newline.
-                self._lines.append(bytes(self._partial))
-                self._partial.clear()
+                self._end_line(b"")
             return True
-        self._partial += chunk
         start = 0
-        while (end := self._partial.find(b"\n", start)) >= 0:
-            self._lines.append(bytes(self._partial[start : end + 1]))
+        while (end := chunk.find(b"\n", start)) >= 0:
+            self._end_line(chunk[start : end + 1])
             start = end + 1
-        del self._partial[:start]
+        self._add(chunk[start:])
         return True
+
+    def _add(self, piece: bytes) -> None:
+        """Keep ``piece`` of the line being read, unless that line is too long."""
+        if self._overlong:
+            return
+        self._partial += piece
+        if len(self._partial) > self.max_line_bytes:
+            self._overlong = True
+            self._partial.clear()
+
+    def _end_line(self, last_piece: bytes) -> None:
+        self._add(last_piece)
+        self._lines.append(None if self._overlong else bytes(self._partial))
+        self._partial.clear()
+        self._overlong = False
