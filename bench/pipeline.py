@@ -473,23 +473,32 @@ def argon2id_hash_seconds(repeat: int = 7) -> tuple[float, str]:
 
 
 @contextmanager
-def _send_contracts_process(log_path: Path) -> Iterator[subprocess.Popen[str]]:
-    """``contract-dispatch send-contracts --json`` reading stdin, its stderr (progress,
-    summary) to ``log_path``; closed and checked on the way out."""
+def _send_contracts_process(log_path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """``contract-dispatch send-contracts --json`` reading its stdin: a function that writes one
+    payload there as a JSON line. Its stderr (progress, refusals, summary) goes to
+    ``log_path``; closed on the way out, and it must have accepted every line."""
     with log_path.open("w") as log:
         process = subprocess.Popen(
+            # Answers as a producer reading them would get them, not read here (the
+            # stand-in's 202 is what is timed): a pipe nobody reads would fill.
             [CLI, "send-contracts", "--json"],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=log,
             text=True,
             env=dict(os.environ),
         )
+        stdin = process.stdin
+        assert stdin is not None
+
+        def write_line(payload: dict[str, Any]) -> None:
+            stdin.write(json.dumps(payload) + "\n")
+            stdin.flush()
+
         try:
-            yield process
+            yield write_line
         finally:
-            assert process.stdin is not None
-            process.stdin.close()
+            stdin.close()
             try:
                 code = process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -498,6 +507,13 @@ def _send_contracts_process(log_path: Path) -> Iterator[subprocess.Popen[str]]:
                 raise SystemExit(f"send-contracts did not end with its input; see {log_path}") from None
     if code != 0:
         raise SystemExit(f"send-contracts exited {code}: {log_path.read_text()[-2000:]}")
+
+
+def _send_contract(payload: dict[str, Any]) -> None:
+    """The Python producer's ``send_contract``."""
+    from contract_dispatch import send_contract
+
+    send_contract(**payload)
 
 
 class ServiceRun:
@@ -597,68 +613,43 @@ class ServiceRun:
 
     def latency(self, seconds: int) -> dict[str, Any]:
         """send_contract at LATENCY_RATE per second; producer call to 202, per contract."""
-        from contract_dispatch import send_contract
-
-        self.standin.reset()
-        payloads = self.contracts.existing_accounts(int(seconds * LATENCY_RATE))
         with self.worker() as worker:
-            # A few contracts first: each process's first message opens its connections.
-            self.standin.reset()
-            for payload in self.contracts.existing_accounts(WARM_UP_CONTRACTS):
-                send_contract(**payload)
-            wait_for(
-                lambda: len(self.standin.accepted) >= WARM_UP_CONTRACTS,
-                timeout=60,
-                what="the latency warm-up",
-                worker=worker,
-            )
-            self.standin.reset()
-            called = self._paced_sends(payloads)
-            wait_for(
-                lambda: len(self.standin.accepted) >= len(payloads),
-                timeout=60,
-                what="the latency run's emails",
-                worker=worker,
-            )
-        return self._latencies(called)
+            return self._idle_latency(worker, seconds, _send_contract, "the latency run")
 
     def latency_through_cli(self, seconds: int) -> dict[str, Any]:
-        """The latency run through one ``send-contracts --json`` process, as a producer in
-        another language would keep it: a JSON line per contract on its stdin, LATENCY_RATE
-        per second; line written to 202, per contract."""
-        payloads = self.contracts.existing_accounts(int(seconds * LATENCY_RATE))
-        warm_up = self.contracts.existing_accounts(WARM_UP_CONTRACTS)
+        """The latency run through one ``send-contracts --json`` process, as a producer in another
+        language would keep it: a JSON line per contract on its stdin, LATENCY_RATE per
+        second; line written to 202, per contract."""
         with (
             self.worker() as worker,
-            _send_contracts_process(self.workbench.root / "send-contracts.log") as process,
+            _send_contracts_process(self.workbench.root / "send-contracts.log") as write_line,
         ):
-            assert process.stdin is not None and process.stdout is not None
-            # The command started, connected and answered, and each worker process sent one.
-            self.standin.reset()
-            for payload in warm_up:
-                process.stdin.write(json.dumps(payload) + "\n")
-                process.stdin.flush()
-                if '"queued"' not in process.stdout.readline():
-                    raise SystemExit("send-contracts did not queue the latency warm-up's contracts")
-            wait_for(
-                lambda: len(self.standin.accepted) >= WARM_UP_CONTRACTS,
-                timeout=60,
-                what="the pipe latency warm-up",
-                worker=worker,
-            )
-            self.standin.reset()
-            called: dict[str, float] = {}
-            for index in paced(len(payloads), LATENCY_RATE):
-                payload = payloads[index]
-                called[payload["contract_id"]] = time.time()
-                process.stdin.write(json.dumps(payload) + "\n")
-                process.stdin.flush()
-            wait_for(
-                lambda: len(self.standin.accepted) >= len(payloads),
-                timeout=60,
-                what="the pipe latency run's emails",
-                worker=worker,
-            )
+            return self._idle_latency(worker, seconds, write_line, "the pipe latency run")
+
+    def _idle_latency(
+        self, worker: WorkerRun, seconds: int, send: Callable[[dict[str, Any]], None], what: str
+    ) -> dict[str, Any]:
+        """``send`` at LATENCY_RATE per second to the idle ``worker``; send to 202, per contract."""
+        payloads = self.contracts.existing_accounts(int(seconds * LATENCY_RATE))
+        # A few contracts first: each process's first message opens its connections
+        # (and a command's first line waits for it to start).
+        self.standin.reset()
+        for payload in self.contracts.existing_accounts(WARM_UP_CONTRACTS):
+            send(payload)
+        wait_for(
+            lambda: len(self.standin.accepted) >= WARM_UP_CONTRACTS,
+            timeout=60,
+            what=f"{what}'s warm-up",
+            worker=worker,
+        )
+        self.standin.reset()
+        called = self._paced_sends(payloads, send)
+        wait_for(
+            lambda: len(self.standin.accepted) >= len(payloads),
+            timeout=60,
+            what=f"{what}'s emails",
+            worker=worker,
+        )
         return self._latencies(called)
 
     def behind_import(self, count: int, seconds: int) -> dict[str, Any]:
@@ -678,7 +669,7 @@ class ServiceRun:
                 what="the import's first emails",
                 worker=worker,
             )
-            called = self._paced_sends(alone)
+            called = self._paced_sends(alone, _send_contract)
             import_sent = sum(
                 1 for received in self.standin.accepted if contract_of(received.reference) not in called
             )
@@ -694,15 +685,15 @@ class ServiceRun:
             "import_left_after_last_send": count - import_sent,
         }
 
-    def _paced_sends(self, payloads: list[dict[str, Any]]) -> dict[str, float]:
-        """``send_contract`` of each payload, LATENCY_RATE per second; each call's time by contract id."""
-        from contract_dispatch import send_contract
-
+    def _paced_sends(
+        self, payloads: list[dict[str, Any]], send: Callable[[dict[str, Any]], None]
+    ) -> dict[str, float]:
+        """``send`` of each payload, LATENCY_RATE per second; each call's time by contract id."""
         called: dict[str, float] = {}
         for index in paced(len(payloads), LATENCY_RATE):
             payload = payloads[index]
             called[payload["contract_id"]] = time.time()
-            send_contract(**payload)
+            send(payload)
         return called
 
     def _latencies(self, called: dict[str, float]) -> dict[str, float]:

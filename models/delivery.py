@@ -97,7 +97,7 @@ LAST_ERROR_MAX_LENGTH = 1000
 
 @dataclass(frozen=True, kw_only=True)
 class NewDelivery:
-    """One email to record (``add_deliveries``, ``add_claimed_delivery``)."""
+    """One email to record (``add_delivery``, ``add_deliveries``, ``add_claimed_delivery``)."""
 
     contract_id: str
     recipient: str
@@ -128,34 +128,16 @@ def _pending_row(kind: EmailKind, delivery: NewDelivery, *, now: datetime) -> di
     }
 
 
-def add_delivery(
-    session: Session,
-    *,
-    kind: EmailKind,
-    contract_id: str,
-    recipient: str,
-    recipient_name: str | None,
-    locale: str,
-    step: int = 0,
-    includes_access_code: bool = False,
-) -> int:
+def add_delivery(session: Session, *, kind: EmailKind, delivery: NewDelivery) -> int:
     """Record one email (idempotent on its key) and return its id.
 
     A new email takes one statement (its id comes back from the insert); one
     already recorded is looked up by its key.
     """
-    new = NewDelivery(
-        contract_id=contract_id,
-        recipient=recipient,
-        recipient_name=recipient_name,
-        locale=locale,
-        step=step,
-        includes_access_code=includes_access_code,
-    )
     inserted = insert_returning(
         session,
         EmailDelivery,
-        _pending_row(kind, new, now=utc_now()),
+        _pending_row(kind, delivery, now=utc_now()),
         conflict_columns=_KEY_COLUMNS,
         returning="id",
     )
@@ -164,9 +146,9 @@ def add_delivery(
     delivery_id = session.exec(
         select(EmailDelivery.id).where(
             EmailDelivery.kind == kind.value,
-            EmailDelivery.contract_id == contract_id,
-            EmailDelivery.recipient == recipient,
-            EmailDelivery.step == step,
+            EmailDelivery.contract_id == delivery.contract_id,
+            EmailDelivery.recipient == delivery.recipient,
+            EmailDelivery.step == delivery.step,
         )
     ).one()
     assert delivery_id is not None

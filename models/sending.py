@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -263,7 +263,7 @@ def record_contract(
                 ),
             )
     return RecordedContract(
-        delivery_ids=[add_delivery(session, kind=EmailKind.INVITATION, **asdict(invitation))]
+        delivery_ids=[add_delivery(session, kind=EmailKind.INVITATION, delivery=invitation)]
     )
 
 
@@ -556,12 +556,14 @@ def resend_invitation(
     return add_delivery(
         session,
         kind=EmailKind.INVITATION,
-        contract_id=contract.id,
-        recipient=contract.email,
-        recipient_name=None,
-        locale=contract.locale,
-        step=step,
-        includes_access_code=issue_codes,
+        delivery=NewDelivery(
+            contract_id=contract.id,
+            recipient=contract.email,
+            recipient_name=None,
+            locale=contract.locale,
+            step=step,
+            includes_access_code=issue_codes,
+        ),
     )
 
 

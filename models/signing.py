@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlmodel import Session
 
 from models.contract import Contract, ContractStatus
-from models.delivery import EmailKind, add_delivery, pending_delivery_ids
+from models.delivery import EmailKind, NewDelivery, add_delivery, pending_delivery_ids
 from models.errors import (
     ContractNotReady,
     ContractNotSignable,
@@ -66,10 +66,12 @@ def record_signature(session: Session, message: NotifySignatories, *, now: datet
         add_delivery(
             session,
             kind=EmailKind.SIGNED_NOTIFICATION,
-            contract_id=contract.id,
-            recipient=str(signatory["email"]),
-            recipient_name=signatory.get("name"),
-            locale=contract.locale,
+            delivery=NewDelivery(
+                contract_id=contract.id,
+                recipient=str(signatory["email"]),
+                recipient_name=signatory.get("name"),
+                locale=contract.locale,
+            ),
         )
     return pending_delivery_ids(session, contract.id, EmailKind.SIGNED_NOTIFICATION)
 

@@ -59,10 +59,10 @@ def insert_returning(
     returning: str,
 ) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING RETURNING returning``: the new row's value, or None."""
-    statement = _insert_statement(
-        session.get_bind().dialect.name, table_of(table), tuple(conflict_columns), (returning,)
+    row = insert_returning_row(
+        session, table, values, conflict_columns=conflict_columns, returning=(returning,)
     )
-    return session.execute(statement, values).scalar()
+    return None if row is None else row[0]
 
 
 def insert_returning_row(

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -740,6 +741,29 @@ def _line_within(stream: Any, seconds: float) -> bytes:
     return line
 
 
+@contextmanager
+def _send_contracts_pipe(env: dict[str, str], *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``send-contracts --json OPTIONS`` reading a pipe the test writes to, its answers
+    unbuffered (see ``_line_within``); killed on the way out if it still runs."""
+    process = subprocess.Popen(
+        [CLI, "send-contracts", "--json", *options],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def test_send_contracts_answers_each_line_written_to_a_pipe_as_it_comes(cli):
     """A producer writing one line at a time, its pipe still open, has each sent before the next.
 
@@ -747,27 +771,15 @@ def test_send_contracts_answers_each_line_written_to_a_pipe_as_it_comes(cli):
     it does not wait until it is full or the input has ended.
     """
     payloads = [contract_payload() for _ in range(2)]
-    process = subprocess.Popen(
-        [CLI, "send-contracts", "--json"],
-        env=cli.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-    )
-    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-    try:
+    with _send_contracts_pipe(cli.env) as process:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         for number, payload in enumerate(payloads, start=1):
             process.stdin.write(json_lines(payload).encode())
             answer = json.loads(_line_within(process.stdout, COMMAND_TIMEOUT_SECONDS))
             assert answer == {"line": number, "contract_id": payload["contract_id"], "status": "queued"}
         process.stdin.close()
         assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    stderr = process.stderr.read().decode()
+        stderr = process.stderr.read().decode()
     assert stderr.splitlines()[-1].startswith("2 contracts: 2 queued, 0 refused"), stderr
     for payload in payloads:
         report = cli.status(payload["contract_id"])
@@ -776,16 +788,8 @@ def test_send_contracts_answers_each_line_written_to_a_pipe_as_it_comes(cli):
 
 def test_send_contracts_linger_ms_gathers_the_lines_that_come_within_it(cli):
     payloads = [contract_payload() for _ in range(3)]
-    process = subprocess.Popen(
-        [CLI, "send-contracts", "--json", "--batch-size", "2", "--linger-ms", "60000"],
-        env=cli.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        bufsize=0,
-    )
-    assert process.stdin is not None and process.stdout is not None
-    try:
+    with _send_contracts_pipe(cli.env, "--batch-size", "2", "--linger-ms", "60000") as process:
+        assert process.stdin is not None and process.stdout is not None
         # A full batch does not wait: both answered (and the command is up).
         process.stdin.write(json_lines(*payloads[:2]).encode())
         for number in (1, 2):
@@ -798,15 +802,8 @@ def test_send_contracts_linger_ms_gathers_the_lines_that_come_within_it(cli):
         # The end of the input ends the wait.
         process.stdin.close()
         assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert json.loads(process.stdout.read()) == {
-        "line": 3,
-        "contract_id": payloads[2]["contract_id"],
-        "status": "queued",
-    }
+        last = json.loads(process.stdout.read())
+    assert last == {"line": 3, "contract_id": payloads[2]["contract_id"], "status": "queued"}
 
 
 def test_settings_found_unusable_late_exit_3_in_one_line(cli, tmp_path):

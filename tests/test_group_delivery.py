@@ -223,7 +223,7 @@ def test_copies_of_a_group_are_what_each_recipient_reads():
 
 
 def test_a_dead_group_message_that_named_the_wrong_deliveries_fails_none_of_them(database, broker):
-    from models.delivery import EmailKind, add_delivery
+    from models.delivery import EmailKind, NewDelivery, add_delivery
     from models.errors import DeliveryGroupMismatch, ProviderUnavailable
     from models.messages import SendContract, parse_message
     from models.sending import reserve_contract
@@ -236,10 +236,9 @@ def test_a_dead_group_message_that_named_the_wrong_deliveries_fails_none_of_them
             add_delivery(
                 session,
                 kind=EmailKind.SIGNED_NOTIFICATION,
-                contract_id=payload["contract_id"],
-                recipient=address,
-                recipient_name=None,
-                locale="fr",
+                delivery=NewDelivery(
+                    contract_id=payload["contract_id"], recipient=address, recipient_name=None, locale="fr"
+                ),
             )
             for address in ("a@example.com", "b@example.com")
         ]

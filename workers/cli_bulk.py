@@ -5,8 +5,8 @@ object ``contract-dispatch schema`` describes). Lines go to ``send_contracts``
 in batches: one transaction for the checks and one broker round trip per batch.
 A batch takes the lines already arrived, up to ``--batch-size`` (and waits
 ``--linger-ms`` after its first line for more), so lines a producer writes to a
-pipe one at a time are sent (and answered) as they come. A bad line is refused on its own; the others
-still go.
+pipe one at a time are sent (and answered) as they come. A bad line is refused
+on its own; the others still go.
 
 Exit codes: 0 every line accepted, 2 at least one line refused, 3 the broker or
 the database became unusable (the lines already reported were handled; the
