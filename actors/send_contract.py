@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
 
 from actors.deliver_email import deliver_or_hand_over
-from models.access_codes import with_code_hashed_outside
+from models.access_codes import CodeSource, with_access_code
 from models.errors import Rejected
 from models.messages import SendContract, contract_id_of, parse_message
 from models.sending import record_contract, record_send_rejection
 from models.types import utc_now
-from workers.database import session_scope
+from workers.database import session_scope, transactions_lock_rows
 from workers.email.delivery import Prepared, prepare, prepare_invitation
 from workers.retry_policy import actor_options
 from workers.settings import Settings, get_settings
@@ -33,10 +32,11 @@ def send_contract(payload: dict[str, Any]) -> None:
         settings = get_settings()
         now = utc_now()
         parsed = message
-        delivery_ids, first = with_code_hashed_outside(
+        delivery_ids, first = with_access_code(
             lambda code: _record(parsed, settings=settings, now=now, access_code=code),
             policy=settings.access_code_policy(),
             now=now,
+            hash_in_transaction=transactions_lock_rows(),
         )
     except Rejected as rejection:
         contract_id = message.contract_id if message else contract_id_of(payload)
@@ -66,7 +66,7 @@ send_contract_bulk = dramatiq.actor(
 
 
 def _record(
-    message: SendContract, *, settings: Settings, now: datetime, access_code: Mapping[str, object] | None
+    message: SendContract, *, settings: Settings, now: datetime, access_code: CodeSource | None
 ) -> tuple[list[int], Prepared | None]:
     """``record_contract`` in a transaction; the invitation's claim when it is the one delivery."""
     first: Prepared | None = None

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from models.access_codes import with_code_hashed_outside
+from models.access_codes import CodeSource, with_access_code
 from models.cancelling import cancel_queued, check_cancel_contract
 from models.contract import ContractStatus
 from models.delivery import EmailDelivery
@@ -44,7 +44,13 @@ from models.status import ContractReport, contract_report
 from models.types import utc_now
 from models.workspace import set_workspace as _set_workspace
 from workers.broker_errors import BROKER_ERRORS, BatchMaybeQueued, broker_problem
-from workers.database import autocommit_session, raising_unavailable, require_database, session_scope
+from workers.database import (
+    autocommit_session,
+    raising_unavailable,
+    require_database,
+    session_scope,
+    transactions_lock_rows,
+)
 from workers.refusal_limit import RefusalLimit, refusal_limit
 from workers.reminders import SweepReport, run_sweep
 from workers.settings import get_settings
@@ -434,7 +440,7 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
     settings = get_settings()
     now = utc_now()
 
-    def record(code: Mapping[str, object] | None) -> tuple[int, ResendReceipt]:
+    def record(code: CodeSource | None) -> tuple[int, ResendReceipt]:
         with session_scope() as session:
             delivery_id = _resend_invitation(
                 session, contract_id, reminders=settings.reminder_policy(), now=now, access_code=code
@@ -445,7 +451,12 @@ def resend_invitation(contract_id: str) -> ResendReceipt:
                 contract_id=contract_id, status=ContractStatus.SENT.value, step=step.step
             )
 
-    delivery_id, receipt = with_code_hashed_outside(record, policy=settings.access_code_policy(), now=now)
+    delivery_id, receipt = with_access_code(
+        record,
+        policy=settings.access_code_policy(),
+        now=now,
+        hash_in_transaction=transactions_lock_rows(),
+    )
     try:
         enqueue_deliveries([delivery_id])
     except _BROKER_ERRORS as exc:

@@ -180,28 +180,67 @@ def issue_access_code(account: Account, *, policy: AccessCodePolicy, now: dateti
     apply_access_code(account, access_code_fields(policy=policy, now=now))
 
 
-def with_code_hashed_outside(
-    run: Callable[[Mapping[str, object] | None], T], *, policy: AccessCodePolicy, now: datetime
+#: A new code's account columns (``access_code_fields``), made when first asked for.
+CodeSource = Callable[[], Mapping[str, object]]
+
+
+class CodeOnDemand:
+    """A new code's account columns, hashed the first time a transaction asks for them.
+
+    Every later call returns the same columns (the same code). A transaction that
+    finds its account needs no code (the client logged in) never calls it, so
+    never pays for a hash.
+    """
+
+    def __init__(self, *, policy: AccessCodePolicy, now: datetime) -> None:
+        self._policy = policy
+        self._now = now
+        self._fields: Mapping[str, object] | None = None
+
+    def __call__(self) -> Mapping[str, object]:
+        if self._fields is None:
+            self._fields = access_code_fields(policy=self._policy, now=self._now)
+        return self._fields
+
+
+def with_access_code(
+    run: Callable[[CodeSource | None], T],
+    *,
+    policy: AccessCodePolicy,
+    now: datetime,
+    hash_in_transaction: bool,
 ) -> T:
-    """``run(None)``; if it raises ``AccessCodeNeeded``, ``run`` again with a new code's fields.
+    """``run`` once, with the new code its transaction may need; twice on a database-wide lock.
 
     ``run`` opens its transaction and gives the code it needs to ``apply_access_code``
-    (or an insert). The code is hashed here, between the two transactions: an argon2id
-    hash (tens of milliseconds of CPU) holds no lock, and on SQLite, whose transactions
-    take the one write lock at their start, no other transaction waits for it. An account
-    that needs no code (it logged in) costs no hash and one transaction.
+    (or an insert), through ``given_code``. An account that needs no code (it logged
+    in) costs no hash and one transaction either way.
+
+    ``hash_in_transaction`` (PostgreSQL, whose transactions lock rows): ``run`` gets a
+    ``CodeOnDemand`` and the hash runs inside the transaction, which holds only the
+    contract's and the account's rows meanwhile. One transaction, where hashing
+    outside takes a first one that finds the account needs a code and rolls back
+    (five round trips to the database per new account).
+
+    Otherwise (SQLite, whose transactions take the one write lock at their start):
+    ``run(None)``, and if it raises ``AccessCodeNeeded``, the code is hashed between
+    two transactions and ``run`` goes again with it: an argon2id hash (tens of
+    milliseconds of CPU) inside a transaction would make every other writer wait.
     """
+    if hash_in_transaction:
+        return run(CodeOnDemand(policy=policy, now=now))
     try:
         return run(None)
     except AccessCodeNeeded:
-        return run(access_code_fields(policy=policy, now=now))
+        fields = access_code_fields(policy=policy, now=now)
+        return run(lambda: fields)
 
 
-def given_code(fields: Mapping[str, object] | None) -> Mapping[str, object]:
-    """The code a transaction was given, or ``AccessCodeNeeded`` (see ``with_code_hashed_outside``)."""
-    if fields is None:
+def given_code(source: CodeSource | None) -> Mapping[str, object]:
+    """The code a transaction was given, or ``AccessCodeNeeded`` (see ``with_access_code``)."""
+    if source is None:
         raise AccessCodeNeeded
-    return fields
+    return source()
 
 
 def apply_access_code(account: Account, fields: Mapping[str, object]) -> None:

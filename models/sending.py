@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import CompoundSelect, bindparam, func, literal_column, null, sql, union_all, update
 from sqlmodel import Session, col, select
 
-from models.access_codes import apply_access_code, given_code, needs_access_code
+from models.access_codes import CodeSource, apply_access_code, given_code, needs_access_code
 from models.account import Account
 from models.binding import bind_account, check_binding
 from models.contract import Contract, ContractStatus
@@ -181,7 +181,7 @@ def record_contract(
     *,
     reminders: ReminderPolicy,
     now: datetime,
-    access_code: Mapping[str, object] | None = None,
+    access_code: CodeSource | None = None,
     claim_lease: timedelta | None = None,
 ) -> RecordedContract:
     """Validate, bind, issue codes, record the contract and its invitation (one transaction).
@@ -190,10 +190,11 @@ def record_contract(
     repeated identical message returns the still-pending deliveries, so a worker
     that died between commit and enqueue loses nothing when the message comes back.
 
-    ``access_code``: a new code's account columns (``access_code_fields``), hashed
-    before the transaction. An account that needs one when none was given raises
-    ``AccessCodeNeeded`` (see ``with_code_hashed_outside``): on SQLite every other
-    worker's transaction waited behind each new account's hash.
+    ``access_code``: where a new code's account columns come from, asked only for
+    an account that needs one (see ``with_access_code``): hashed on demand inside
+    this transaction on PostgreSQL, before it on SQLite, where every other
+    worker's transaction would wait behind the hash. An account that needs a
+    code when none was given raises ``AccessCodeNeeded``.
 
     ``claim_lease``: for a caller that sends the invitation itself after the
     commit, the invitation is recorded already claimed for that long
@@ -521,14 +522,14 @@ def resend_invitation(
     *,
     reminders: ReminderPolicy,
     now: datetime,
-    access_code: Mapping[str, object] | None = None,
+    access_code: CodeSource | None = None,
 ) -> int:
     """Send the invitation again (a new step) and restart the reminders; returns the delivery id.
 
     A client who never logged in gets a new temporary password (the previous
     one stops working): a resend usually means the first email was lost or
     its code expired. ``access_code`` as for ``record_contract``
-    (``with_code_hashed_outside``).
+    (``with_access_code``).
     """
     contract = check_resend_invitation(_locked_contract(session, contract_id), contract_id)
     account = (

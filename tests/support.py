@@ -158,10 +158,10 @@ def send_args(payload: dict[str, Any]) -> list[str]:
 
 def record_resend(contract_id: str) -> int:
     """The invitation sent again, recorded and committed but never enqueued; its delivery id."""
-    from models.access_codes import with_code_hashed_outside
+    from models.access_codes import with_access_code
     from models.sending import resend_invitation
     from models.types import utc_now
-    from workers.database import session_scope
+    from workers.database import session_scope, transactions_lock_rows
     from workers.settings import get_settings
 
     settings = get_settings()
@@ -173,7 +173,9 @@ def record_resend(contract_id: str) -> int:
                 session, contract_id, reminders=settings.reminder_policy(), now=now, access_code=code
             )
 
-    return with_code_hashed_outside(record, policy=settings.access_code_policy(), now=now)
+    return with_access_code(
+        record, policy=settings.access_code_policy(), now=now, hash_in_transaction=transactions_lock_rows()
+    )
 
 
 def readme_message(actor: str, args: Any, *, queue: str = "contracts") -> dict[str, Any]:

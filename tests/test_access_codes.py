@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pytest
 import redis
 from argon2 import PasswordHasher
 from argon2.exceptions import VerifyMismatchError
-from sqlalchemy import MetaData, create_engine
+from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import make_url
 from sqlmodel import select
@@ -45,10 +46,11 @@ from models.account import Account
 from models.contract import Contract
 from models.delivery import EmailDelivery
 from models.types import utc_now
-from tests.sendgrid_standin import Answer, Received, SendGridStandIn
+from tests.conftest import database_of_its_own
+from tests.sendgrid_standin import Answer, Received, SendGridStandIn, contract_of
 from tests.support import all_emails_sent, contract_payload, wait_for_contract, wait_until
-from tests.write_lock import run_with_argon2_held
-from workers.database import normalize_database_url, session_scope
+from tests.write_lock import run_with_argon2_held, take_write_lock
+from workers.database import get_engine, normalize_database_url, session_scope
 from workers.settings import get_settings
 
 # -- helpers ---------------------------------------------------------------------
@@ -231,35 +233,85 @@ def test_account_that_never_logged_in_gets_a_new_code(worker, standin, redis_ser
     wait_settled(redis_server.client(), first["contract_id"], second["contract_id"])
 
 
+def _client(first_contract: str) -> dict[str, Any]:
+    """A contract for a client whose account is new, has never logged in, or has logged in."""
+    client = contract_payload()
+    email, company_name = client["email"], client["company_name"]
+    if first_contract != "new account":
+        actors.send_contract.fn(contract_payload(email=email, company_name=company_name))
+        if first_contract == "logged in":
+            with session_scope() as session:
+                account = session.exec(select(Account).where(Account.email == email)).one()
+                account.first_login_at = utc_now()
+                session.add(account)
+    return contract_payload(email=email, company_name=company_name)
+
+
+def _assert_one_code_sent_and_stored(
+    standin: SendGridStandIn, payload: dict[str, Any], calls: list[tuple[Any, ...]], first_contract: str
+) -> None:
+    """One code hashed, emailed and matching the stored hash; none for a client who logged in."""
+    assert [len(plaintexts) for (plaintexts,) in calls] == ([] if first_contract == "logged in" else [1])
+    code = code_in(invitation(standin, payload["contract_id"]))
+    if first_contract == "logged in":
+        assert code is None
+    else:
+        stored = account_for(payload["email"]).access_code_hash
+        assert code is not None and stored is not None
+        assert argon2.PasswordHasher().verify(stored, code)
+
+
 @pytest.mark.parametrize("first_contract", ["new account", "never logged in", "logged in"])
 def test_a_code_is_hashed_while_no_transaction_holds_the_write_lock(
     sqlite_database, standin, monkeypatch, first_contract
 ):
     """On SQLite a transaction holds the one write lock from its start: a hash inside
     one (tens of milliseconds) made every other worker's transaction wait."""
-    client = contract_payload()
-    email, company_name = client["email"], client["company_name"]
-    if first_contract != "new account":
-        earlier = contract_payload(email=email, company_name=company_name)
-        actors.send_contract.fn(earlier)
-        if first_contract == "logged in":
-            with session_scope() as session:
-                account = session.exec(select(Account).where(Account.email == email)).one()
-                account.first_login_at = utc_now()
-                session.add(account)
-    payload = contract_payload(email=email, company_name=company_name)
+    payload = _client(first_contract)
     _, calls = run_with_argon2_held(
-        monkeypatch, sqlite_database, lambda: actors.send_contract.fn(payload), method="hash_many"
+        monkeypatch,
+        partial(take_write_lock, sqlite_database),
+        lambda: actors.send_contract.fn(payload),
+        method="hash_many",
     )
-    # One code hashed (while another writer took the lock), or none for a client who logged in.
-    assert [len(plaintexts) for (plaintexts,) in calls] == ([] if first_contract == "logged in" else [1])
-    code = code_in(invitation(standin, payload["contract_id"]))
-    if first_contract == "logged in":
-        assert code is None
-    else:
-        stored = account_for(email).access_code_hash
-        assert code is not None and stored is not None
-        assert argon2.PasswordHasher().verify(stored, code)
+    _assert_one_code_sent_and_stored(standin, payload, calls, first_contract)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("first_contract", ["new account", "never logged in", "logged in"])
+def test_on_postgresql_a_code_is_hashed_in_the_one_transaction_while_other_contracts_go_on(
+    tmp_path, standin, monkeypatch, first_contract
+):
+    """PostgreSQL locks rows, not the database: the code is hashed inside the send's
+    only transaction (no first one that meets the account, rolls back and runs again),
+    and another client's contract is recorded and sent meanwhile."""
+    with database_of_its_own("postgresql", tmp_path / "unused.db") as url:
+        payload = _client(first_contract)
+        other = _client("logged in")
+        rollbacks: list[Any] = []
+        engine = get_engine(url)
+
+        def note_rollback(connection: Any) -> None:
+            # An autocommit connection (the sent mark) "rolls back" nothing when closed.
+            if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+                rollbacks.append(connection)
+
+        event.listen(engine, "rollback", note_rollback)
+        try:
+            _, calls = run_with_argon2_held(
+                monkeypatch,
+                lambda: actors.send_contract.fn(other),
+                lambda: actors.send_contract.fn(payload),
+                method="hash_many",
+            )
+        finally:
+            event.remove(engine, "rollback", note_rollback)
+        assert rollbacks == [], "a transaction was rolled back"
+        _assert_one_code_sent_and_stored(standin, payload, calls, first_contract)
+        # Sent while the hash was held (``meanwhile`` runs only when a hash is made).
+        order = [contract_of(request.reference) for request in standin.requests]
+        if calls:
+            assert order.index(other["contract_id"]) < order.index(payload["contract_id"]), order
 
 
 def test_a_resend_hashes_its_new_code_while_no_transaction_holds_the_write_lock(
@@ -273,7 +325,10 @@ def test_a_resend_hashes_its_new_code_while_no_transaction_holds_the_write_lock(
         importlib.import_module("actors.deliver_email"), "enqueue_deliveries", enqueued.extend
     )
     receipt, calls = run_with_argon2_held(
-        monkeypatch, sqlite_database, lambda: resend_invitation(payload["contract_id"]), method="hash_many"
+        monkeypatch,
+        partial(take_write_lock, sqlite_database),
+        lambda: resend_invitation(payload["contract_id"]),
+        method="hash_many",
     )
     assert len(calls) == 1, "the new code was never hashed"
     assert receipt.step == 1

@@ -21,7 +21,7 @@ from sqlmodel import select
 
 import actors
 from contract_dispatch import Rejected, notify_signatories, send_contract, submit_notify_signatories
-from models.access_codes import access_code_fields, current_access_code
+from models.access_codes import CodeOnDemand, current_access_code
 from models.account import Account
 from models.delivery import Claim, EmailDelivery, EmailKind
 from models.errors import RenderError
@@ -475,7 +475,7 @@ def test_whole_delivery_with_the_file_backend(database, tmp_path):
         (delivery_id,) = record_contract(
             session,
             message,
-            access_code=access_code_fields(policy=file_settings.access_code_policy(), now=utc_now()),
+            access_code=CodeOnDemand(policy=file_settings.access_code_policy(), now=utc_now()),
             reminders=file_settings.reminder_policy(),
             now=utc_now(),
         ).delivery_ids
@@ -552,13 +552,13 @@ def test_the_invitation_send_contract_composes_is_the_one_read_back_from_the_dat
 
 
 def record(message: SendContract, *, settings: Any) -> RecordedContract:
-    """send_contract's transaction, with a code hashed for it (as ``with_code_hashed_outside``)."""
+    """send_contract's transaction, with a code hashed for it when it needs one (``with_access_code``)."""
     now = utc_now()
     with session_scope() as session:
         return record_contract(
             session,
             message,
-            access_code=access_code_fields(policy=settings.access_code_policy(), now=now),
+            access_code=CodeOnDemand(policy=settings.access_code_policy(), now=now),
             reminders=settings.reminder_policy(),
             now=now,
             claim_lease=timedelta(seconds=settings.send_lease_seconds),

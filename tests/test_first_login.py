@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from tests.processes import CLI, COMMAND_TIMEOUT_SECONDS, describe, run_cli
 from tests.sendgrid_standin import SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract
 from tests.test_access_codes import code_in, invitation
-from tests.write_lock import run_with_argon2_held
+from tests.write_lock import run_with_argon2_held, take_write_lock
 from workers.database import get_engine, session_scope
 from workers.reminders import purge_code_refusals
 from workers.settings import get_settings
@@ -705,7 +706,9 @@ def test_a_code_is_verified_while_no_transaction_holds_the_write_lock(
     inside the read's transaction made every worker's transaction wait through it."""
     email, code = new_account()
     work = (lambda: check(email, code)) if step == "verify_code" else (lambda: spend(email, code))
-    outcome, calls = run_with_argon2_held(monkeypatch, sqlite_database, work, method="verify")
+    outcome, calls = run_with_argon2_held(
+        monkeypatch, partial(take_write_lock, sqlite_database), work, method="verify"
+    )
     assert calls, "the code was never verified"
     assert outcome is (True if step == "verify_code" else None)
     if step == "set_password":

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -64,7 +65,7 @@ from tests.support import (
     wait_for_contract,
     wait_until,
 )
-from tests.write_lock import run_with_argon2_held
+from tests.write_lock import run_with_argon2_held, take_write_lock
 from workers.database import create_tables, get_engine, session_scope
 from workers.settings import Settings, get_settings, parse_days
 
@@ -1169,7 +1170,10 @@ def test_a_sweep_hashes_its_renewed_codes_while_no_transaction_holds_the_write_l
     monkeypatch.setattr(workers.reminders, "_enqueue", enqueued.extend)
     day7 = MONDAY + timedelta(days=7, hours=1)
     report, calls = run_with_argon2_held(
-        monkeypatch, sqlite_database, lambda: run_reminders(as_of=day7), method="hash_many"
+        monkeypatch,
+        partial(take_write_lock, sqlite_database),
+        lambda: run_reminders(as_of=day7),
+        method="hash_many",
     )
     assert (report.claimed, report.codes_renewed) == (3, 3)
     # The three codes in one call, hashed side by side.

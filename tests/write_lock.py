@@ -1,8 +1,9 @@
-"""SQLite's one write lock stays free while argon2id works: the harness of the tests that check it.
+"""Other transactions go on while argon2id works: the harness of the tests that check it.
 
 On SQLite every transaction takes the database's one write lock at its start
 (``BEGIN IMMEDIATE``): a hash or a verification (tens of milliseconds) run inside
-one made every other worker's transaction wait.
+one made every other worker's transaction wait. On PostgreSQL a transaction locks
+only its rows: a new code is hashed inside it, and other contracts go on meanwhile.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ def take_write_lock(database_url: str) -> None:
 
 
 def run_with_argon2_held(
-    monkeypatch: pytest.MonkeyPatch, database_url: str, work: Callable[[], T], *, method: str
+    monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], object], work: Callable[[], T], *, method: str
 ) -> tuple[T, list[tuple[Any, ...]]]:
-    """``work()`` in a thread, its ``GatedHasher.<method>`` calls held until the write lock was taken.
+    """``work()`` in a thread, its ``GatedHasher.<method>`` calls held until ``meanwhile()`` returned.
 
-    While the first call is held, ``take_write_lock`` must succeed. Returns what
-    ``work`` returned (or raises what it raised) and the arguments of each call;
-    work that makes no such call simply runs (its caller asserts none was made).
+    While the first call is held, ``meanwhile`` (``take_write_lock``, say) must
+    succeed. Returns what ``work`` returned (or raises what it raised) and the
+    arguments of each call; work that makes no such call simply runs (its caller
+    asserts none was made).
     """
     entered, release = threading.Event(), threading.Event()
     calls: list[tuple[Any, ...]] = []
@@ -71,7 +73,7 @@ def run_with_argon2_held(
             what=f"an argon2id {method} call, or the work's end",
         )
         if entered.is_set():
-            take_write_lock(database_url)
+            meanwhile()
     finally:
         release.set()
         thread.join(timeout=HOLD_TIMEOUT_SECONDS)

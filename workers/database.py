@@ -267,6 +267,16 @@ def dispose_engines() -> None:
         _default = None
 
 
+def transactions_lock_rows(url: str | None = None) -> bool:
+    """Whether a transaction locks only the rows it touches (PostgreSQL), not the whole database.
+
+    SQLite's transactions take its one write lock at their start (``BEGIN IMMEDIATE``,
+    see ``_sqlite_engine``): tens of milliseconds of work inside one make every
+    other writer wait.
+    """
+    return get_engine(url).dialect.name != "sqlite"
+
+
 @contextmanager
 def autocommit(url: str | None = None) -> Iterator[Connection]:
     """A connection on which each statement commits on its own.
