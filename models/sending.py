@@ -29,10 +29,10 @@ from models.messages import SendContract
 from models.reminders import CYCLE_FIELDS, ReminderPolicy, cycle_start, start_cycle
 from models.upsert import chunks, insert_ignoring_conflict, insert_many_returning, table_of
 from models.workspace import (
+    ResourceGroup,
     Workspace,
     choose_resource_group,
     fold_groups,
-    resolve_resource_group,
     resource_groups_of_many,
     workspace_group_pairs,
 )
@@ -118,12 +118,34 @@ class ContractState:
         return cls(id=str(row.id), status=str(row.status), content_hash=str(row.content_hash or ""))
 
 
-# Built once: the state sending decides on, as plain values (read for every send),
-# and the same locked, for the actor.
+# Built once: the state sending decides on, as plain values (read for every send).
 _CONTRACT_STATE = select(col(Contract.id), col(Contract.status), col(Contract.content_hash)).where(
     col(Contract.id) == bindparam("contract_id")
 )
-_CONTRACT_STATE_FOR_UPDATE = _CONTRACT_STATE.with_for_update()
+
+_CONTRACTS, _WORKSPACES, _GROUPS = table_of(Contract), table_of(Workspace), table_of(ResourceGroup)
+
+# Built once, for the actor: the same state, locked, beside the message's workspace
+# and its resource groups (one row per group; the workspace NULL when it is not
+# registered), so rule 1 costs no round trip of its own. Only the contract's row is
+# locked, as when the workspace was read apart.
+_STATE_AND_GROUPS_FOR_UPDATE = (
+    sql.select(
+        _CONTRACTS.c.id,
+        _CONTRACTS.c.status,
+        _CONTRACTS.c.content_hash,
+        _WORKSPACES.c.id.label("workspace_id"),
+        _GROUPS.c.id.label("resource_group_id"),
+    )
+    .select_from(
+        _CONTRACTS.outerjoin(_WORKSPACES, _WORKSPACES.c.id == bindparam("workspace_id")).outerjoin(
+            _GROUPS, _GROUPS.c.workspace_id == _WORKSPACES.c.id
+        )
+    )
+    .where(_CONTRACTS.c.id == bindparam("contract_id"))
+    .order_by(_GROUPS.c.id)
+    .with_for_update(of=_CONTRACTS)
+)
 _RECORD_SENT = (
     update(table_of(Contract))
     .where(table_of(Contract).c.id == bindparam("contract_id"))
@@ -141,18 +163,22 @@ _RECORD_SENT = (
 )
 
 
-def _locked_state(session: Session, message: SendContract, *, now: datetime) -> ContractState:
-    """The contract's state, the row created as queued if absent and locked.
+def _locked_state(
+    session: Session, message: SendContract, *, now: datetime
+) -> tuple[ContractState, list[str] | None]:
+    """The contract's state, the row created as queued if absent and locked, and the
+    resource groups of the message's workspace (None: not registered).
 
     Plain values, not an ORM object: this runs for every send_contract, and the
     row is then changed by one UPDATE rather than through the unit of work.
     """
-    params = {"contract_id": message.contract_id}
-    row = session.connection().execute(_CONTRACT_STATE_FOR_UPDATE, params).first()
-    if row is None:
+    params = {"contract_id": message.contract_id, "workspace_id": message.workspace_id}
+    rows = session.connection().execute(_STATE_AND_GROUPS_FOR_UPDATE, params).all()
+    if not rows:
         _insert_queued(session, message.contract_id, _contract_fields(message), now=now)
-        row = session.connection().execute(_CONTRACT_STATE_FOR_UPDATE, params).one()
-    return ContractState.of(row)
+        rows = session.connection().execute(_STATE_AND_GROUPS_FOR_UPDATE, params).all()
+    pairs = ((row.workspace_id, row.resource_group_id) for row in rows if row.workspace_id is not None)
+    return ContractState.of(rows[0]), fold_groups(pairs, {}).get(message.workspace_id)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,14 +228,14 @@ def record_contract(
     (``RecordedContract.invitation``): two round trips fewer than claiming it and
     reading it back.
     """
-    state = _locked_state(session, message, now=now)
+    state, groups = _locked_state(session, message, now=now)
     _check_same_content(state.content_hash, message)
     if state.status not in OPEN_STATUSES:
         return RecordedContract(
             delivery_ids=pending_delivery_ids(session, message.contract_id, EmailKind.INVITATION)
         )
 
-    resource_group_id = resolve_resource_group(session, message.workspace_id, message.resource_group_id)
+    resource_group_id = choose_resource_group(message.workspace_id, message.resource_group_id, groups)
     account, created = bind_account(
         session,
         email=message.email,

@@ -104,13 +104,11 @@ def resource_groups_of_many(session: Session, workspace_ids: Iterable[str]) -> d
     return groups
 
 
-def resolve_resource_group(session: Session, workspace_id: str, resource_group_id: str | None) -> str:
-    """Rule 1: the client's resource group, required when the workspace has several."""
-    return choose_resource_group(workspace_id, resource_group_id, resource_groups_of(session, workspace_id))
-
-
 def choose_resource_group(workspace_id: str, resource_group_id: str | None, groups: list[str] | None) -> str:
-    """Rule 1 on a workspace's resource groups as read (None: the workspace is not registered)."""
+    """Rule 1: the client's resource group, required when the workspace has several.
+
+    On a workspace's resource groups as read (None: the workspace is not registered).
+    """
     if groups is None:
         raise UnknownWorkspace(f"workspace {workspace_id!r} is not registered")
     if resource_group_id is None:
