@@ -218,7 +218,7 @@ def with_access_code(
 
     ``hash_in_transaction`` (PostgreSQL, whose transactions lock rows): ``run`` gets a
     ``CodeOnDemand`` and the hash runs inside the transaction, which holds only the
-    contract's and the account's rows meanwhile. One transaction, where hashing
+    contract's row meanwhile (and the account's, when it exists). One transaction, where hashing
     outside takes a first one that finds the account needs a code and rolls back
     (five round trips to the database per new account).
 
