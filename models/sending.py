@@ -147,8 +147,8 @@ _STATE_AND_GROUPS_FOR_UPDATE = (
     .with_for_update(of=_CONTRACTS)
 )
 _RECORD_SENT = (
-    update(table_of(Contract))
-    .where(table_of(Contract).c.id == bindparam("contract_id"))
+    update(_CONTRACTS)
+    .where(_CONTRACTS.c.id == bindparam("contract_id"))
     .values(
         status=ContractStatus.SENT.value,
         resource_group_id=bindparam("resource_group_id"),
