@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import argon2
+import dramatiq
 import pytest
 import redis
 from argon2 import PasswordHasher
 from argon2.exceptions import VerifyMismatchError
+from dramatiq.brokers.stub import StubBroker
 from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import make_url
@@ -41,6 +43,7 @@ from models.access_codes import (
     derive_code,
     issue_access_code,
     needs_access_code,
+    password_hasher,
 )
 from models.account import Account
 from models.contract import Contract
@@ -50,8 +53,10 @@ from tests.conftest import database_of_its_own
 from tests.sendgrid_standin import Answer, Received, SendGridStandIn
 from tests.support import all_emails_sent, contract_payload, wait_for_contract, wait_until
 from tests.write_lock import run_with_argon2_held, take_write_lock
+from workers.broker import build_broker
 from workers.database import get_engine, normalize_database_url, session_scope
-from workers.settings import get_settings
+from workers.middleware import HashingThreads
+from workers.settings import Settings, get_settings
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -659,9 +664,28 @@ def test_hashes_run_at_most_slots_at_once(slots):
     assert not probe.threads & {thread.ident for thread in threads}
 
 
+def test_the_service_broker_starts_the_hashing_threads_before_the_workers_own():
+    # Costs no other test uses: password_hasher keeps one hasher per costs and process.
+    settings = Settings(argon2_memory_kib=1032, argon2_time_cost=1, argon2_max_concurrent=2)
+    parameters = settings.access_code_policy().hash_parameters
+    hashing = [m for m in build_broker(settings).middleware if isinstance(m, HashingThreads)]
+    assert [m.parameters for m in hashing] == [parameters]
+    seen: dict[str, list[threading.Thread]] = {}
+
+    class Probe(dramatiq.Middleware):
+        def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+            # Dramatiq starts its worker threads after this hook.
+            seen["hashing"] = [thread for thread in password_hasher(parameters).threads if thread.is_alive()]
+
+    worker = dramatiq.Worker(StubBroker(middleware=[*hashing, Probe()]), worker_threads=1)
+    worker.start()
+    worker.stop()
+    assert len(seen["hashing"]) == 2
+    assert all(thread.name.startswith("argon2") for thread in seen["hashing"])
+
+
 def test_worker_processes_share_the_cores_for_hashing(monkeypatch):
     from workers.runner import tuning_environment
-    from workers.settings import Settings
 
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     assert tuning_environment(Settings(), processes=2)["ARGON2_MAX_CONCURRENT"] == "2"

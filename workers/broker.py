@@ -11,7 +11,7 @@ from dramatiq.middleware import CurrentMessage, Retries, default_middleware
 
 from workers import embedded_redis
 from workers.consumer import TolerantRedisConsumer
-from workers.middleware import BrokerMaintenance, DeadLetters, MessageLog, SingleStopSignal
+from workers.middleware import BrokerMaintenance, DeadLetters, HashingThreads, MessageLog, SingleStopSignal
 from workers.middleware.metrics import Refusals, dramatiq_prometheus
 from workers.rabbitmq import ServiceRabbitmqBroker
 from workers.retry_policy import retry_when
@@ -100,6 +100,7 @@ def build_broker(settings: Settings) -> ServiceBroker:
         )
     )
     middleware.append(SingleStopSignal())
+    middleware.append(HashingThreads(parameters=settings.access_code_policy().hash_parameters))
     if settings.uses_rabbitmq:
         assert settings.broker_url is not None
         return ServiceRabbitmqBroker(
