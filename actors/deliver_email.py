@@ -10,7 +10,7 @@ from dramatiq.common import compute_backoff, current_millis
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 
-from models.errors import TransientError
+from models.errors import DeliveryBusy, TransientError
 from models.messages import DeliverEmail, DeliverEmailGroup, parse_message
 from models.types import utc_now
 from workers import dead_letters
@@ -122,12 +122,21 @@ def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None) 
             _file_failed(payload, exc)
             return
         delay = first_retry_delay_ms(exc)
-        logger.warning(
-            "Delivery %d: first attempt failed (%s); deliver_email retries it in %d ms.",
-            delivery_id,
-            type(exc).__name__,
-            delay,
-        )
+        if isinstance(exc, DeliveryBusy):
+            # No failure: a duplicate message met the email its twin is sending now.
+            # The later check finds it sent, or takes over if the twin died.
+            logger.info(
+                "Delivery %d is being sent by another attempt; deliver_email checks it in %d ms.",
+                delivery_id,
+                delay,
+            )
+        else:
+            logger.warning(
+                "Delivery %d: first attempt failed (%s); deliver_email retries it in %d ms.",
+                delivery_id,
+                type(exc).__name__,
+                delay,
+            )
         failed_at: Any = {ATTEMPTS_OPTION: 1, FIRST_FAILED_OPTION: current_millis()}
         deliver_email.send_with_options(args=(payload,), delay=delay, retries=1, **failed_at)
 

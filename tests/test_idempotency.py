@@ -316,6 +316,41 @@ def test_a_failed_first_attempt_is_handed_to_deliver_email(worker, standin, capl
     assert report.emails[0].last_error is None
 
 
+def test_a_duplicate_that_meets_its_invitation_being_sent_leaves_it_to_a_later_check(
+    worker, standin, caplog, monkeypatch
+):
+    caplog.set_level(logging.DEBUG)
+    payload = contract_payload()
+    arrived, release = threading.Event(), threading.Event()
+
+    def hold_the_invitation(incoming: Incoming) -> Answer:
+        if (incoming.reference or "").startswith(f"invitation:{payload['contract_id']}:"):
+            arrived.set()
+            release.wait(60)
+        return Answer()
+
+    monkeypatch.setattr(standin, "chooser", hold_the_invitation)
+    first = threading.Thread(target=actors.send_contract.fn, args=(payload,))
+    first.start()
+    try:
+        assert arrived.wait(60), "the first send never reached the provider"
+        # The same message again (a producer's retry), while the first one's email is out.
+        actors.send_contract.fn(payload)
+    finally:
+        release.set()
+        first.join(60)
+
+    _one_invitation(standin, payload["contract_id"])
+    (delivery,) = deliveries_of(payload["contract_id"])
+    assert delivery.attempts == 1
+    # A check after the first attempt's lease, in case its worker died meanwhile.
+    assert _enqueued_here(caplog) == ["emails.DQ"]
+    (note,) = [r for r in caplog.records if r.name == "actors.deliver_email" and r.thread == here()]
+    # Not a failure: nothing for an operator to look at.
+    assert note.levelname == "INFO"
+    assert note.getMessage().startswith(f"Delivery {delivery.id} is being sent by another attempt")
+
+
 def test_with_no_retry_allowed_a_failed_first_attempt_is_dead_lettered_without_another_request(
     worker, standin, redis_server, monkeypatch
 ):
