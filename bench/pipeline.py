@@ -461,7 +461,7 @@ def argon2id_hash_seconds(repeat: int = 7) -> tuple[float, str]:
     from models.access_codes import argon2id_hasher, derive_code
     from workers.settings import get_settings
 
-    parameters = get_settings().access_code_policy().hash_parameters
+    parameters = get_settings().hash_parameters()
     hasher = argon2id_hasher(parameters)
     times = []
     for attempt in range(repeat):

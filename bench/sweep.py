@@ -431,7 +431,7 @@ class SizeRun:
         from models.access_codes import derive_code, password_hasher
         from workers.reminders import run_sweep
 
-        parameters = self.settings.access_code_policy().hash_parameters
+        parameters = self.settings.hash_parameters()
         hasher = password_hasher(parameters)
         hash_s = timed(lambda: hasher.hash(derive_code(b"bench", "nonce")))
         as_of = AS_OF + RENEWALS_DUE_AFTER + timedelta(seconds=renewals + 1)

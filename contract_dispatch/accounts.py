@@ -21,7 +21,7 @@ def first_login_policy() -> FirstLoginPolicy:
     """The first-login rules from the settings (argon2id costs, attempts, password length)."""
     settings = get_settings()
     return FirstLoginPolicy(
-        hash_parameters=settings.access_code_policy().hash_parameters,
+        hash_parameters=settings.hash_parameters(),
         max_failed_attempts=settings.access_code_max_attempts,
         password_min_length=settings.password_min_length,
         refusal_key=settings.secret_key_bytes(),

@@ -664,12 +664,15 @@ def test_hashes_run_at_most_slots_at_once(slots):
     assert not probe.threads & {thread.ident for thread in threads}
 
 
-def test_the_service_broker_starts_the_hashing_threads_before_the_workers_own():
+def test_the_service_broker_starts_the_hashing_threads_before_the_workers_own(tmp_path):
     # Costs no other test uses: password_hasher keeps one hasher per costs and process.
     settings = Settings(argon2_memory_kib=1032, argon2_time_cost=1, argon2_max_concurrent=2)
-    parameters = settings.access_code_policy().hash_parameters
+    settings = settings.model_copy(update={"secret_key": None, "data_dir": tmp_path})
+    parameters = settings.hash_parameters()
     hashing = [m for m in build_broker(settings).middleware if isinstance(m, HashingThreads)]
     assert [m.parameters for m in hashing] == [parameters]
+    # Building the broker (every command that enqueues or reads a queue) needs no secret key.
+    assert list(tmp_path.iterdir()) == []
     seen: dict[str, list[threading.Thread]] = {}
 
     class Probe(dramatiq.Middleware):
@@ -695,4 +698,4 @@ def test_worker_processes_share_the_cores_for_hashing(monkeypatch):
     assert tuned["dramatiq_worker_timeout"] == "250"
     # The hashing threads keep their blocks (see GatedHasher): no forced unmapping.
     assert "MALLOC_MMAP_THRESHOLD_" not in tuned
-    assert Settings(argon2_max_concurrent=3).access_code_policy().hash_parameters.concurrency == 3
+    assert Settings(argon2_max_concurrent=3).hash_parameters().concurrency == 3

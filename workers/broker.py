@@ -100,7 +100,7 @@ def build_broker(settings: Settings) -> ServiceBroker:
         )
     )
     middleware.append(SingleStopSignal())
-    middleware.append(HashingThreads(parameters=settings.access_code_policy().hash_parameters))
+    middleware.append(HashingThreads(parameters=settings.hash_parameters()))
     if settings.uses_rabbitmq:
         assert settings.broker_url is not None
         return ServiceRabbitmqBroker(

@@ -500,13 +500,17 @@ class Settings(BaseSettings):
         """What issuing a temporary password needs, from these settings."""
         return AccessCodePolicy(
             secret_key=self.secret_key_bytes(),
-            hash_parameters=HashParameters(
-                memory_kib=self.argon2_memory_kib,
-                time_cost=self.argon2_time_cost,
-                parallelism=self.argon2_parallelism,
-                concurrency=self.argon2_max_concurrent,
-            ),
+            hash_parameters=self.hash_parameters(),
             ttl=timedelta(days=self.access_code_ttl_days),
+        )
+
+    def hash_parameters(self) -> HashParameters:
+        """argon2id's costs and the hashes allowed at once (no secret key read or generated)."""
+        return HashParameters(
+            memory_kib=self.argon2_memory_kib,
+            time_cost=self.argon2_time_cost,
+            parallelism=self.argon2_parallelism,
+            concurrency=self.argon2_max_concurrent,
         )
 
     def secret_key_bytes(self) -> bytes:
