@@ -812,7 +812,8 @@ def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
         )
         assert contracts_row.split()[:5] == ["contracts", "3", "1", "n/a", "1"], table.stdout
         assert "consumers" in table.stdout
-        assert "Workers: none registered in Redis; 0 live, by their consumers" in table.stdout
+        consumed = "by their consumers on contracts, contracts-bulk and emails"
+        assert f"Workers: none registered in Redis; 0 live, {consumed}" in table.stdout
 
         # A worker's depth sample (its maintenance tick's part): RabbitMQ's counts, stored
         # in Redis; a second one within the interval is not taken.
@@ -829,6 +830,7 @@ def test_status_and_metrics_on_rabbitmq_give_its_own_counts(
         page = run_cli(env, "status", "--html", str(page_path))
         assert page.returncode == 0, page.stderr
         html = page_path.read_text()
+        assert f"None registered in Redis; 0 live, {consumed} (see the queue table)." in html
         figures = dict(re.findall(r'data-figure="([^"]+)"[^>]*>([^<]*)<', html))
         assert figures["queues.contracts.ready"] == "3" and figures["queues.contracts.dead"] == "1"
         assert figures["queues.contracts.in_flight"] == figures["total.in_flight"] == "n/a"

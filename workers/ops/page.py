@@ -28,7 +28,7 @@ from workers.ops.formatting import (
     ordered,
 )
 from workers.ops.history import CHART_SPAN, History
-from workers.ops.snapshot import QUEUE_STATES, QUEUES, WINDOWS, Snapshot
+from workers.ops.snapshot import CONSUMED_QUEUES_TEXT, QUEUE_STATES, QUEUES, WINDOWS, Snapshot
 from workers.ops.table import SWEEP_FIELDS, TIME_FIELDS
 
 #: The id of the embedded JSON data block (the snapshot, as ``status --json`` prints it).
@@ -328,8 +328,8 @@ def render_page(
     queues_table = _table("queues", queue_headers + (["consumers"] if on_rabbitmq else []), queue_rows)
     if on_rabbitmq and not snapshot.workers:
         workers_table = (
-            f'<p id="workers">None registered in Redis; {live} live, by their consumers on contracts '
-            "and emails (see the queue table).</p>"
+            f'<p id="workers">None registered in Redis; {live} live, by their consumers on '
+            f"{CONSUMED_QUEUES_TEXT} (see the queue table).</p>"
         )
     else:
         workers_table = _table(

@@ -32,6 +32,9 @@ QUEUES = ("contracts", "contracts-bulk", "emails", "maintenance")
 #: The queues a worker must consume for contracts to get sent.
 CONSUMED_QUEUES = ("contracts", "contracts-bulk", "emails")
 
+#: The same, as a reader is told: "contracts, contracts-bulk and emails".
+CONSUMED_QUEUES_TEXT = ", ".join(CONSUMED_QUEUES[:-1]) + " and " + CONSUMED_QUEUES[-1]
+
 #: How long reading the broker's figures may take, in seconds.
 BROKER_READ_TIMEOUT_SECONDS = 5.0
 

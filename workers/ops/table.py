@@ -20,7 +20,7 @@ from workers.ops.formatting import (
     format_time,
     ordered,
 )
-from workers.ops.snapshot import WINDOWS, Snapshot
+from workers.ops.snapshot import CONSUMED_QUEUES_TEXT, WINDOWS, Snapshot
 
 #: Columns of the last sweep's table: (key in ``last_sweep``, label).
 SWEEP_FIELDS = (
@@ -92,7 +92,8 @@ def render(snapshot: Snapshot) -> RenderableType:
     elif on_rabbitmq:
         parts.append(
             Text(
-                f"Workers: none registered in Redis; {live} live, by their consumers on contracts and emails",
+                f"Workers: none registered in Redis; {live} live, "
+                f"by their consumers on {CONSUMED_QUEUES_TEXT}",
                 style="" if live else "bold red",
             )
         )
