@@ -23,10 +23,12 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import time as clock_time
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import pytest
 import redis
@@ -59,6 +61,10 @@ COMMAND_TIMEOUT_SECONDS = 60
 
 #: Contracts that go through (some of their invitations fail or are retried).
 GOOD_CONTRACTS = 6
+
+#: The scenario's reminder window: every day until this local time (the latest it can close).
+WINDOW_END = clock_time(23, 59)
+REMINDER_TIMEZONE = ZoneInfo("Europe/Paris")
 
 #: A metric name as PromQL and the dashboard write it.
 METRIC_NAME = re.compile(r"\b(?:contract_dispatch|dramatiq)_[a-z_]+\b")
@@ -368,7 +374,8 @@ def run(
         # Every hour of every day, so the sweep below reminds instead of postponing.
         "REMINDER_WINDOW_DAYS": "mon-sun",
         "REMINDER_WINDOW_START": "00:00",
-        "REMINDER_WINDOW_END": "23:59",
+        "REMINDER_WINDOW_END": WINDOW_END.isoformat("minutes"),
+        "REMINDER_TIMEZONE": REMINDER_TIMEZONE.key,
     }
     client: redis.Redis = redis_server.client()
     metrics_dir.mkdir()
@@ -400,7 +407,12 @@ def run(
         enqueue_raw(client, namespace, queue="contracts", actor="send_contract", payload=bound)
         contract_ids.append(bound["contract_id"])
         # A sweep as if four days had passed: the invitations sent are due a reminder.
-        as_of = (utc_now() + timedelta(days=4)).isoformat()
+        four_days_on = utc_now() + timedelta(days=4)
+        if four_days_on.astimezone(REMINDER_TIMEZONE).time() >= WINDOW_END:
+            # The window's last minute is outside it (it ends at 23:59): a sweep
+            # there would postpone the reminders, so it runs at the next opening.
+            four_days_on += timedelta(minutes=2)
+        as_of = four_days_on.isoformat()
         enqueue_raw(client, namespace, queue="maintenance", actor="sweep_reminders", payload={"as_of": as_of})
         wait_settled()
         # A retry waiting an hour: held by the worker, counted as delayed.
