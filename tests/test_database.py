@@ -11,10 +11,10 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import bindparam, inspect, text
 
 import workers.database as database
-from models.types import utc_now
+from models.types import UTCDateTime, utc_now
 
 #: Worker threads of one process asking for the engine together, as they do at start.
 THREADS = 8
@@ -60,7 +60,10 @@ def test_autocommit_writes_are_final_at_once_on_postgresql_and_at_the_end_on_sql
     kind = url.split(":")[0].split("+")[0]
     engine = database.get_engine(url)
     workspace = f"ws-{uuid.uuid4().hex[:10]}"
-    insert = text("INSERT INTO workspaces (id, created_at, updated_at) VALUES (:id, :now, :now)")
+    # The column's type converts the timestamp (sqlite3's own datetime adapter is deprecated).
+    insert = text("INSERT INTO workspaces (id, created_at, updated_at) VALUES (:id, :now, :now)").bindparams(
+        bindparam("now", type_=UTCDateTime())
+    )
     count = text("SELECT COUNT(*) FROM workspaces WHERE id = :id")
 
     def committed() -> int:
