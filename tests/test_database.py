@@ -11,10 +11,11 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, inspect, text
+from sqlalchemy import bindparam, event, inspect, text
 
 import workers.database as database
 from models.types import UTCDateTime, utc_now
+from tests.conftest import database_of_its_own
 
 #: Worker threads of one process asking for the engine together, as they do at start.
 THREADS = 8
@@ -90,6 +91,48 @@ def test_autocommit_writes_are_final_at_once_on_postgresql_and_at_the_end_on_sql
         connection.execute(insert, {"id": workspace + "-2", "now": utc_now()})
         connection.rollback()
         assert connection.execute(count, {"id": workspace + "-2"}).scalar_one() == 0
+
+
+def _statements_of(engine: Any, call: Any) -> list[str]:
+    """The SQL ``call()`` sends on ``engine``, transaction control (BEGIN) left out."""
+    sent: list[str] = []
+
+    def record(_connection: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        if not statement.startswith("BEGIN"):
+            sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        call()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return sent
+
+
+@pytest.mark.usefixtures("database")  # the fixture, not the module: it sets DATABASE_URL
+def test_a_current_schema_is_checked_in_one_query_without_the_schema_lock(tmp_path):
+    """Every process start checks the schema: up to date, one catalogue query, no lock to queue
+    on; a missing index or column takes the long way, which adds it."""
+    with database_of_its_own(os.environ["DATABASE_URL"], tmp_path / "schema.db") as url:
+        engine = database.get_engine(url)
+        catalogue = database._CATALOGUE_QUERIES[engine.dialect.name]
+        assert _statements_of(engine, lambda: database.create_tables(engine)) == [catalogue]
+
+        with engine.begin() as connection:
+            connection.execute(text("DROP INDEX ix_contracts_status"))
+            connection.execute(text("ALTER TABLE contracts DROP COLUMN cancel_reason"))
+        with engine.connect() as connection:
+            assert not database.schema_is_current(connection)
+        long_way = _statements_of(engine, lambda: database.create_tables(engine))
+        assert catalogue in long_way and len(long_way) > 10
+        assert any("pg_advisory_xact_lock" in statement for statement in long_way) == (
+            engine.dialect.name == "postgresql"
+        )
+        inspector = inspect(engine)
+        assert "ix_contracts_status" in {index["name"] for index in inspector.get_indexes("contracts")}
+        assert "cancel_reason" in {column["name"] for column in inspector.get_columns("contracts")}
+        with engine.connect() as connection:
+            assert database.schema_is_current(connection)
 
 
 @pytest.fixture
