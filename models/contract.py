@@ -41,6 +41,12 @@ class Contract(SQLModel, table=True):
         # planner given only single-column indexes takes the equality on status
         # and scans every sent contract; this one answers the whole query in order.
         Index("ix_contracts_due_reminders", "status", "next_reminder_at"),
+        # The producer's check: an address's contracts still queued, earliest first
+        # (rule 4's "first sent"); and any lookup by address alone. With single-column
+        # indexes on email and status, a planner without statistics (SQLite always, a
+        # PostgreSQL table not analyzed yet, as after a bulk import) took the one on
+        # status and read every queued contract: each check cost as much as the backlog.
+        Index("ix_contracts_queued_by_email", "email", "status", "created_at"),
     )
 
     id: str = Field(primary_key=True, max_length=IDENTIFIER_MAX_LENGTH)
@@ -51,7 +57,7 @@ class Contract(SQLModel, table=True):
     content_hash: str = Field(default="", max_length=64)
     workspace_id: str = Field(default="", max_length=IDENTIFIER_MAX_LENGTH, index=True)
     resource_group_id: str | None = Field(default=None, max_length=IDENTIFIER_MAX_LENGTH)
-    email: str = Field(default="", max_length=EMAIL_MAX_LENGTH, index=True)
+    email: str = Field(default="", max_length=EMAIL_MAX_LENGTH)
     company_name: str = Field(default="", max_length=COMPANY_NAME_MAX_LENGTH)
     lead_source: str = Field(default="", max_length=16, index=True)
     title: str | None = Field(default=None, max_length=200)

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy import Connection, bindparam, or_, update
-from sqlmodel import Column, Field, Session, SQLModel, UniqueConstraint, col, select
+from sqlmodel import Column, Field, Index, Session, SQLModel, UniqueConstraint, col, select
 
 from models.account import EMAIL_MAX_LENGTH
 from models.types import UTCDateTime, utc_now
@@ -52,11 +52,16 @@ class EmailDelivery(SQLModel, table=True):
     __tablename__ = "email_deliveries"
     __table_args__ = (
         UniqueConstraint("kind", "contract_id", "recipient", "step", name="uq_email_delivery_key"),
+        # A contract's pending emails (every signed event, resend and cancellation asks),
+        # and any lookup by contract alone. With single-column indexes on contract_id and
+        # status, a planner without statistics (SQLite always) took the one on status and
+        # read every pending email: a backlog (a provider outage) slowed each of them.
+        Index("ix_email_deliveries_pending_by_contract", "contract_id", "status"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=32)
-    contract_id: str = Field(max_length=IDENTIFIER_MAX_LENGTH, foreign_key="contracts.id", index=True)
+    contract_id: str = Field(max_length=IDENTIFIER_MAX_LENGTH, foreign_key="contracts.id")
     recipient: str = Field(max_length=EMAIL_MAX_LENGTH)
     recipient_name: str | None = Field(default=None, max_length=200)
     #: 0 for the first email of its kind; resends and reminders count up.
