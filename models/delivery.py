@@ -57,6 +57,11 @@ class EmailDelivery(SQLModel, table=True):
         # status, a planner without statistics (SQLite always) took the one on status and
         # read every pending email: a backlog (a provider outage) slowed each of them.
         Index("ix_email_deliveries_pending_by_contract", "contract_id", "status"),
+        # The emails sent in the last hour and day, counted by ``status`` and at every
+        # scrape of the metrics: a range of this index, not every email ever sent (the one
+        # on status alone read them all, ten times slower at 200,000). Its first column
+        # serves the lookups by status alone (pending, failed).
+        Index("ix_email_deliveries_status_sent_at", "status", "sent_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -69,7 +74,7 @@ class EmailDelivery(SQLModel, table=True):
     locale: str = Field(default="fr", max_length=8)
     #: Whether the email carries the account's current temporary password.
     includes_access_code: bool = Field(default=False)
-    status: str = Field(default=DeliveryStatus.PENDING, max_length=16, index=True)
+    status: str = Field(default=DeliveryStatus.PENDING, max_length=16)
     attempts: int = Field(default=0)
     provider_message_id: str | None = Field(default=None, max_length=255)
     last_error: str | None = Field(default=None, max_length=1000)

@@ -1,6 +1,8 @@
-"""Query plans: the producer's check reads an address's contracts by the address, and a
-contract's pending emails are read by the contract, so each costs the same behind a
-backlog of any size (contracts queued, emails pending during a provider outage).
+"""Query plans: the producer's check reads an address's contracts by the address, a
+contract's pending emails are read by the contract, and the email counts of ``status``
+and the metrics read only their window's emails, so each costs the same behind a
+backlog or a history of any size (contracts queued, emails pending during a provider
+outage, emails sent over the months).
 
 Planned without statistics on the columns, as SQLite always plans here (it gathers
 none) and PostgreSQL plans a table until it is first analyzed: with one index per
@@ -29,6 +31,7 @@ from models.upsert import table_of
 from tests.conftest import database_of_its_own
 from tests.support import contract_payload
 from workers.database import autocommit_session, get_engine, session_scope
+from workers.ops.snapshot import WINDOWS, database_figures
 
 #: Contracts queued to other addresses, and emails pending for other contracts.
 BACKLOG = 2000
@@ -38,6 +41,9 @@ QUEUED_FILTER = "contracts.status ="
 
 #: What marks the statements that look for a contract's pending emails.
 PENDING_FILTERS = ("email_deliveries.contract_id", "email_deliveries.status =")
+
+#: What marks the statements that count the emails sent in a window.
+SENT_SINCE_FILTER = "email_deliveries.sent_at >="
 
 
 def _backlog(count: int) -> list[dict[str, Any]]:
@@ -217,3 +223,19 @@ def test_a_contracts_pending_emails_are_read_by_the_contract(tmp_path):
         assert len(looking) == 2, looking
         for newest, statement, scans in _plans_in_every_index_order(engine, EmailDelivery, looking):
             assert scans and all("contract_id" in scan for scan in scans), (newest, scans, statement)
+
+
+@pytest.mark.usefixtures("database")
+def test_the_email_counts_of_status_and_metrics_read_only_their_windows_emails(tmp_path):
+    """``status`` and every scrape of the metrics count the emails sent in the last hour and
+    day: through (status, sent_at), not every email ever sent."""
+    with _backlogged(tmp_path) as engine:
+
+        def figures() -> None:
+            with session_scope() as session:
+                assert database_figures(session, now=utc_now())["emails"]["last_day"] == {}
+
+        looking = [sent for sent in _statements_of(engine, figures) if SENT_SINCE_FILTER in sent[0]]
+        assert len(looking) == len(WINDOWS), looking
+        for newest, statement, scans in _plans_in_every_index_order(engine, EmailDelivery, looking):
+            assert scans and all("sent_at" in scan for scan in scans), (newest, scans, statement)
