@@ -100,7 +100,9 @@ def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None) 
     message that takes over carries ``retries=1`` and runs when deliver_email's first
     retry would have (at the provider's reset after a 429); after one it would not
     (a permanent error, or no retry allowed), the delivery is failed and the message
-    only files the dead letter, without asking the provider again.
+    only files the dead letter, without asking the provider again. A delivery
+    another attempt is sending (``DeliveryBusy``, a duplicate message) is no
+    failure: the message that checks it after that attempt's lease carries no retry.
     """
     if prepared is None or delivery_ids != [prepared.delivery_id]:
         enqueue_deliveries(delivery_ids)
@@ -124,19 +126,22 @@ def deliver_or_hand_over(delivery_ids: list[int], *, prepared: Prepared | None) 
         delay = first_retry_delay_ms(exc)
         if isinstance(exc, DeliveryBusy):
             # No failure: a duplicate message met the email its twin is sending now.
-            # The later check finds it sent, or takes over if the twin died.
+            # The later check finds it sent, or takes over if the twin died; it is
+            # no retry, so it starts with deliver_email's whole retry budget and
+            # counts no attempt in a dead letter (this call made none).
             logger.info(
                 "Delivery %d is being sent by another attempt; deliver_email checks it in %d ms.",
                 delivery_id,
                 delay,
             )
-        else:
-            logger.warning(
-                "Delivery %d: first attempt failed (%s); deliver_email retries it in %d ms.",
-                delivery_id,
-                type(exc).__name__,
-                delay,
-            )
+            deliver_email.send_with_options(args=(payload,), delay=delay)
+            return
+        logger.warning(
+            "Delivery %d: first attempt failed (%s); deliver_email retries it in %d ms.",
+            delivery_id,
+            type(exc).__name__,
+            delay,
+        )
         failed_at: Any = {ATTEMPTS_OPTION: 1, FIRST_FAILED_OPTION: current_millis()}
         deliver_email.send_with_options(args=(payload,), delay=delay, retries=1, **failed_at)
 

@@ -32,6 +32,7 @@ from tests.support import all_emails_sent, contract_payload, record_resend, wait
 from tests.test_access_codes import _first_arg, deliveries_of, requests_for, wait_settled
 from tests.test_dead_letters import wait_email_dead
 from workers.database import session_scope
+from workers.dead_letters import ATTEMPTS_OPTION, FIRST_FAILED_OPTION
 from workers.retry_policy import retry_when
 from workers.settings import get_settings
 
@@ -330,6 +331,16 @@ def test_a_duplicate_that_meets_its_invitation_being_sent_leaves_it_to_a_later_c
         return Answer()
 
     monkeypatch.setattr(standin, "chooser", hold_the_invitation)
+    handed_over: list[Any] = []
+    enqueue = actors.broker.enqueue
+
+    def recording_enqueue(message: Any, *, delay: int | None = None) -> Any:
+        if here() == duplicate_thread:
+            handed_over.append(message)
+        return enqueue(message, delay=delay)
+
+    duplicate_thread = here()
+    monkeypatch.setattr(actors.broker, "enqueue", recording_enqueue)
     first = threading.Thread(target=actors.send_contract.fn, args=(payload,))
     first.start()
     try:
@@ -345,6 +356,11 @@ def test_a_duplicate_that_meets_its_invitation_being_sent_leaves_it_to_a_later_c
     assert delivery.attempts == 1
     # A check after the first attempt's lease, in case its worker died meanwhile.
     assert _enqueued_here(caplog) == ["emails.DQ"]
+    # No retry and no attempt of its own: the duplicate made none, so the check keeps
+    # deliver_email's whole retry budget and a dead letter counts only real attempts.
+    (check,) = handed_over
+    assert check.actor_name == "deliver_email"
+    assert not {"retries", ATTEMPTS_OPTION, FIRST_FAILED_OPTION} & set(check.options), check.options
     (note,) = [r for r in caplog.records if r.name == "actors.deliver_email" and r.thread == here()]
     # Not a failure: nothing for an operator to look at.
     assert note.levelname == "INFO"
