@@ -9,11 +9,13 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis
+from sqlalchemy import Engine, event
 
 from models.status import ContractReport
 from workers.embedded_redis import redis_server_binary
@@ -259,3 +261,28 @@ class CapturingHandler(logging.Handler):
         self.lines.append(self.format(record))
         if record.name == LOGGER_NAME:
             self.processed.append(dict(getattr(record, "fields", {})))
+
+
+class Sent(NamedTuple):
+    """One SQL statement as the engine sent it to the driver, with its parameters."""
+
+    statement: str
+    parameters: Any
+
+
+@contextmanager
+def recorded_statements(engine: Engine | None = None) -> Iterator[list[Sent]]:
+    """The SQL statements ``engine`` (DATABASE_URL's by default) runs inside the block."""
+    from workers.database import get_engine
+
+    engine = engine if engine is not None else get_engine()
+    seen: list[Sent] = []
+
+    def record(_connection: Any, _cursor: Any, statement: str, parameters: Any, *_rest: Any) -> None:
+        seen.append(Sent(statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

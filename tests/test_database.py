@@ -11,11 +11,12 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, event, inspect, text
+from sqlalchemy import bindparam, inspect, text
 
 import workers.database as database
 from models.types import UTCDateTime, utc_now
 from tests.conftest import database_of_its_own
+from tests.support import recorded_statements
 
 #: Worker threads of one process asking for the engine together, as they do at start.
 THREADS = 8
@@ -95,18 +96,9 @@ def test_autocommit_writes_are_final_at_once_on_postgresql_and_at_the_end_on_sql
 
 def _statements_of(engine: Any, call: Any) -> list[str]:
     """The SQL ``call()`` sends on ``engine``, transaction control (BEGIN) left out."""
-    sent: list[str] = []
-
-    def record(_connection: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
-        if not statement.startswith("BEGIN"):
-            sent.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with recorded_statements(engine) as seen:
         call()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    return sent
+    return [sent.statement for sent in seen if not sent.statement.startswith("BEGIN")]
 
 
 @pytest.mark.usefixtures("database")  # the fixture, not the module: it sets DATABASE_URL

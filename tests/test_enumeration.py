@@ -15,12 +15,9 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable
 
 import pytest
-from sqlalchemy import event
 from sqlmodel import select
 
 import actors
@@ -30,9 +27,16 @@ from models.dead_letter import DeadLetter
 from models.errors import EmailBoundToOtherCompany
 from models.messages import SendContract, parse_message
 from models.sending import check_send_contract
-from tests.support import contract_payload, send_args, unique, wait_for_contract, wait_until
+from tests.support import (
+    contract_payload,
+    recorded_statements,
+    send_args,
+    unique,
+    wait_for_contract,
+    wait_until,
+)
 from workers.cli import main as cli_main
-from workers.database import get_engine, session_scope
+from workers.database import session_scope
 
 CASE_OR_SPACING = "differ only by letter case or spacing"
 
@@ -122,22 +126,6 @@ def test_no_refusal_shows_the_bound_name(
 # -- the same work, known address or not --------------------------------------------
 
 
-@contextmanager
-def recorded_statements() -> Iterator[list[str]]:
-    """The SQL statements the database engine runs inside the block."""
-    engine = get_engine()
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        seen.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-
-
 def check_paths(company: str) -> dict[str, SendContract]:
     """One message per path of the producer-side check, all in the same workspace."""
     known = bind(company)
@@ -182,7 +170,7 @@ def test_the_check_does_the_same_work_for_known_and_unknown_addresses(database, 
         comparisons.clear()
         with recorded_statements() as seen:
             outcomes[name] = run_check(message)
-        statements[name] = seen
+        statements[name] = [sent.statement for sent in seen]
         steps[name] = len(comparisons)
     # The name comparisons run for an unknown address too: no early return.
     assert steps == dict.fromkeys(paths, 2), steps
@@ -194,8 +182,8 @@ def test_the_check_does_the_same_work_for_known_and_unknown_addresses(database, 
     }
     reference = statements["unknown address"]
     assert any("accounts" in statement for statement in reference), "the check looks the address up"
-    for name, seen in statements.items():
-        assert seen == reference, f"{name!r} runs other statements than an unknown address"
+    for name, run in statements.items():
+        assert run == reference, f"{name!r} runs other statements than an unknown address"
 
 
 def test_sending_to_a_known_or_an_unknown_address_runs_the_same_statements(database, monkeypatch):
@@ -210,7 +198,7 @@ def test_sending_to_a_known_or_an_unknown_address_runs_the_same_statements(datab
     for name, email in [("unknown", f"{unique('new')}@example.com"), ("known", known)]:
         with recorded_statements() as seen:
             assert send_contract(**contract_payload(email=email, company_name=company)).status == "queued"
-        statements[name] = seen
+        statements[name] = [sent.statement for sent in seen]
     assert statements["known"] == statements["unknown"]
 
 

@@ -331,7 +331,9 @@ def test_a_duplicate_that_meets_its_invitation_being_sent_leaves_it_to_a_later_c
         return Answer()
 
     monkeypatch.setattr(standin, "chooser", hold_the_invitation)
+    # What the duplicate, run in this thread, enqueues.
     handed_over: list[Any] = []
+    duplicate_thread = here()
     enqueue = actors.broker.enqueue
 
     def recording_enqueue(message: Any, *, delay: int | None = None) -> Any:
@@ -339,7 +341,6 @@ def test_a_duplicate_that_meets_its_invitation_being_sent_leaves_it_to_a_later_c
             handed_over.append(message)
         return enqueue(message, delay=delay)
 
-    duplicate_thread = here()
     monkeypatch.setattr(actors.broker, "enqueue", recording_enqueue)
     first = threading.Thread(target=actors.send_contract.fn, args=(payload,))
     first.start()

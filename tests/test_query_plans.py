@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, text
+from sqlalchemy import insert, text
 
 from models.cancelling import record_cancellation
 from models.contract import Contract, ContractStatus
@@ -29,7 +29,7 @@ from models.sending import SendChecks, check_send_contract
 from models.types import utc_now
 from models.upsert import table_of
 from tests.conftest import database_of_its_own
-from tests.support import contract_payload
+from tests.support import Sent, contract_payload, recorded_statements
 from workers.database import autocommit_session, get_engine, session_scope
 from workers.ops.snapshot import WINDOWS, database_figures
 
@@ -117,21 +117,6 @@ def _backlogged(tmp_path: Any) -> Iterator[Any]:
         yield engine
 
 
-def _statements_of(engine: Any, call: Callable[[], object]) -> list[tuple[str, Any]]:
-    """The statements, with their parameters, that ``call()`` sends on ``engine``."""
-    sent: list[tuple[str, Any]] = []
-
-    def record(_connection: Any, _cursor: Any, statement: str, parameters: Any, *_rest: Any) -> None:
-        sent.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        call()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    return sent
-
-
 def _scans(engine: Any, table: str, statement: str, parameters: Any) -> list[str]:
     """How the plan of ``statement`` reads ``table``: one condition per read ("SCAN" for
     a read of the whole table)."""
@@ -158,15 +143,15 @@ def _scans(engine: Any, table: str, statement: str, parameters: Any) -> list[str
 
 
 def _plans_in_every_index_order(
-    engine: Any, model: Any, looking: list[tuple[str, Any]]
+    engine: Any, model: Any, looking: list[Sent]
 ) -> Iterator[tuple[str, str, list[str]]]:
     """Each statement's reads of ``model``'s table, planned with each of its indexes made the
     newest in turn: (index made newest, statement, reads).
 
     Without statistics, two indexes with one equality each cost the same, and which
-    one a planner takes then depends on their order, which SQLAlchemy leaves to a
-    set's: an order that happened to put the right index first would hide the wrong
-    plan.
+    one a planner takes then depends on things such as their order, which varied from
+    one database to the next: an order that happened to favour the right index would
+    hide the wrong plan.
     """
     table = table_of(model)
     for newest in sorted(table.indexes, key=lambda index: str(index.name)):
@@ -182,14 +167,12 @@ def _plans_in_every_index_order(
 def test_the_producers_check_reads_an_addresses_queued_contracts_by_the_address(tmp_path):
     with _backlogged(tmp_path) as engine:
         message = parse_message(SendContract, contract_payload())
-
-        def checks() -> None:
+        with recorded_statements(engine) as seen:
             with autocommit_session() as session:
                 assert check_send_contract(session, message) is None
             with session_scope() as session:
                 assert SendChecks(session, [message]).check(message) is None
-
-        looking = [sent for sent in _statements_of(engine, checks) if QUEUED_FILTER in sent[0]]
+        looking = [sent for sent in seen if QUEUED_FILTER in sent.statement]
         # send_contract's one statement, and send_contracts' query of the batch's addresses.
         assert len(looking) == 2, looking
         for newest, statement, scans in _plans_in_every_index_order(engine, Contract, looking):
@@ -206,20 +189,13 @@ def test_a_contracts_pending_emails_are_read_by_the_contract(tmp_path):
         with engine.begin() as connection:
             row = _backlog(1)[0] | {"id": contract_id, "email": "plans@example.com"}
             connection.execute(insert(table_of(Contract)), [row])
-
-        def lookups() -> None:
-            with session_scope() as session:
-                # What every signed event, resend and redelivered send asks...
-                assert pending_delivery_ids(session, contract_id, EmailKind.INVITATION) == []
-                # ...and a cancellation.
-                cancel = parse_message(CancelContract, {"contract_id": contract_id})
-                assert record_cancellation(session, cancel, now=utc_now()) == []
-
-        looking = [
-            sent
-            for sent in _statements_of(engine, lookups)
-            if all(marker in sent[0] for marker in PENDING_FILTERS)
-        ]
+        with recorded_statements(engine) as seen, session_scope() as session:
+            # What every signed event, resend and redelivered send asks...
+            assert pending_delivery_ids(session, contract_id, EmailKind.INVITATION) == []
+            # ...and a cancellation.
+            cancel = parse_message(CancelContract, {"contract_id": contract_id})
+            assert record_cancellation(session, cancel, now=utc_now()) == []
+        looking = [sent for sent in seen if all(marker in sent.statement for marker in PENDING_FILTERS)]
         assert len(looking) == 2, looking
         for newest, statement, scans in _plans_in_every_index_order(engine, EmailDelivery, looking):
             assert scans and all("contract_id" in scan for scan in scans), (newest, scans, statement)
@@ -230,12 +206,9 @@ def test_the_email_counts_of_status_and_metrics_read_only_their_windows_emails(t
     """``status`` and every scrape of the metrics count the emails sent in the last hour and
     day: through (status, sent_at), not every email ever sent."""
     with _backlogged(tmp_path) as engine:
-
-        def figures() -> None:
-            with session_scope() as session:
-                assert database_figures(session, now=utc_now())["emails"]["last_day"] == {}
-
-        looking = [sent for sent in _statements_of(engine, figures) if SENT_SINCE_FILTER in sent[0]]
+        with recorded_statements(engine) as seen, session_scope() as session:
+            assert database_figures(session, now=utc_now())["emails"]["last_day"] == {}
+        looking = [sent for sent in seen if SENT_SINCE_FILTER in sent.statement]
         assert len(looking) == len(WINDOWS), looking
         for newest, statement, scans in _plans_in_every_index_order(engine, EmailDelivery, looking):
             assert scans and all("sent_at" in scan for scan in scans), (newest, scans, statement)
