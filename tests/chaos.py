@@ -69,6 +69,11 @@ CAUSE_TIMED_OUT = "provider accepted after the client timed out"
 CAUSE_KILLED = "SIGKILL between 202 and commit"
 CAUSE_UNEXPLAINED = "unexplained"
 
+#: How long a request may take to reach the stand-in after the client's timeout
+#: started (its send, a loaded machine), in seconds: an answer ready that close to
+#: the timeout may already be too late for the client.
+REQUEST_TRANSIT_SECONDS = 0.1
+
 #: The service's own settings: stripped from the environment the run inherits.
 SERVICE_VARIABLES = frozenset(
     {
@@ -1159,8 +1164,9 @@ class ChaosRun:
             if pid is None and any(died_in_flight(*k) for k in self.kill_windows()):
                 return CAUSE_KILLED
             return CAUSE_TIMED_OUT
-        if received.answered_at - received.received_at > timeout:
-            # The stand-in itself was slower than the client's timeout.
+        if received.answered_at - received.received_at > timeout - REQUEST_TRANSIT_SECONDS:
+            # The stand-in itself was slower than the client's timeout (whose clock
+            # started before the stand-in read the request).
             return CAUSE_TIMED_OUT
         # Killed after the 202 went out (before the process was gone), while its
         # commit could still be pending.
