@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func
 from sqlmodel import col, select
 
+from contract_dispatch import send_contract
 from models.contract import Contract
 from models.dead_letter import DeadLetter
 from models.delivery import EmailDelivery
@@ -45,9 +46,11 @@ from models.types import utc_now
 from tests.conftest import database_of_its_own
 from tests.processes import CLI, WorkerProcess
 from tests.sendgrid_standin import Answer, Received, SendGridStandIn
-from tests.support import contract_payload, free_port, unique, wait_until
+from tests.support import contract_payload, free_port, recorded_statements, unique, wait_until
 from workers.database import get_engine, session_scope
-from workers.ops.snapshot import QUEUES
+from workers.ops.exporter import SnapshotCollector
+from workers.ops.snapshot import QUEUES, SHARED_DATABASE_FIGURES_KEY
+from workers.settings import reset_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "ops" / "alerts.yml"
@@ -371,6 +374,9 @@ def run(
         "REDIS_NAMESPACE": namespace,
         "METRICS_PORT": str(port),
         "METRICS_DIR": str(metrics_dir),
+        # The gauges are compared with the database as read just before the scrape: none
+        # of the scrapes while it settled may serve them (see the shared-reading test).
+        "METRICS_DATABASE_MAX_AGE_MS": "0",
         # Every hour of every day, so the sweep below reminds instead of postponing.
         "REMINDER_WINDOW_DAYS": "mon-sun",
         "REMINDER_WINDOW_START": "00:00",
@@ -584,6 +590,76 @@ def test_dramatiq_figures_are_summed_over_the_worker_processes_and_start_from_ze
     assert {labels: value for labels, value in delayed.items() if value} == {("emails",): 1.0}
     # Files come from the two worker processes only, one set each.
     assert run.file_pids == set(run.worker_pids)
+
+
+# -- one database reading for the fleet's endpoints -----------------------------------
+
+
+def contracts_gauge(endpoint: SnapshotCollector) -> tuple[dict[str, float], list[str]]:
+    """One scrape of ``endpoint``'s gauges: contracts per status, and the SQL it ran."""
+    with recorded_statements() as seen:
+        families = list(endpoint.collect())
+    (contracts,) = [family for family in families if family.name == "contract_dispatch_contracts"]
+    up = {
+        sample.labels["source"]: sample.value
+        for family in families
+        for sample in family.samples
+        if family.name == "contract_dispatch_snapshot_source_up"
+    }
+    assert up == {"broker": 1.0, "database": 1.0}, up
+    return {sample.labels["status"]: sample.value for sample in contracts.samples}, [
+        sent.statement for sent in seen
+    ]
+
+
+def test_endpoints_share_one_database_reading_within_its_max_age(database, redis_server, monkeypatch):
+    """N endpoints scraped every interval read the whole-system gauges about once, not N times."""
+    import contract_dispatch.producer as producer
+
+    # Nothing to enqueue: the contracts only have to be in the database.
+    monkeypatch.setattr(producer, "_enqueue", lambda message: None)
+    namespace = unique("shared-figures")
+    monkeypatch.setenv("REDIS_NAMESPACE", namespace)
+    monkeypatch.setenv("METRICS_DATABASE_MAX_AGE_MS", "60000")
+    reset_settings()
+    client = redis_server.client()
+    key = SHARED_DATABASE_FIGURES_KEY.format(namespace=namespace)
+    # Two endpoints: what one reads reaches the other through Redis only.
+    first, second = SnapshotCollector(), SnapshotCollector()
+    try:
+        before, statements = contracts_gauge(first)
+        assert any("FROM contracts" in statement for statement in statements), statements
+        assert 0 < client.pttl(key) <= 60000
+        send_contract(**contract_payload())
+
+        # Within the max age the other endpoint reads nothing from the database.
+        shared, statements = contracts_gauge(second)
+        assert statements == []
+        assert shared == before
+
+        # Once it has expired, the next scrape reads the database (the new contract) and leaves that.
+        client.delete(key)
+        after, statements = contracts_gauge(second)
+        assert any("FROM contracts" in statement for statement in statements), statements
+        assert after.get("queued", 0) == before.get("queued", 0) + 1
+        assert contracts_gauge(first) == (after, [])
+
+        # Something other than figures under the key: read the database.
+        client.set(key, "not json", px=60000)
+        assert contracts_gauge(first)[1] != []
+
+        # 0: every scrape reads the database, and leaves nothing for the others.
+        monkeypatch.setenv("METRICS_DATABASE_MAX_AGE_MS", "0")
+        reset_settings()
+        client.delete(key)
+        for endpoint in (first, second):
+            assert contracts_gauge(endpoint)[1] != []
+        assert client.exists(key) == 0
+    finally:
+        client.delete(key)
+        client.close()
+        monkeypatch.undo()
+        reset_settings()
 
 
 # -- the command ------------------------------------------------------------------

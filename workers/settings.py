@@ -84,6 +84,11 @@ DEFAULT_HISTORY_SAMPLE_INTERVAL_MS = 15_000
 DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9191
 
+#: How long the database gauges one metrics endpoint reads serve every endpoint sharing its
+#: Redis, in milliseconds: a fleet's endpoints read the whole-system figures (contracts per
+#: status over the whole table) about once per this interval instead of once each per scrape.
+DEFAULT_METRICS_DATABASE_MAX_AGE_MS = 10_000
+
 #: How long a worker keeps retrying Redis through an outage before a command fails, in seconds.
 DEFAULT_REDIS_OUTAGE_PATIENCE_SECONDS = 120.0
 
@@ -258,6 +263,12 @@ class Settings(BaseSettings):
     metrics_dir: Path | None = Field(
         default=None,
         description="Worker processes' metric files; unset is data_dir/metrics/METRICS_PORT.",
+    )
+    metrics_database_max_age_ms: int = Field(
+        default=DEFAULT_METRICS_DATABASE_MAX_AGE_MS,
+        ge=0,
+        description="How old the database gauges of a scrape may be (shared through Redis), "
+        "in milliseconds; 0 reads the database at every scrape.",
     )
     refusal_rate_limit: int = Field(
         default=DEFAULT_REFUSAL_RATE_LIMIT,

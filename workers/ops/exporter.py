@@ -151,8 +151,9 @@ class SnapshotCollector:
             snapshot = self._take()
         else:
             from workers.ops.snapshot import take_snapshot
+            from workers.settings import get_settings
 
-            snapshot = take_snapshot()
+            snapshot = take_snapshot(database_max_age_ms=get_settings().metrics_database_max_age_ms)
         yield from snapshot_gauges(snapshot)
 
 

@@ -10,13 +10,16 @@ and day, contracts by status, dead letters by actor and the last reminder sweep.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import redis
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
@@ -37,6 +40,12 @@ CONSUMED_QUEUES_TEXT = ", ".join(CONSUMED_QUEUES[:-1]) + " and " + CONSUMED_QUEU
 
 #: How long reading the broker's figures may take, in seconds.
 BROKER_READ_TIMEOUT_SECONDS = 5.0
+
+#: Where a metrics endpoint leaves the database figures it read for the others (JSON, expiring).
+SHARED_DATABASE_FIGURES_KEY = "{namespace}:__stats__:database_figures"
+
+#: The parts of ``database_figures``.
+DATABASE_FIGURE_NAMES = frozenset({"emails", "contracts", "dead_letters", "last_sweep"})
 
 #: A queue's messages by state, as ``QueueFigures`` names them (and in this order everywhere:
 #: the exporter's ``state`` label, the history's depth samples, the page's chart).
@@ -224,11 +233,47 @@ def database_figures(session: Session, *, now: datetime) -> dict[str, Any]:
     return {"emails": emails, "contracts": contracts, "dead_letters": dead, "last_sweep": last_sweep}
 
 
-def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapshot:
+def shared_database_figures(client: Callable[[], redis.Redis], namespace: str) -> dict[str, Any] | None:
+    """The database figures an endpoint read within the max age, or None (none left, or unreadable).
+
+    ``client`` makes (or returns) the Redis client; a URL it cannot use is unreadable too.
+    """
+    try:
+        raw = client().get(SHARED_DATABASE_FIGURES_KEY.format(namespace=namespace))
+        figures = json.loads(raw) if raw is not None else None
+    except (redis.RedisError, ValueError):
+        # Redis's own trouble is the broker figures' to report; this scrape reads the database.
+        return None
+    if isinstance(figures, dict) and figures.keys() == DATABASE_FIGURE_NAMES:
+        return figures
+    return None
+
+
+def share_database_figures(
+    client: Callable[[], redis.Redis], namespace: str, figures: dict[str, Any], *, max_age_ms: int
+) -> None:
+    """Leave ``figures`` for the other endpoints for ``max_age_ms`` milliseconds (best effort)."""
+    # Not left: the next scrape reads the database again.
+    with contextlib.suppress(redis.RedisError, ValueError):
+        client().set(
+            SHARED_DATABASE_FIGURES_KEY.format(namespace=namespace), json.dumps(figures), px=max_age_ms
+        )
+
+
+def take_snapshot(
+    *, now: datetime | None = None, client: Any = None, database_max_age_ms: int = 0
+) -> Snapshot:
     """Read everything now; a part that cannot be read is reported in ``errors``, not raised.
 
     ``client``: a Redis client to read with (one is made from the settings by default).
     No broker is built: a plain client reads, so nothing can enqueue or heartbeat.
+
+    ``database_max_age_ms`` (a metrics endpoint's scrape): the database figures
+    another endpoint read less than that many milliseconds ago are taken from Redis
+    instead of the database, and figures read here are left there for as long.
+    Every endpoint reports the same whole-system gauges; this reads them once per
+    interval for the fleet instead of once per endpoint and scrape. 0 (``status``,
+    ``metrics``): always from the database.
     """
     from workers.broker import redis_client
     from workers.database import require_database, session_scope
@@ -249,9 +294,15 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
     # Set when the queues live in RabbitMQ (BROKER_URL=amqp://…).
     amqp_url = settings.broker_url if settings.uses_rabbitmq else None
 
+    @functools.cache
+    def reader() -> Any:
+        # One client for every read of this snapshot, made at the first (inside its try:
+        # a REDIS_URL redis-py cannot parse raises here).
+        return client if client is not None else redis_client(settings, start_embedded=False)
+
     def from_redis(queues: tuple[str, ...]) -> tuple[list[QueueFigures], list[WorkerFigures]]:
         return broker_figures(
-            client if client is not None else redis_client(settings, start_embedded=False),
+            reader(),
             settings.redis_namespace,
             heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
             now=now,
@@ -278,14 +329,23 @@ def take_snapshot(*, now: datetime | None = None, client: Any = None) -> Snapsho
             _, workers = from_redis(())
         except Exception as exc:
             errors.append(f"registry: {said(exc)}")
-    figures: dict[str, Any] = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
-    try:
-        # Reading must not create a database (and its tables) at a mistyped path.
-        require_database()
-        with session_scope() as session:
-            figures = database_figures(session, now=now)
-    except Exception as exc:
-        errors.append(f"database: {said(exc)}")
+    figures: dict[str, Any] | None = None
+    if database_max_age_ms > 0:
+        figures = shared_database_figures(reader, settings.redis_namespace)
+    if figures is None:
+        try:
+            # Reading must not create a database (and its tables) at a mistyped path.
+            require_database()
+            with session_scope() as session:
+                figures = database_figures(session, now=now)
+        except Exception as exc:
+            errors.append(f"database: {said(exc)}")
+            figures = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
+        else:
+            if database_max_age_ms > 0:
+                share_database_figures(
+                    reader, settings.redis_namespace, figures, max_age_ms=database_max_age_ms
+                )
     return Snapshot(
         taken_at=now,
         queues=queues,
