@@ -214,6 +214,39 @@ def test_worker_on_another_host_does_not_count_for_this_host(env, redis_server):
         client.delete(workers_key(namespace), f"{namespace}:__heartbeats__")
 
 
+@pytest.mark.parametrize(
+    ("registered_namespace", "counted"),
+    [
+        ("pid:[1]", False),  # a neighbour container sharing the host's network (and host name)
+        ("own", True),  # this container
+        (None, True),  # an earlier version's registration: by host name alone
+    ],
+    ids=["another-pid-namespace", "this-pid-namespace", "no-pid-namespace"],
+)
+def test_this_host_is_this_host_name_in_this_pid_namespace(env, redis_server, registered_namespace, counted):
+    from workers.middleware.maintenance import heartbeats_key, pid_namespace, workers_key
+
+    own = pid_namespace()
+    assert own is not None and own.startswith("pid:["), own
+    client = redis_server.client()
+    env = {**env, "REDIS_NAMESPACE": unique("pid-namespace"), "HEARTBEAT_TIMEOUT_MS": "60000"}
+    namespace = env["REDIS_NAMESPACE"]
+    info: dict[str, object] = {"pid": 1, "host": socket.gethostname()}
+    if registered_namespace is not None:
+        info["pid_namespace"] = own if registered_namespace == "own" else registered_namespace
+    worker_id = unique("neighbour")
+    client.hset(workers_key(namespace), worker_id, json.dumps(info))
+    client.zadd(heartbeats_key(namespace), {worker_id: time.time() * 1000})
+    try:
+        assert health(env).code == 0
+        answer = health(env, "--json", "--this-host")
+        assert (answer.code == 0) == counted, answer.report
+        if not counted:
+            assert answer.check("workers")["detail"] == f"no worker registered on host {socket.gethostname()}"
+    finally:
+        client.delete(workers_key(namespace), heartbeats_key(namespace))
+
+
 @pytest.mark.parametrize("how", ["nothing listening", "stopped server", "server that never answers"])
 def test_redis_down_is_unhealthy_within_seconds(env, tmp_path, silent_port, how):
     if how == "nothing listening":

@@ -165,7 +165,14 @@ class BrokerMaintenance(dramatiq.Middleware):
         consumer.end_stopping()
 
     def _info(self) -> str:
-        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": self._started_at})
+        return json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "pid_namespace": pid_namespace(),
+                "started_at": self._started_at,
+            }
+        )
 
     def _register(self, client: redis.Redis, namespace: str, broker_id: str) -> None:
         """Say this broker id is a worker: producers heartbeat too, but never register."""
@@ -244,8 +251,25 @@ class BrokerMaintenance(dramatiq.Middleware):
 
 
 def workers_key(namespace: str) -> str:
-    """The hash of registered worker processes: broker id -> {pid, host, started_at}."""
+    """The hash of registered worker processes: broker id -> {pid, host, pid_namespace, started_at}."""
     return f"{namespace}:__workers__"
+
+
+#: Where Linux names the calling process's PID namespace (``pid:[4026531836]``).
+PID_NAMESPACE_LINK = "/proc/self/ns/pid"
+
+
+def pid_namespace() -> str | None:
+    """This process's PID namespace, or None where the system does not say (not Linux).
+
+    Containers that share their host's network share its host name too, but each
+    still has a PID namespace of its own (unless it shares the host's as well):
+    with the host name, it tells one container's workers from another's.
+    """
+    try:
+        return os.readlink(PID_NAMESPACE_LINK)
+    except OSError:
+        return None
 
 
 def heartbeats_key(namespace: str) -> str:

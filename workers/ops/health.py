@@ -285,7 +285,7 @@ def check_workers(client: redis.Redis, settings: Settings, *, this_host: bool) -
     never register); their last heartbeats are scores in ``{ns}:__heartbeats__``,
     in epoch milliseconds. Alive means the same as in ``contract-dispatch status``.
     """
-    from workers.middleware.maintenance import heartbeats_key, workers_key
+    from workers.middleware.maintenance import heartbeats_key, pid_namespace, workers_key
 
     namespace = settings.redis_namespace
     try:
@@ -296,9 +296,10 @@ def check_workers(client: redis.Redis, settings: Settings, *, this_host: bool) -
         raise CheckFailed(f"cannot read the registered workers: {describe_error(exc)}") from None
     now_ms = time.time() * 1000
     host = socket.gethostname()
+    here = (host, pid_namespace())
     silences: list[float] = []
     for info_json, beat in zip(registered.values(), beats, strict=True):
-        if this_host and _host_of(info_json) != host:
+        if this_host and not _registered_here(info_json, here):
             continue
         silences.append((now_ms - beat) / 1000 if beat is not None else math.inf)
     where = f"on host {host}" if this_host else f"in Redis namespace {namespace!r}"
@@ -321,12 +322,20 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _host_of(info_json: Any) -> str | None:
+def _registered_here(info_json: Any, here: tuple[str, str | None]) -> bool:
+    """Whether a registration is of this host name and PID namespace (this container).
+
+    A registration without a namespace (an earlier version's, or a system that names
+    none) matches by host name alone, as does a command that cannot read its own.
+    """
     try:
         info = json.loads(info_json)
     except ValueError:
-        return None
-    return str(info.get("host")) if isinstance(info, dict) else None
+        return False
+    if not isinstance(info, dict) or str(info.get("host")) != here[0]:
+        return False
+    namespace, own = info.get("pid_namespace"), here[1]
+    return namespace is None or own is None or namespace == own
 
 
 # -- running them ------------------------------------------------------------------
