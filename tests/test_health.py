@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.conftest import TEST_SECRET_KEY, _postgres_schema_url
 from tests.processes import CLI, WorkerProcess
@@ -154,8 +155,21 @@ def test_live_worker_is_healthy_until_killed(worker_env, tmp_path):
         assert set(report["checks"]) == CHECK_NAMES
         assert all(check["ok"] for check in report["checks"].values()), report
         assert "1 live worker" in answer.check("workers")["detail"]
-        # A worker container checks its own host's workers; ours are on this host.
+        # A worker container checks its own host's workers; ours are on this host, in
+        # this PID namespace, which the worker registers beside its host name.
         assert health(env, "--this-host").code == 0
+        from workers.middleware.maintenance import pid_namespace, workers_key
+
+        client = redis.Redis.from_url(env["REDIS_URL"])
+        try:
+            (registration,) = [
+                json.loads(info) for info in client.hgetall(workers_key(env["REDIS_NAMESPACE"])).values()
+            ]
+        finally:
+            client.close()
+        assert registration["host"] == socket.gethostname()
+        assert pid_namespace() is not None
+        assert registration["pid_namespace"] == pid_namespace()
         # The text form: a verdict, then one line per check.
         text = health(env)
         assert text.code == 0 and text.stdout.splitlines()[0] == "healthy"

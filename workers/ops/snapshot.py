@@ -41,11 +41,23 @@ CONSUMED_QUEUES_TEXT = ", ".join(CONSUMED_QUEUES[:-1]) + " and " + CONSUMED_QUEU
 #: How long reading the broker's figures may take, in seconds.
 BROKER_READ_TIMEOUT_SECONDS = 5.0
 
-#: Where a metrics endpoint leaves the database figures it read for the others (JSON, expiring).
-SHARED_DATABASE_FIGURES_KEY = "{namespace}:__stats__:database_figures"
+
+def no_database_figures() -> dict[str, Any]:
+    """The database figures of a snapshot whose database could not be read."""
+    return {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
+
 
 #: The parts of ``database_figures``.
-DATABASE_FIGURE_NAMES = frozenset({"emails", "contracts", "dead_letters", "last_sweep"})
+DATABASE_FIGURE_NAMES = frozenset(no_database_figures())
+
+
+def shared_database_figures_key(namespace: str) -> str:
+    """Where a metrics endpoint leaves the database figures it read for the others (JSON, expiring)."""
+    # Imported here: the history module reads this one's constants.
+    from workers.ops.history import stats_prefix
+
+    return f"{stats_prefix(namespace)}:database_figures"
+
 
 #: A queue's messages by state, as ``QueueFigures`` names them (and in this order everywhere:
 #: the exporter's ``state`` label, the history's depth samples, the page's chart).
@@ -239,7 +251,7 @@ def shared_database_figures(client: Callable[[], redis.Redis], namespace: str) -
     ``client`` makes (or returns) the Redis client; a URL it cannot use is unreadable too.
     """
     try:
-        raw = client().get(SHARED_DATABASE_FIGURES_KEY.format(namespace=namespace))
+        raw = client().get(shared_database_figures_key(namespace))
         figures = json.loads(raw) if raw is not None else None
     except (redis.RedisError, ValueError):
         # Redis's own trouble is the broker figures' to report; this scrape reads the database.
@@ -255,9 +267,7 @@ def share_database_figures(
     """Leave ``figures`` for the other endpoints for ``max_age_ms`` milliseconds (best effort)."""
     # Not left: the next scrape reads the database again.
     with contextlib.suppress(redis.RedisError, ValueError):
-        client().set(
-            SHARED_DATABASE_FIGURES_KEY.format(namespace=namespace), json.dumps(figures), px=max_age_ms
-        )
+        client().set(shared_database_figures_key(namespace), json.dumps(figures), px=max_age_ms)
 
 
 def take_snapshot(
@@ -340,7 +350,7 @@ def take_snapshot(
                 figures = database_figures(session, now=now)
         except Exception as exc:
             errors.append(f"database: {said(exc)}")
-            figures = {"emails": {}, "contracts": {}, "dead_letters": {}, "last_sweep": None}
+            figures = no_database_figures()
         else:
             if database_max_age_ms > 0:
                 share_database_figures(
