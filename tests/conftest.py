@@ -77,6 +77,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests.processes import COMMANDS
+
+    COMMANDS.stop()
     if "standin" in _state:
         _state["standin"].stop()
     if "redis" in _state:

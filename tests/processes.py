@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.command_server import CommandServer
 from tests.support import free_port, wait_until
 
 #: The console script installed next to the interpreter running the tests.
@@ -32,17 +33,33 @@ CLI = str(Path(sys.executable).with_name("contract-dispatch"))
 COMMAND_TIMEOUT_SECONDS = 60
 
 
-def run_cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """``contract-dispatch ARGS`` with ``env``, ``stdin`` as its input; never raises on the exit code."""
-    return subprocess.run(
-        [CLI, *args],
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT_SECONDS,
-        check=False,
-    )
+#: Set (to anything) to run every command of ``run_cli`` by exec'ing the console
+#: script, as a user does, instead of forking it from the command server.
+EXEC_CLI_VARIABLE = "TEST_EXEC_CLI"
+
+#: Forks this test process's short commands from one process that imported the libraries once.
+COMMANDS = CommandServer()
+
+
+def run_cli(
+    env: Mapping[str, str], *args: str, stdin: str = "", timeout: float = COMMAND_TIMEOUT_SECONDS
+) -> subprocess.CompletedProcess[str]:
+    """``contract-dispatch ARGS`` with ``env``, ``stdin`` as its input; never raises on the exit code.
+
+    A process of its own, forked from the command server (``tests.command_server``);
+    with TEST_EXEC_CLI set, the console script itself.
+    """
+    if os.environ.get(EXEC_CLI_VARIABLE):
+        return subprocess.run(
+            [CLI, *args],
+            env=dict(env),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    return COMMANDS.run(CLI, args, env=env, stdin=stdin, timeout=timeout)
 
 
 def describe(result: subprocess.CompletedProcess[str]) -> str:
@@ -126,14 +143,8 @@ def run_send_contracts(
     env: Mapping[str, str], payloads: Sequence[Mapping[str, Any]]
 ) -> subprocess.CompletedProcess[str]:
     """``contract-dispatch send-contracts --json`` in ``env``, the payloads on stdin as JSON lines."""
-    return subprocess.run(
-        [CLI, "send-contracts", "--json"],
-        env=dict(env),
-        input="".join(json.dumps(payload) + "\n" for payload in payloads),
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT_SECONDS,
-        check=False,
+    return run_cli(
+        env, "send-contracts", "--json", stdin="".join(json.dumps(payload) + "\n" for payload in payloads)
     )
 
 

@@ -38,7 +38,7 @@ from models.dead_letter import DeadLetter
 from models.delivery import EmailDelivery
 from models.reminders import ReminderSweep
 from models.workspace import set_workspace
-from tests.processes import CLI, WorkerProcess
+from tests.processes import WorkerProcess, run_cli
 from tests.sendgrid_standin import Answer, Incoming, SendGridStandIn
 from tests.support import contract_payload, unique, wait_until
 from workers.database import dispose_engines, session_scope
@@ -165,9 +165,7 @@ class System:
 
     def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run the CLI with the status environment (plus ``env``); it must end within a minute."""
-        return subprocess.run(
-            [CLI, *args], env=self.status_env(**(env or {})), capture_output=True, text=True, timeout=60
-        )
+        return run_cli(self.status_env(**(env or {})), *args)
 
     def status_json(self) -> dict[str, Any]:
         result = self.cli("status", "--json")

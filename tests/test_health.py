@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from tests.conftest import TEST_SECRET_KEY, _postgres_schema_url
-from tests.processes import CLI, WorkerProcess
+from tests.processes import CLI, WorkerProcess, run_cli
 from tests.sendgrid_standin import API_KEY
 from tests.support import RedisServer, free_port, unique, wait_until
 
@@ -77,14 +77,7 @@ class Answer:
 
 def health(env: dict[str, str], *args: str) -> Answer:
     started = time.monotonic()
-    result = subprocess.run(
-        [CLI, "health", "--timeout", str(CHECK_TIMEOUT_SECONDS), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli(env, "health", "--timeout", str(CHECK_TIMEOUT_SECONDS), *args, timeout=30)
     answer = Answer(result.returncode, result.stdout, result.stderr, time.monotonic() - started)
     answer.assert_no_secret()
     return answer

@@ -44,7 +44,7 @@ from models.delivery import EmailDelivery
 from models.reminders import ReminderSweep
 from models.types import utc_now
 from tests.conftest import database_of_its_own
-from tests.processes import CLI, WorkerProcess
+from tests.processes import WorkerProcess, run_cli
 from tests.sendgrid_standin import Answer, Received, SendGridStandIn
 from tests.support import contract_payload, free_port, recorded_statements, unique, wait_until
 from workers.database import get_engine, session_scope
@@ -127,12 +127,6 @@ def try_scrape(port: int) -> str | None:
         return http_scrape(port)
     except OSError:
         return None
-
-
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CLI, *args], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False
-    )
 
 
 def enqueue_raw(

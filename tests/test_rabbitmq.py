@@ -142,14 +142,7 @@ class System:
                 connection.close()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CLI, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_SECONDS,
-            check=False,
-        )
+        return run_cli(self.env, *args)
 
     def enqueue_raw(self, body: bytes, *, message_id: str, queue: str = "contracts") -> None:
         """Write a message the way a producer in another language does (README).
