@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -39,6 +40,10 @@ _state: dict[str, Any] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts a background job (`make test &`) with SIGINT ignored, which its
+    # children inherit: the tests of Ctrl-C need it as an interpreter starts it.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         # pytest-xdist's controller runs no test: each of its worker processes is
         # a session of its own, with its own servers, started here.
