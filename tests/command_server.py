@@ -24,6 +24,7 @@ import json
 import locale
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,10 @@ import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+#: Whether this system has what the server needs (Linux: process descriptors, packet sockets).
+AVAILABLE = hasattr(os, "pidfd_open") and hasattr(socket, "SOCK_SEQPACKET")
 
 #: Imported by the server before its first fork (what every command would import).
 PRELOADED_MODULES = (
@@ -60,6 +64,10 @@ ENVIRONMENT_AT_IMPORT = ("actors", "prometheus_client")
 #: How long the server may take to end once told to, in seconds.
 STOP_TIMEOUT_SECONDS = 5
 
+#: The socket's name in the server's directory, and how many connections may wait on it.
+SOCKET_NAME = "commands.sock"
+LISTEN_BACKLOG = 16
+
 #: The largest request (arguments and environment, as JSON), in bytes.
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -85,15 +93,17 @@ def _serve(listener: socket.socket) -> None:
                 request = json.loads(message)
                 pid = os.fork()
                 if pid == 0:
-                    # The child keeps none of the server's descriptors but its request's.
-                    selector.close()
-                    listener.close()
-                    for open_connection, _pid in children.values():
-                        open_connection.close()
-                    for pidfd in children:
-                        os.close(pidfd)
-                    connection.close()
-                    _run_command(request, fds)
+                    try:
+                        # The child keeps none of the server's descriptors but its request's.
+                        selector.close()
+                        listener.close()
+                        for open_connection, _pid in children.values():
+                            open_connection.close()
+                        for pidfd in children:
+                            os.close(pidfd)
+                        connection.close()
+                    finally:
+                        _run_command(request, fds)
                 for fd in fds:
                     os.close(fd)
                 connection.send(json.dumps({"pid": pid}).encode())
@@ -111,17 +121,20 @@ def _serve(listener: socket.socket) -> None:
                 connection.close()
 
 
-def _run_command(request: dict[str, Any], fds: list[int]) -> None:
-    """In the forked child: become the command, run it as the console script does, exit."""
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    sys.argv = [request["argv0"], *request["args"]]
+def _run_command(request: dict[str, Any], fds: list[int]) -> NoReturn:
+    """In the forked child: become the command, run it as the console script does, exit.
+
+    Never returns, whatever fails: the child must not go back to the server's loop.
+    """
     code = 1
     try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = [request["argv0"], *request["args"]]
         from workers.cli import main
 
         code = main()
@@ -145,7 +158,10 @@ def _run_command(request: dict[str, Any], fds: list[int]) -> None:
 
 
 def main() -> None:
-    """``python -m tests.command_server SOCKET``: preload, then serve until stdin closes."""
+    """``python -m tests.command_server DIRECTORY``: preload, then serve until stdin closes.
+
+    The socket is ``DIRECTORY/commands.sock``; the server removes both when it ends.
+    """
     import importlib
 
     for name in PRELOADED_MODULES:
@@ -154,12 +170,16 @@ def main() -> None:
     read_at_import = sorted(name for name in sys.modules if name.split(".")[0] in ENVIRONMENT_AT_IMPORT)
     if read_at_import:
         raise SystemExit(f"preloaded modules that read the environment when imported: {read_at_import}")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(sys.argv[1])
-    listener.listen(16)
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    _serve(listener)
+    directory = Path(sys.argv[1])
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+            listener.bind(str(directory / SOCKET_NAME))
+            listener.listen(LISTEN_BACKLOG)
+            sys.stdout.write("ready\n")
+            sys.stdout.flush()
+            _serve(listener)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class CommandServer:
@@ -173,23 +193,21 @@ class CommandServer:
     @property
     def server_pid(self) -> int:
         """The server's process id (started if it was not)."""
-        self.socket_path  # noqa: B018 (starts it)
-        assert self._process is not None
-        return self._process.pid
+        return self._started()[1]
 
-    @property
-    def socket_path(self) -> str:
+    def _started(self) -> tuple[str, int]:
+        """The socket's path and the server's pid, starting the server if it is not running."""
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._start()
-            assert self._directory is not None
-            return os.path.join(self._directory, "commands.sock")
+            assert self._process is not None and self._directory is not None
+            return os.path.join(self._directory, SOCKET_NAME), self._process.pid
 
     def _start(self) -> None:
+        self._stop()
         self._directory = tempfile.mkdtemp(prefix="contract-dispatch-commands-")
-        path = os.path.join(self._directory, "commands.sock")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.command_server", path],
+            [sys.executable, "-m", "tests.command_server", self._directory],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=str(Path(__file__).resolve().parent.parent),
@@ -199,21 +217,23 @@ class CommandServer:
             raise RuntimeError(f"the command server did not start (exit {self._process.wait()})")
 
     def stop(self) -> None:
+        """End the server (commands still running go on to their end)."""
         with self._lock:
-            if self._process is not None:
-                assert self._process.stdin is not None
-                self._process.stdin.close()  # the server's signal to end
-                try:
-                    self._process.wait(timeout=STOP_TIMEOUT_SECONDS)
-                except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    self._process.wait()
-                self._process = None
-            if self._directory is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self._directory, "commands.sock"))
-                    os.rmdir(self._directory)
-                self._directory = None
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()  # the server's signal to end
+            try:
+                self._process.wait(timeout=STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)  # if the server could not
+            self._directory = None
 
     def run(
         self,
@@ -233,7 +253,7 @@ class CommandServer:
         ):
             input_file.write(stdin.encode(locale.getpreferredencoding(False)))
             input_file.seek(0)
-            connection.connect(self.socket_path)
+            connection.connect(self._started()[0])
             request = {"argv0": argv0, "args": list(args), "env": dict(env), "cwd": os.getcwd()}
             socket.send_fds(
                 connection,

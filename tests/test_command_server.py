@@ -17,9 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.command_server import ENVIRONMENT_AT_IMPORT, PRELOADED_MODULES
+from tests.command_server import AVAILABLE, ENVIRONMENT_AT_IMPORT, PRELOADED_MODULES
 from tests.processes import CLI, COMMANDS, child_pids
 from tests.support import wait_until
+
+# Elsewhere than on Linux every command execs the console script (tests.processes.run_cli).
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no command server on this system")
 
 #: How long a command is given before the timeout test gives up on it, in seconds.
 SHORT_TIMEOUT_SECONDS = 2.0
