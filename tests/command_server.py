@@ -267,7 +267,12 @@ class CommandServer:
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired([argv0, *args], timeout) from None
+                # What it wrote until then, as subprocess.run gives it.
+                output_file.seek(0)
+                error_file.seek(0)
+                raise subprocess.TimeoutExpired(
+                    [argv0, *args], timeout, output=output_file.read(), stderr=error_file.read()
+                ) from None
             returncode = json.loads(answer)["returncode"]
             output_file.seek(0)
             error_file.seek(0)
