@@ -9,12 +9,17 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
+import os
 import re
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from typing import Any
 
+import dramatiq
+import jinja2
 import markupsafe
 import pytest
 from sqlmodel import select
@@ -673,3 +678,46 @@ def test_every_email_names_the_contract_once(locale, title):
         for part in (outgoing.subject, outgoing.text):
             assert label in part, (kind, part)
             assert re.search(rf"\b{word}\W+{word}\b", part, re.IGNORECASE) is None, (kind, part)
+
+
+# -- templates at a worker's boot ------------------------------------------------------------
+
+
+def test_a_producer_imports_no_template_engine(test_environment: dict[str, str]) -> None:
+    # A producer imports the actors (its broker and messages) but never renders:
+    # Jinja2 would be about 60 ms of every producer command's start.
+    script = "import sys, actors, contract_dispatch, workers.cli; print('jinja2' in sys.modules)"
+    env = {**os.environ, **test_environment}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done
+
+
+def test_a_worker_compiles_every_template_at_boot(
+    broker: dramatiq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.email import render
+    from workers.middleware import Templates
+
+    (templates_middleware,) = [m for m in broker.middleware if isinstance(m, Templates)]
+    render._environment.cache_clear()
+    templates_middleware.before_worker_boot(broker, None)
+
+    def no_file(*args: object) -> None:
+        raise AssertionError(f"a template read at render time: {args[-1]!r}")
+
+    # Every kind and locale renders from what the boot compiled, reading no file.
+    monkeypatch.setattr(jinja2.FileSystemLoader, "get_source", no_file)
+    kinds = {path.name.split(".")[0] for path in render.TEMPLATES_DIR.glob("*.subject")}
+    assert kinds == {kind.value for kind in EmailKind}
+    context = {
+        **_invitation_context(),
+        "client_email": "client@example.com",
+        "legal_name": "Dupont SA",
+        "registration_number": "123 456 789",
+        "signed_at": "1 December 2026",
+        "signer_name": "Jeanne Dupont",
+    }
+    for kind in sorted(kinds):
+        for locale in render.LOCALES:
+            rendered = render_email(kind, locale, context)
+            assert rendered.subject and rendered.text and rendered.html

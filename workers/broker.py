@@ -11,7 +11,14 @@ from dramatiq.middleware import CurrentMessage, Retries, default_middleware
 
 from workers import embedded_redis
 from workers.consumer import TolerantRedisConsumer
-from workers.middleware import BrokerMaintenance, DeadLetters, HashingThreads, MessageLog, SingleStopSignal
+from workers.middleware import (
+    BrokerMaintenance,
+    DeadLetters,
+    HashingThreads,
+    MessageLog,
+    SingleStopSignal,
+    Templates,
+)
 from workers.middleware.metrics import Refusals, dramatiq_prometheus
 from workers.rabbitmq import ServiceRabbitmqBroker
 from workers.retry_policy import retry_when
@@ -101,6 +108,7 @@ def build_broker(settings: Settings) -> ServiceBroker:
     )
     middleware.append(SingleStopSignal())
     middleware.append(HashingThreads(parameters=settings.hash_parameters()))
+    middleware.append(Templates())
     if settings.uses_rabbitmq:
         assert settings.broker_url is not None
         return ServiceRabbitmqBroker(

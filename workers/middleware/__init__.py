@@ -5,5 +5,13 @@ from workers.middleware.hashing import HashingThreads
 from workers.middleware.maintenance import BrokerMaintenance
 from workers.middleware.message_log import MessageLog
 from workers.middleware.shutdown import SingleStopSignal
+from workers.middleware.templates import Templates
 
-__all__ = ["BrokerMaintenance", "DeadLetters", "HashingThreads", "MessageLog", "SingleStopSignal"]
+__all__ = [
+    "BrokerMaintenance",
+    "DeadLetters",
+    "HashingThreads",
+    "MessageLog",
+    "SingleStopSignal",
+    "Templates",
+]
