@@ -3,7 +3,7 @@ one that has already imported the libraries.
 
 A start of the console script is 0.55-0.7 s of CPU here, most of it importing
 SQLAlchemy, pydantic, redis and the service's models, and the suite runs about
-500 commands. The server imports those once, then forks a child per command: a
+520 commands. The server imports those once, then forks a child per command: a
 process of its own, with the command's environment, arguments, working directory,
 stdin and stdout/stderr files, which ends with the exit code the console script
 would give. The server never runs a command itself, so nothing one command does
@@ -73,7 +73,7 @@ MAX_REQUEST_BYTES = 1 << 20
 
 
 def _serve(listener: socket.socket) -> None:
-    """Accept requests until the listener is closed; fork a child per request."""
+    """Fork a child per request, and answer each with its exit status, until stdin closes."""
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     # The test process holds the other end of stdin: when it ends, however it ends, so does the server.
