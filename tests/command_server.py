@@ -68,8 +68,10 @@ STOP_TIMEOUT_SECONDS = 5
 SOCKET_NAME = "commands.sock"
 LISTEN_BACKLOG = 16
 
-#: The largest request (arguments and environment, as JSON), in bytes.
+#: The largest request (arguments and environment, as JSON), and the largest answer
+#: (the child's pid, then its exit status), in bytes.
 MAX_REQUEST_BYTES = 1 << 20
+MAX_ANSWER_BYTES = 256
 
 
 def _serve(listener: socket.socket) -> None:
@@ -261,9 +263,9 @@ class CommandServer:
                 [input_file.fileno(), output_file.fileno(), error_file.fileno()],
             )
             connection.settimeout(timeout)
-            pid = json.loads(connection.recv(MAX_REQUEST_BYTES))["pid"]
+            pid = json.loads(connection.recv(MAX_ANSWER_BYTES))["pid"]
             try:
-                answer = connection.recv(MAX_REQUEST_BYTES)
+                answer = connection.recv(MAX_ANSWER_BYTES)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -50,16 +50,17 @@ def run_cli(
     with TEST_EXEC_CLI set, or where there can be no such server, the console script itself.
     """
     if os.environ.get(EXEC_CLI_VARIABLE) or not command_server.AVAILABLE:
-        return subprocess.run(
-            [CLI, *args],
-            env=dict(env),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return exec_cli(env, *args, stdin=stdin, timeout=timeout)
     return COMMANDS.run(CLI, args, env=env, stdin=stdin, timeout=timeout)
+
+
+def exec_cli(
+    env: Mapping[str, str], *args: str, stdin: str = "", timeout: float = COMMAND_TIMEOUT_SECONDS
+) -> subprocess.CompletedProcess[str]:
+    """``run_cli`` through the console script itself, in a new interpreter."""
+    return subprocess.run(
+        [CLI, *args], env=dict(env), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def describe(result: subprocess.CompletedProcess[str]) -> str:

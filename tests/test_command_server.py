@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.command_server import AVAILABLE, ENVIRONMENT_AT_IMPORT, PRELOADED_MODULES
-from tests.processes import CLI, COMMANDS, child_pids
+from tests.processes import CLI, COMMAND_TIMEOUT_SECONDS, COMMANDS, child_pids, exec_cli
 from tests.support import wait_until
 
 # Elsewhere than on Linux every command execs the console script (tests.processes.run_cli).
@@ -28,14 +28,8 @@ pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no command server on this
 SHORT_TIMEOUT_SECONDS = 2.0
 
 
-def _exec(env: dict[str, str], args: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CLI, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 def _fork(env: dict[str, str], args: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
-    return COMMANDS.run(CLI, args, env=env, stdin=stdin, timeout=60)
+    return COMMANDS.run(CLI, args, env=env, stdin=stdin, timeout=COMMAND_TIMEOUT_SECONDS)
 
 
 @pytest.fixture
@@ -60,7 +54,7 @@ def test_a_forked_command_answers_as_the_console_script(
     env: dict[str, str], args: list[str], stdin: str, changes: dict[str, str]
 ) -> None:
     command_env = {**env, **changes}
-    executed = _exec(command_env, args, stdin)
+    executed = exec_cli(command_env, *args, stdin=stdin)
     forked = _fork(command_env, args, stdin)
     assert executed.stdout or executed.stderr
     assert (forked.returncode, forked.stdout, _without_rate(forked.stderr)) == (
