@@ -21,9 +21,11 @@ from contract_dispatch.producer import (
     submit_send_contract,
     submit_send_contracts,
 )
+from contract_dispatch.reports import lead_source_report, reported_contracts
 from models.errors import BrokerUnavailable, DatabaseUnavailable, DispatchError, Rejected, TransientError
 from models.first_login import AccessCodeRefused, PasswordRefused
 from models.messages import NotifySignatories, SendContract, parse_message
+from models.reporting import LeadSourceCounts, LeadSourceReport, ReportedContract
 from models.status import ContractReport
 
 __all__ = [
@@ -32,17 +34,22 @@ __all__ = [
     "ContractReport",
     "DatabaseUnavailable",
     "DispatchError",
+    "LeadSourceCounts",
+    "LeadSourceReport",
     "NotifySignatories",
     "PasswordRefused",
     "Receipt",
     "Rejected",
+    "ReportedContract",
     "ResendReceipt",
     "SendContract",
     "TransientError",
     "cancel_contract",
     "contract_status",
+    "lead_source_report",
     "notify_signatories",
     "parse_message",
+    "reported_contracts",
     "resend_invitation",
     "run_reminders",
     "send_contract",

@@ -488,6 +488,8 @@ def test_reading_commands_refuse_a_database_without_our_tables_and_create_nothin
         ["contract-status", unique("c"), "--json"],
         ["dead-letters", "list"],
         ["dead-letters", "purge", "--older-than", "1d", "--yes"],
+        ["lead-sources"],
+        ["lead-sources", "--contracts", "sent"],
     ):
         result = typo(*args)
         assert result.returncode == 3, describe(result)

@@ -404,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_metrics_commands(commands)
 
+    from workers.cli_reports import add_commands as add_report_commands
+
+    add_report_commands(commands)
+
     from workers.cli_accounts import add_commands as add_account_commands
 
     add_account_commands(commands)
