@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
     "producer": "bench.producer",
     "connections": "bench.connections",
+    "report": "bench.report",
 }
 
 #: Where the last run's figures are kept, one entry per benchmark.

@@ -86,12 +86,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 # -- the data -----------------------------------------------------------------------
 
 
-def _timestamp(kind: DatabaseKind, moment: datetime) -> str:
+def timestamp(kind: DatabaseKind, moment: datetime) -> str:
     """A bound timestamp both dialects' SQL below can add seconds to."""
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") + ("+00:00" if kind == "postgresql" else "")
 
 
-def _at(kind: DatabaseKind, base: str, offset: str = "0") -> str:
+def at(kind: DatabaseKind, base: str, offset: str = "0") -> str:
     """SQL for the bound timestamp ``base`` plus ``offset`` seconds, as the service stores it.
 
     SQLite compares timestamps as text: they must be written exactly as
@@ -141,9 +141,9 @@ def _rows(kind: DatabaseKind) -> str:
 
 def _next_reminder(kind: DatabaseKind, shift: str = "0") -> str:
     return f"""CASE cat
-        WHEN 'due' THEN {_at(kind, "t_due", f"k + {shift}")}
-        WHEN 'renew' THEN {_at(kind, "t_renew", f"k + {shift}")}
-        WHEN 'waiting' THEN {_at(kind, "t_future", f"i % {WAITING_SPREAD_SECONDS} + {shift}")}
+        WHEN 'due' THEN {at(kind, "t_due", f"k + {shift}")}
+        WHEN 'renew' THEN {at(kind, "t_renew", f"k + {shift}")}
+        WHEN 'waiting' THEN {at(kind, "t_future", f"i % {WAITING_SPREAD_SECONDS} + {shift}")}
     END"""
 
 
@@ -155,14 +155,14 @@ def _populate_statements(kind: DatabaseKind) -> list[str]:
             id, email, company_name, created_at, first_login_at, password_hash, access_code_hash,
             access_code_nonce, access_code_issued_at, access_code_expires_at, access_code_failed_attempts
         )
-        SELECT i, 'client-' || i || '@bench.example', 'Company ' || i, {_at(kind, "t_past")},
-            CASE WHEN fresh = 0 THEN {_at(kind, "t_past", "3600")} END,
+        SELECT i, 'client-' || i || '@bench.example', 'Company ' || i, {at(kind, "t_past")},
+            CASE WHEN fresh = 0 THEN {at(kind, "t_past", "3600")} END,
             CASE WHEN fresh = 0 THEN '{PLACEHOLDER_HASH}' END,
             CASE WHEN fresh = 1 THEN '{PLACEHOLDER_HASH}' END,
             CASE WHEN fresh = 1 THEN 'nonce-' || i END,
-            CASE WHEN fresh = 1 THEN {_at(kind, "t_past")} END,
-            CASE WHEN cat = 'renew' THEN {_at(kind, "t_expired")}
-                 WHEN fresh = 1 THEN {_at(kind, "t_valid")} END,
+            CASE WHEN fresh = 1 THEN {at(kind, "t_past")} END,
+            CASE WHEN cat = 'renew' THEN {at(kind, "t_expired")}
+                 WHEN fresh = 1 THEN {at(kind, "t_valid")} END,
             0
         FROM tagged"""
     cycle_start = _next_reminder(kind, f"-{FIRST_DELAY_SECONDS}")
@@ -178,13 +178,13 @@ def _populate_statements(kind: DatabaseKind) -> list[str]:
             CASE WHEN cat = 'rejected' THEN 'invalid_email' END,
             '', 'ws-bench', 'client-' || i || '@bench.example', 'Company ' || i, 'network', cat,
             CASE WHEN i % 5 = 0 THEN 'en' ELSE 'fr' END, {empty_json}, {empty_json}, i, fresh = 1,
-            {_at(kind, "t_past")}, {_at(kind, "t_past", "60")}, {_at(kind, "t_past", "60")},
-            CASE WHEN cat = 'signed' THEN {_at(kind, "t_past", "86400")} END,
+            {at(kind, "t_past")}, {at(kind, "t_past", "60")}, {at(kind, "t_past", "60")},
+            CASE WHEN cat = 'signed' THEN {at(kind, "t_past", "86400")} END,
             CASE WHEN cat IN ('due', 'renew', 'waiting') THEN {cycle_start}
-                 ELSE {_at(kind, "t_past", "60")} END,
+                 ELSE {at(kind, "t_past", "60")} END,
             CASE cat WHEN 'waiting' THEN i % 3 WHEN 'exhausted' THEN 3 WHEN 'signed' THEN i % 2 ELSE 0 END,
             {_next_reminder(kind)},
-            CASE WHEN cat = 'cancelled' THEN {_at(kind, "t_past", "86400")} END
+            CASE WHEN cat = 'cancelled' THEN {at(kind, "t_past", "86400")} END
         FROM tagged"""
     deliveries = f"""{rows}
         INSERT INTO email_deliveries (
@@ -193,7 +193,7 @@ def _populate_statements(kind: DatabaseKind) -> list[str]:
         )
         SELECT 'invitation', 'bench-' || i, 'client-' || i || '@bench.example', 0,
             CASE WHEN i % 5 = 0 THEN 'en' ELSE 'fr' END, fresh = 1, 'sent', 1, 'msg-' || i,
-            {_at(kind, "t_past", "60")}, {_at(kind, "t_past", "60")}, {_at(kind, "t_past", "61")}
+            {at(kind, "t_past", "60")}, {at(kind, "t_past", "60")}, {at(kind, "t_past", "61")}
         FROM tagged WHERE cat <> 'rejected'"""
     return [accounts, contracts, deliveries]
 
@@ -205,12 +205,12 @@ def _parameters(kind: DatabaseKind, *, size: int, due: int, renewals: int) -> di
         "due": due,
         "renewals": renewals,
         # Due contracts k = 1..due fall due one second apart, the last one a second before AS_OF.
-        "t_due": _timestamp(kind, AS_OF - timedelta(seconds=due + 1)),
-        "t_renew": _timestamp(kind, AS_OF + RENEWALS_DUE_AFTER),
-        "t_future": _timestamp(kind, AS_OF + timedelta(days=1)),
-        "t_past": _timestamp(kind, AS_OF - timedelta(days=30)),
-        "t_expired": _timestamp(kind, AS_OF - timedelta(days=1)),
-        "t_valid": _timestamp(kind, AS_OF + timedelta(days=5)),
+        "t_due": timestamp(kind, AS_OF - timedelta(seconds=due + 1)),
+        "t_renew": timestamp(kind, AS_OF + RENEWALS_DUE_AFTER),
+        "t_future": timestamp(kind, AS_OF + timedelta(days=1)),
+        "t_past": timestamp(kind, AS_OF - timedelta(days=30)),
+        "t_expired": timestamp(kind, AS_OF - timedelta(days=1)),
+        "t_valid": timestamp(kind, AS_OF + timedelta(days=5)),
     }
 
 
@@ -253,7 +253,7 @@ def reset(engine: Engine, database: Database, *, size: int, due: int, renewals: 
         connection.execute(
             text(
                 f"UPDATE contracts SET reminder_count = 0, "
-                f"next_reminder_at = {_at(kind, 't_due', f'{number} / :stride')} "
+                f"next_reminder_at = {at(kind, 't_due', f'{number} / :stride')} "
                 "WHERE title = 'due'"
             ),
             {"t_due": parameters["t_due"], "stride": parameters["stride"]},

