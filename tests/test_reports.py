@@ -345,3 +345,32 @@ def test_lead_sources_refuses_an_unknown_workspace_before_any_output(test_enviro
     assert result.returncode == 2, describe(result)
     assert result.stdout == ""
     assert result.stderr == "unknown_workspace: workspace 'ws-never-set' is not registered\n"
+
+
+def test_a_redirected_listing_shows_its_progress_on_stderr(own_database, monkeypatch):
+    import io
+
+    import workers.cli_reports
+    from workers.cli import build_parser
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for day in range(1, 6):
+        record(f"P-{day}", lead_source="bap", status="sent", created_at=SINCE + timedelta(days=day))
+    monkeypatch.setattr(workers.cli_reports, "PROGRESS_EVERY_ROWS", 2)
+    stdout, stderr = io.StringIO(), Terminal()
+    monkeypatch.setattr("sys.stdout", stdout)
+    monkeypatch.setattr("sys.stderr", stderr)
+    args = build_parser().parse_args(["lead-sources", "--contracts", "sent", "--json"])
+    assert workers.cli_reports.cmd_lead_sources(args) == 0
+    assert [json.loads(line)["contract_id"] for line in stdout.getvalue().splitlines()] == [
+        f"P-{day}" for day in range(1, 6)
+    ]
+    shown = stderr.getvalue()
+    # Rewritten in place every 2 contracts, then erased before the count.
+    assert "\r\x1b[K2 contracts listed\r\x1b[K4 contracts listed\r\x1b[K5 contracts sent" in shown, repr(
+        shown
+    )
+    assert shown.endswith("5 contracts sent in the period\n"), repr(shown)
