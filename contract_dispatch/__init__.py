@@ -20,6 +20,7 @@ from contract_dispatch.producer import (
     submit_notify_signatories,
     submit_send_contract,
     submit_send_contracts,
+    workspaces,
 )
 from contract_dispatch.reports import lead_source_report, reported_contracts
 from models.errors import BrokerUnavailable, DatabaseUnavailable, DispatchError, Rejected, TransientError
@@ -61,4 +62,5 @@ __all__ = [
     "submit_send_contracts",
     "verify_code",
     "verify_password",
+    "workspaces",
 ]

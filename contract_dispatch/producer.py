@@ -42,6 +42,7 @@ from models.sending import resend_invitation as _resend_invitation
 from models.signing import check_notify_signatories
 from models.status import ContractReport, contract_report
 from models.types import utc_now
+from models.workspace import all_workspaces
 from models.workspace import set_workspace as _set_workspace
 from workers.broker_errors import BROKER_ERRORS, BatchMaybeQueued, broker_problem
 from workers.database import (
@@ -400,6 +401,17 @@ def contract_status(contract_id: str) -> ContractReport | None:
     require_database()
     with session_scope() as session:
         return contract_report(session, contract_id)
+
+
+@raising_unavailable
+def workspaces() -> dict[str, list[str]]:
+    """Every registered workspace and its resource group ids, ordered by id (read-only).
+
+    Raises ``DatabaseMissing`` when DATABASE_URL names a SQLite file that does not exist.
+    """
+    require_database()
+    with session_scope() as session:
+        return all_workspaces(session)
 
 
 @raising_unavailable

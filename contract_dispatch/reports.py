@@ -25,7 +25,8 @@ def lead_source_report(
     and those signed in that period; both ends timezone-aware, None for open.
 
     Raises ``UnknownWorkspace`` for a workspace never registered, ``DatabaseMissing``
-    when DATABASE_URL names a SQLite file that does not exist.
+    when DATABASE_URL names a SQLite file that does not exist, pydantic's
+    ``ValidationError`` for a naive time or ``since`` not before ``until``.
     """
     require_database()
     with session_scope() as session:
@@ -47,7 +48,8 @@ def reported_contracts(
 ) -> Iterator[ReportedContract]:
     """The contracts sent (``measure="sent"``) or signed in the period, oldest first, streamed.
 
-    The database's transaction stays open while the iterator is consumed.
+    The checks (``UnknownWorkspace``, ``DatabaseMissing``) raise at the first item;
+    the database's transaction stays open while the iterator is consumed.
     """
     try:
         require_database()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import AwareDatetime, BaseModel, model_validator
 from sqlalchemy import ColumnElement, literal, sql, union_all
 from sqlmodel import Session, col, func, select
 
@@ -34,8 +34,15 @@ LISTING_BATCH_ROWS = 1000
 class Period(BaseModel):
     """A half-open period, ``since <= t < until``; None leaves that end open."""
 
-    since: datetime | None = None
-    until: datetime | None = None
+    #: Timezone-aware: the contracts' times are stored in UTC, a naive time is ambiguous.
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _since_before_until(self) -> Period:
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError("since must be before until")
+        return self
 
 
 class LeadSourceCounts(BaseModel):
@@ -113,18 +120,18 @@ def lead_source_report(
     # Grouped by an expression, not the column: SQLite, which keeps no statistics,
     # would walk the index on lead_source and fetch every row by its key (a month
     # of 1,000,000 contracts: 0.84 s, against 0.29 s for the table scan it does now).
-    source = func.coalesce(col(Contract.lead_source), "")
+    grouped = func.coalesce(col(Contract.lead_source), "")
     sent = (
-        select(literal("sent").label("measure"), source, col(Contract.status), func.count().label("n"))
+        select(literal("sent").label("measure"), grouped, col(Contract.status), func.count().label("n"))
         .where(*_within(col(Contract.created_at), period), *filters)
-        .group_by(source, col(Contract.status))
+        .group_by(grouped, col(Contract.status))
     )
     signed = (
         select(
-            literal("signed").label("measure"), source, literal("").label("status"), func.count().label("n")
+            literal("signed").label("measure"), grouped, literal("").label("status"), func.count().label("n")
         )
         .where(*_within(col(Contract.signed_at), period), *filters)
-        .group_by(source)
+        .group_by(grouped)
     )
     wanted = [lead_source] if lead_source is not None else list(LeadSource)
     by_source: dict[str | None, LeadSourceCounts] = {

@@ -96,6 +96,11 @@ def resource_groups_of(session: Session, workspace_id: str) -> list[str] | None:
     return fold_groups(cast(Iterable[tuple[str, str | None]], rows), {}).get(workspace_id)
 
 
+def all_workspaces(session: Session) -> dict[str, list[str]]:
+    """Every registered workspace's resource group ids, both in order of their ids."""
+    return fold_groups(session.exec(_workspace_groups()), {})
+
+
 def resource_groups_of_many(session: Session, workspace_ids: Iterable[str]) -> dict[str, list[str]]:
     """``resource_groups_of`` for many workspaces, one round trip per 500; unregistered ones are absent."""
     groups: dict[str, list[str]] = {}

@@ -212,6 +212,35 @@ def test_workspace_set_says_which_identifier_rule_is_broken(cli):
     assert "'rg/1' is not a valid identifier" in bad.stderr, describe(bad)
 
 
+def test_workspace_list_and_show_read_what_set_wrote(cli):
+    workspace = unique("ws")
+    assert (
+        cli("workspace", "set", workspace, "--resource-group", "paris", "--resource-group", "lyon").returncode
+        == 0
+    )
+
+    shown = cli("workspace", "show", workspace)
+    assert shown.returncode == 0, describe(shown)
+    assert json.loads(shown.stdout) == {"workspace_id": workspace, "resource_groups": ["lyon", "paris"]}
+
+    listed = cli("workspace", "list", "--json")
+    assert listed.returncode == 0, describe(listed)
+    registered = json.loads(listed.stdout)
+    ids = [item["workspace_id"] for item in registered]
+    assert ids == sorted(ids) and {"ws-main", "ws-multi", workspace} <= set(ids), ids
+    assert {"workspace_id": workspace, "resource_groups": ["lyon", "paris"]} in registered
+
+    text = cli("workspace", "list")
+    assert text.returncode == 0, describe(text)
+    assert f"{workspace}: lyon, paris" in text.stdout.splitlines(), describe(text)
+    assert text.stderr == f"{len(registered)} workspaces\n", describe(text)
+
+    unknown = cli("workspace", "show", "ws-never-set")
+    assert unknown.returncode == 1, describe(unknown)
+    assert unknown.stdout == ""
+    assert unknown.stderr == "unknown_workspace: workspace 'ws-never-set' is not registered\n"
+
+
 # -- send-contract ---------------------------------------------------------------
 
 
@@ -490,6 +519,8 @@ def test_reading_commands_refuse_a_database_without_our_tables_and_create_nothin
         ["dead-letters", "purge", "--older-than", "1d", "--yes"],
         ["lead-sources"],
         ["lead-sources", "--contracts", "sent"],
+        ["workspace", "list"],
+        ["workspace", "show", "ws-main"],
     ):
         result = typo(*args)
         assert result.returncode == 3, describe(result)

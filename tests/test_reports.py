@@ -192,6 +192,17 @@ def test_a_workspace_never_registered_is_refused_not_reported_as_zero(own_databa
         next(reported_contracts(workspace_id="ws-typo"))
 
 
+def test_a_naive_time_or_an_empty_period_is_refused(own_database):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="timezone"):
+        lead_source_report(since=datetime(2026, 11, 1))
+    with pytest.raises(ValidationError, match="since must be before until"):
+        lead_source_report(since=UNTIL, until=SINCE)
+    with pytest.raises(ValidationError, match="since must be before until"):
+        next(reported_contracts(since=SINCE, until=SINCE))
+
+
 # -- the command ----------------------------------------------------------------
 
 

@@ -79,9 +79,35 @@ def cmd_workspace_set(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"invalid_payload: {exc}\n")
         return EXIT_REFUSED
-    _print_json(
-        {"workspace_id": args.workspace_id, "resource_groups": list(dict.fromkeys(args.resource_group))}
-    )
+    _print_json(_workspace_json(args.workspace_id, list(dict.fromkeys(args.resource_group))))
+    return EXIT_OK
+
+
+def _workspace_json(workspace_id: str, groups: list[str]) -> dict[str, Any]:
+    return {"workspace_id": workspace_id, "resource_groups": groups}
+
+
+def cmd_workspace_list(args: argparse.Namespace) -> int:
+    from contract_dispatch import workspaces
+
+    registered = workspaces()
+    if args.json:
+        _print_json([_workspace_json(workspace_id, groups) for workspace_id, groups in registered.items()])
+    else:
+        for workspace_id, groups in registered.items():
+            sys.stdout.write(f"{workspace_id}: {', '.join(groups)}\n")
+        sys.stderr.write(f"{len(registered)} workspace{'' if len(registered) == 1 else 's'}\n")
+    return EXIT_OK
+
+
+def cmd_workspace_show(args: argparse.Namespace) -> int:
+    from contract_dispatch import workspaces
+
+    groups = workspaces().get(args.workspace_id)
+    if groups is None:
+        sys.stderr.write(f"unknown_workspace: workspace {args.workspace_id!r} is not registered\n")
+        return EXIT_NOT_FOUND
+    _print_json(_workspace_json(args.workspace_id, groups))
     return EXIT_OK
 
 
@@ -320,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     workspace_set.add_argument("workspace_id")
     workspace_set.add_argument("--resource-group", action="append", required=True, metavar="ID")
     workspace_set.set_defaults(handler=cmd_workspace_set)
+    workspace_list = workspace_commands.add_parser(
+        "list", help="every workspace and its resource groups (read-only)"
+    )
+    workspace_list.add_argument("--json", action="store_true", help="one JSON array")
+    workspace_list.set_defaults(handler=cmd_workspace_list)
+    workspace_show = workspace_commands.add_parser(
+        "show", help="one workspace and its resource groups, as JSON (exit 1 if unknown)"
+    )
+    workspace_show.add_argument("workspace_id")
+    workspace_show.set_defaults(handler=cmd_workspace_show)
 
     send = commands.add_parser("send-contract", help="check and enqueue a contract for signature")
     send.add_argument("--contract-id", required=True, metavar="ID")
