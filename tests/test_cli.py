@@ -1054,6 +1054,25 @@ def test_send_contracts_summary_counts_one_contract_in_the_singular():
     assert tally.describe().startswith("2 contracts: 1 queued, 1 refused (")
 
 
+def test_every_argument_of_every_command_says_what_it_is_for():
+    import argparse
+
+    from workers.cli import build_parser
+
+    silent: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, command in action.choices.items():
+                    walk(command, [*path, name])
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                silent.append(" ".join([*path, *(action.option_strings or [action.dest])]))
+
+    walk(build_parser(), [])
+    assert silent == [], f"--help says nothing of: {', '.join(silent)}"
+
+
 # -- schema --------------------------------------------------------------------------
 
 

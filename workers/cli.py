@@ -343,8 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     workspace_set = workspace_commands.add_parser(
         "set", help="create or update a workspace and its resource groups"
     )
-    workspace_set.add_argument("workspace_id")
-    workspace_set.add_argument("--resource-group", action="append", required=True, metavar="ID")
+    workspace_set.add_argument("workspace_id", help="the workspace's id")
+    workspace_set.add_argument(
+        "--resource-group",
+        action="append",
+        required=True,
+        metavar="ID",
+        help="one of its resource groups (repeat for each; replaces the ones it had)",
+    )
     workspace_set.set_defaults(handler=cmd_workspace_set)
     workspace_list = workspace_commands.add_parser(
         "list", help="every workspace and its resource groups (read-only)"
@@ -354,20 +360,48 @@ def build_parser() -> argparse.ArgumentParser:
     workspace_show = workspace_commands.add_parser(
         "show", help="one workspace and its resource groups, as JSON (exit 1 if unknown)"
     )
-    workspace_show.add_argument("workspace_id")
+    workspace_show.add_argument("workspace_id", help="the workspace's id")
     workspace_show.set_defaults(handler=cmd_workspace_show)
 
     send = commands.add_parser("send-contract", help="check and enqueue a contract for signature")
-    send.add_argument("--contract-id", required=True, metavar="ID")
-    send.add_argument("--email", required=True)
+    send.add_argument(
+        "--contract-id",
+        required=True,
+        metavar="ID",
+        help="the contract's id (letters, digits, '.', '_', '-')",
+    )
+    send.add_argument("--email", required=True, help="the client's address: the login, bound to --company")
     send.add_argument("--company", required=True, metavar="NAME", help="company legal name (case-sensitive)")
-    send.add_argument("--lead-source", required=True, choices=["bap", "network", "other"])
-    send.add_argument("--workspace", required=True, metavar="ID")
-    send.add_argument("--resource-group", metavar="ID")
-    send.add_argument("--signatory", action="append", required=True, metavar="EMAIL[:Display name]")
-    send.add_argument("--section", action="append", required=True, metavar="ID[:Title]")
-    send.add_argument("--title")
-    send.add_argument("--locale", choices=["fr", "en"], default="fr")
+    send.add_argument(
+        "--lead-source",
+        required=True,
+        choices=["bap", "network", "other"],
+        help="where the lead came from (bap: the Bureaux à Partager marketplace)",
+    )
+    send.add_argument("--workspace", required=True, metavar="ID", help="the workspace sending the contract")
+    send.add_argument(
+        "--resource-group",
+        metavar="ID",
+        help="the client's resource group (needed when the workspace has several)",
+    )
+    send.add_argument(
+        "--signatory",
+        action="append",
+        required=True,
+        metavar="EMAIL[:Display name]",
+        help="a manager told when the client signs (repeat for each, one at least)",
+    )
+    send.add_argument(
+        "--section",
+        action="append",
+        required=True,
+        metavar="ID[:Title]",
+        help="a section the client must accept (repeat for each, one at least)",
+    )
+    send.add_argument("--title", help="the contract's title in the emails")
+    send.add_argument(
+        "--locale", choices=["fr", "en"], default="fr", help="the emails' language (default fr)"
+    )
     send.set_defaults(handler=cmd_send_contract)
 
     from workers.cli_bulk import add_commands as add_bulk_commands
@@ -375,25 +409,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_bulk_commands(commands)
 
     notify = commands.add_parser("notify-signatories", help="record a signature and tell the signatories")
-    notify.add_argument("--contract-id", required=True, metavar="ID")
-    notify.add_argument("--legal-name", required=True, metavar="NAME")
-    notify.add_argument("--accepted-section", action="append", required=True, metavar="ID")
-    notify.add_argument("--registration-number", metavar="TEXT")
-    notify.add_argument("--signer-name", metavar="TEXT")
+    notify.add_argument("--contract-id", required=True, metavar="ID", help="the contract the client signed")
+    notify.add_argument(
+        "--legal-name", required=True, metavar="NAME", help="the company legal name signed for"
+    )
+    notify.add_argument(
+        "--accepted-section",
+        action="append",
+        required=True,
+        metavar="ID",
+        help="a section the client accepted (repeat for each: every section sent is needed)",
+    )
+    notify.add_argument("--registration-number", metavar="TEXT", help="the company's registration number")
+    notify.add_argument("--signer-name", metavar="TEXT", help="who signed for the company")
     notify.set_defaults(handler=cmd_notify_signatories)
 
     status = commands.add_parser("contract-status", help="a contract's status and its emails")
-    status.add_argument("contract_id", metavar="ID")
+    status.add_argument("contract_id", metavar="ID", help="the contract's id")
     status.add_argument("--json", action="store_true", help="one JSON object")
     status.set_defaults(handler=cmd_contract_status)
 
     cancel = commands.add_parser("cancel-contract", help="cancel a contract not signed yet")
-    cancel.add_argument("--contract-id", required=True, metavar="ID")
-    cancel.add_argument("--reason", metavar="TEXT")
+    cancel.add_argument("--contract-id", required=True, metavar="ID", help="the contract to cancel")
+    cancel.add_argument("--reason", metavar="TEXT", help="why, kept with the contract")
     cancel.set_defaults(handler=cmd_cancel_contract)
 
     resend = commands.add_parser("resend-invitation", help="send the invitation again and restart reminders")
-    resend.add_argument("--contract-id", required=True, metavar="ID")
+    resend.add_argument(
+        "--contract-id", required=True, metavar="ID", help="the contract whose invitation is sent again"
+    )
     resend.set_defaults(handler=cmd_resend_invitation)
 
     reminders = commands.add_parser("reminders", help="reminders of contracts not signed yet")
@@ -413,8 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.set_defaults(handler=cmd_scheduler)
 
     worker = commands.add_parser("worker", help="run the Dramatiq worker for all queues")
-    worker.add_argument("--processes", type=whole_number(), default=os.cpu_count() or 1)
-    worker.add_argument("--threads", type=whole_number(), default=DEFAULT_WORKER_THREADS)
+    worker.add_argument(
+        "--processes",
+        type=whole_number(),
+        default=os.cpu_count() or 1,
+        help="worker processes (default: the cores)",
+    )
+    worker.add_argument(
+        "--threads",
+        type=whole_number(),
+        default=DEFAULT_WORKER_THREADS,
+        help=f"threads per process (default {DEFAULT_WORKER_THREADS})",
+    )
     worker.set_defaults(handler=cmd_worker)
 
     demo = commands.add_parser("demo", help="send, deliver and sign a sample contract on embedded defaults")
@@ -449,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_account_commands(commands)
 
     redis_cmd = commands.add_parser("embedded-redis", help="the embedded Redis used when REDIS_URL is unset")
-    redis_cmd.add_argument("action", choices=["start", "stop", "url"])
+    redis_cmd.add_argument(
+        "action", choices=["start", "stop", "url"], help="start it, stop it, or print its URL (as JSON)"
+    )
     redis_cmd.set_defaults(handler=cmd_embedded_redis)
     _name_command_parsers(parser)
     return parser

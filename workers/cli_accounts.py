@@ -84,7 +84,7 @@ def add_commands(commands: Any) -> None:
     verify = commands.add_parser(
         "verify-code", help="check a client's temporary access code (exit 0 valid, 1 not)"
     )
-    verify.add_argument("--email", required=True)
+    verify.add_argument("--email", required=True, help="the client's address (the login)")
     verify.add_argument("--code", required=True, help="the temporary password from the invitation")
     verify.add_argument("--json", action="store_true", help="one JSON object on stdout")
     verify.set_defaults(handler=cmd_verify_code)
@@ -93,7 +93,7 @@ def add_commands(commands: Any) -> None:
         "set-password",
         help="first login: spend the access code and set the password read from stdin (one line)",
     )
-    set_pw.add_argument("--email", required=True)
+    set_pw.add_argument("--email", required=True, help="the client's address (the login)")
     set_pw.add_argument("--code", required=True, help="the temporary password from the invitation")
     set_pw.add_argument("--json", action="store_true", help="one JSON object on stdout")
     set_pw.set_defaults(handler=cmd_set_password)

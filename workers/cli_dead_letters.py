@@ -279,29 +279,41 @@ def add_commands(commands: Any) -> None:
 
     listing = actions.add_parser("list", help="dead letters, newest first")
     listing.add_argument("--json", action="store_true", help="one JSON array")
-    listing.add_argument("--queue", metavar="Q")
-    listing.add_argument("--actor", metavar="A")
+    listing.add_argument("--queue", metavar="Q", help="only this queue's (e.g. emails)")
+    listing.add_argument("--actor", metavar="A", help="only this actor's (e.g. send_contract)")
     listing.add_argument("--include-retried", action="store_true", help="also those already retried")
     listing.set_defaults(handler=cmd_list)
 
     show = actions.add_parser("show", help="one dead letter with its payload and traceback")
-    show.add_argument("id", type=whole_number(high=MAX_RECORD_ID), metavar="ID")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("id", type=whole_number(high=MAX_RECORD_ID), metavar="ID", help="its id, from list")
+    show.add_argument("--json", action="store_true", help="one JSON object")
     show.set_defaults(handler=cmd_show)
 
     retry = actions.add_parser("retry", help="re-enqueue with a fresh retry count")
-    retry.add_argument("id", type=whole_number(high=MAX_RECORD_ID), nargs="?", metavar="ID")
+    retry.add_argument(
+        "id",
+        type=whole_number(high=MAX_RECORD_ID),
+        nargs="?",
+        metavar="ID",
+        help="the one to retry (or --all)",
+    )
     retry.add_argument("--all", action="store_true", help="every dead letter (filtered by --actor/--queue)")
-    retry.add_argument("--actor", metavar="A")
-    retry.add_argument("--queue", metavar="Q")
-    retry.add_argument("--json", action="store_true")
+    retry.add_argument("--actor", metavar="A", help="with --all: only this actor's")
+    retry.add_argument("--queue", metavar="Q", help="with --all: only this queue's")
+    retry.add_argument("--json", action="store_true", help='{"retried": [IDs], "count": N} on stdout')
     retry.set_defaults(handler=cmd_retry)
 
     purge = actions.add_parser("purge", help="delete from SQL and Redis (asks unless --yes)")
-    purge.add_argument("id", type=whole_number(high=MAX_RECORD_ID), nargs="?", metavar="ID")
+    purge.add_argument(
+        "id",
+        type=whole_number(high=MAX_RECORD_ID),
+        nargs="?",
+        metavar="ID",
+        help="the one to delete (or --older-than)",
+    )
     purge.add_argument("--older-than", type=parse_duration, metavar="DURATION", help="e.g. 30d, 12h, 1d12h")
-    purge.add_argument("--actor", metavar="A")
-    purge.add_argument("--queue", metavar="Q")
+    purge.add_argument("--actor", metavar="A", help="with --older-than: only this actor's")
+    purge.add_argument("--queue", metavar="Q", help="with --older-than: only this queue's")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.add_argument("--json", action="store_true", help='{"purged": N} on stdout')
     purge.set_defaults(handler=cmd_purge)
