@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from pydantic import BaseModel
@@ -9,6 +10,7 @@ from sqlmodel import Session, col, select
 
 from models.contract import Contract
 from models.delivery import EmailDelivery
+from models.upsert import chunks
 
 
 class ErrorReport(BaseModel):
@@ -45,16 +47,7 @@ class ContractReport(BaseModel):
     emails: list[EmailReport]
 
 
-def contract_report(session: Session, contract_id: str) -> ContractReport | None:
-    """The report of one contract, or None if no contract has this id."""
-    contract = session.get(Contract, contract_id)
-    if contract is None:
-        return None
-    deliveries = session.exec(
-        select(EmailDelivery)
-        .where(EmailDelivery.contract_id == contract_id)
-        .order_by(col(EmailDelivery.created_at), col(EmailDelivery.id))
-    ).all()
+def _report(contract: Contract, deliveries: Iterable[EmailDelivery]) -> ContractReport:
     error = (
         ErrorReport(code=contract.error_code, message=contract.error_message or "")
         if contract.error_code
@@ -83,3 +76,33 @@ def contract_report(session: Session, contract_id: str) -> ContractReport | None
             for delivery in deliveries
         ],
     )
+
+
+def contract_report(session: Session, contract_id: str) -> ContractReport | None:
+    """The report of one contract, or None if no contract has this id."""
+    contract = session.get(Contract, contract_id)
+    if contract is None:
+        return None
+    deliveries = session.exec(
+        select(EmailDelivery)
+        .where(EmailDelivery.contract_id == contract_id)
+        .order_by(col(EmailDelivery.created_at), col(EmailDelivery.id))
+    ).all()
+    return _report(contract, deliveries)
+
+
+def contract_reports(session: Session, contract_ids: Sequence[str]) -> dict[str, ContractReport]:
+    """The reports of the contracts that exist among ``contract_ids``: two queries per 500 ids."""
+    reports: dict[str, ContractReport] = {}
+    for chunk in chunks(sorted(set(contract_ids))):
+        contracts = session.exec(select(Contract).where(col(Contract.id).in_(chunk))).all()
+        deliveries: dict[str, list[EmailDelivery]] = {}
+        for delivery in session.exec(
+            select(EmailDelivery)
+            .where(col(EmailDelivery.contract_id).in_(chunk))
+            .order_by(col(EmailDelivery.created_at), col(EmailDelivery.id))
+        ):
+            deliveries.setdefault(delivery.contract_id, []).append(delivery)
+        for contract in contracts:
+            reports[contract.id] = _report(contract, deliveries.get(contract.id, []))
+    return reports

@@ -506,6 +506,75 @@ def test_contract_status_of_an_unknown_contract_exits_1(cli, worker):
         assert json.loads(result.stdout)["error"]["code"] == "unknown_contract"
 
 
+def test_contract_status_of_many_ids_answers_one_line_each_in_the_order_asked(cli, worker, standin):
+    payloads = [contract_payload() for _ in range(3)]
+    for payload in payloads:
+        assert_receipt(cli(*send_args(payload)), payload["contract_id"])
+    for payload in payloads:
+        wait_for_invitation(payload["contract_id"])
+    known = [payload["contract_id"] for payload in payloads]
+    unknown = unique("c")
+    asked = [known[2], unknown, known[0], "../bad id", known[1], known[0]]
+
+    several = cli("contract-status", *asked, "--json")
+    assert several.returncode == 1, describe(several)  # one at least is unknown
+    answers = [json.loads(line) for line in several.stdout.splitlines()]
+    assert [answer["contract_id"] for answer in answers] == asked
+    assert [answer["status"] for answer in answers] == ["sent", None, "sent", None, "sent", "sent"]
+    assert answers[0] == cli.status(known[2])
+    assert answers[1]["error"]["code"] == "unknown_contract"
+    assert several.stderr.splitlines() == [
+        f"unknown_contract: no contract has id {unknown!r}",
+        "unknown_contract: no contract has id '../bad id'",
+    ]
+
+    # From stdin, read in groups of 500: the same answers on either side of a group's
+    # edge, in order; blank lines skipped.
+    from workers.cli import STATUS_IDS_PER_READ
+
+    filler = [f"c-none-{number}" for number in range(STATUS_IDS_PER_READ)]
+    lines = [*asked, "", *filler, "  ", *asked]
+    piped = cli("contract-status", "-", "--json", stdin="\n".join(lines) + "\n")
+    assert piped.returncode == 1, describe(piped)
+    piped_answers = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert len(piped_answers) == 2 * len(asked) + len(filler)
+    assert piped_answers[: len(asked)] == answers
+    assert piped_answers[-len(asked) :] == answers
+    assert [answer["contract_id"] for answer in piped_answers[len(asked) : -len(asked)]] == filler
+
+    alone = cli("contract-status", "-", "--json", stdin=f"{known[1]}\n")
+    assert alone.returncode == 0, describe(alone)
+    assert len(alone.stdout.splitlines()) == 1 and json.loads(alone.stdout)["contract_id"] == known[1]
+
+    human = cli("contract-status", known[0], known[1])
+    assert human.returncode == 0, describe(human)
+    assert [line for line in human.stdout.splitlines() if line.startswith("contract ")] == [
+        f"contract {known[0]}: sent",
+        f"contract {known[1]}: sent",
+    ]
+
+
+def test_contract_statuses_reads_many_contracts_in_two_queries_per_500(database, worker, standin):
+    from contract_dispatch import contract_statuses, send_contracts
+    from tests.support import recorded_statements
+
+    payloads = [contract_payload() for _ in range(3)]
+    send_contracts(payloads)
+    ids = [payload["contract_id"] for payload in payloads]
+    for contract_id in ids:
+        wait_for_invitation(contract_id)
+    unknown = unique("c")
+    with recorded_statements() as statements:
+        reports = contract_statuses([ids[1], unknown, *ids])
+    assert list(reports) == [ids[1], unknown, ids[0], ids[2]]
+    assert reports[unknown] is None
+    assert all(
+        report is not None and report.status == "sent" for cid, report in reports.items() if cid != unknown
+    )
+    reading = [s for s in statements if s.statement.lstrip().upper().startswith("SELECT")]
+    assert len(reading) == 2, [s.statement for s in reading]
+
+
 def test_reading_commands_refuse_a_database_without_our_tables_and_create_nothing(
     cli_without_database, tmp_path
 ):

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -232,26 +232,22 @@ def status_json(report: ContractReport) -> dict[str, Any]:
     }
 
 
-def cmd_contract_status(args: argparse.Namespace) -> int:
-    from contract_dispatch import contract_status
+#: ``contract-status -`` reads this many ids from stdin before asking the database for them.
+STATUS_IDS_PER_READ = 500
 
-    report = contract_status(args.contract_id)
-    if report is None:
-        message = f"no contract has id {args.contract_id!r}"
-        if args.json:
-            _print_json(
-                {
-                    **dict.fromkeys(STATUS_JSON_KEYS),
-                    "contract_id": args.contract_id,
-                    "error": {"code": "unknown_contract", "message": message},
-                    "emails": [],
-                }
-            )
-        sys.stderr.write(f"unknown_contract: {message}\n")
-        return EXIT_NOT_FOUND
-    if args.json:
-        _print_json(status_json(report))
-        return EXIT_OK
+
+def _unknown_status_json(contract_id: str) -> dict[str, Any]:
+    """The ``--json`` object of an id no contract has: the same keys, the error filled in."""
+    return {
+        **dict.fromkeys(STATUS_JSON_KEYS),
+        "contract_id": contract_id,
+        "error": {"code": "unknown_contract", "message": f"no contract has id {contract_id!r}"},
+        "emails": [],
+    }
+
+
+def status_text(report: ContractReport) -> str:
+    """``contract-status``'s lines for people."""
     lines = [f"contract {report.contract_id}: {report.status}"]
     if report.error:
         lines.append(f"  error: {report.error.code}: {report.error.message}")
@@ -271,8 +267,48 @@ def cmd_contract_status(args: argparse.Namespace) -> int:
         )
         if email.last_error and email.status != "sent":
             lines.append(f"    last error: {email.last_error}")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return EXIT_OK
+    return "\n".join(lines) + "\n"
+
+
+def _asked_ids(args: argparse.Namespace) -> Iterator[list[str]]:
+    """The ids asked, in order and in groups: the arguments, with ``-`` standing for stdin's lines."""
+    for argument in args.contract_ids:
+        if argument != "-":
+            yield [argument]
+            continue
+        group: list[str] = []
+        for line in sys.stdin:
+            if contract_id := line.strip():
+                group.append(contract_id)
+                if len(group) == STATUS_IDS_PER_READ:
+                    yield group
+                    group = []
+        if group:
+            yield group
+
+
+def cmd_contract_status(args: argparse.Namespace) -> int:
+    from contract_dispatch import contract_statuses
+
+    # One id as an argument: one indented object, as always; several, or stdin: one per line.
+    one = args.contract_ids != ["-"] and len(args.contract_ids) == 1
+    code = EXIT_OK
+    for group in _asked_ids(args):
+        reports = contract_statuses(group)
+        for contract_id in group:
+            report = reports[contract_id]
+            if args.json:
+                data = status_json(report) if report else _unknown_status_json(contract_id)
+                if one:
+                    _print_json(data)
+                else:
+                    sys.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
+            elif report is not None:
+                sys.stdout.write(status_text(report))
+            if report is None:
+                sys.stderr.write(f"unknown_contract: no contract has id {contract_id!r}\n")
+                code = EXIT_NOT_FOUND
+    return code
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -425,8 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
     notify.set_defaults(handler=cmd_notify_signatories)
 
     status = commands.add_parser("contract-status", help="a contract's status and its emails")
-    status.add_argument("contract_id", metavar="ID", help="the contract's id")
-    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument(
+        "contract_ids",
+        nargs="+",
+        metavar="ID",
+        help="a contract's id; several, or - to read one per line from stdin",
+    )
+    status.add_argument(
+        "--json", action="store_true", help="one JSON object (with several ids, or -: one per line)"
+    )
     status.set_defaults(handler=cmd_contract_status)
 
     cancel = commands.add_parser("cancel-contract", help="cancel a contract not signed yet")
