@@ -888,6 +888,48 @@ def test_send_contracts_answers_each_line_written_to_a_pipe_as_it_comes(cli):
         assert report is not None and report["status"] == "queued", report
 
 
+def test_contract_status_answers_each_id_written_to_a_pipe_as_it_comes(cli, worker, standin):
+    """A script following its contracts writes ids one at a time: each is answered before the next."""
+    payloads = [contract_payload() for _ in range(2)]
+    for payload in payloads:
+        assert_receipt(cli(*send_args(payload)), payload["contract_id"])
+        wait_for_invitation(payload["contract_id"])
+    process = subprocess.Popen(
+        [CLI, "contract-status", "-", "--json"],
+        env=cli.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        for payload in payloads:
+            process.stdin.write(f"{payload['contract_id']}\n".encode())
+            answer = json.loads(_line_within(process.stdout, COMMAND_TIMEOUT_SECONDS))
+            assert (answer["contract_id"], answer["status"]) == (payload["contract_id"], "sent")
+        # A line no id can be (longer than 1024 bytes): answered, in its place, as unknown.
+        process.stdin.write(b"x" * 2000 + b"\n")
+        answer = json.loads(_line_within(process.stdout, COMMAND_TIMEOUT_SECONDS))
+        assert answer["contract_id"] is None
+        assert answer["error"] == {
+            "code": "unknown_contract",
+            "message": "a line longer than 1024 bytes is not a contract id",
+        }
+        process.stdin.close()
+        assert process.wait(timeout=COMMAND_TIMEOUT_SECONDS) == 1
+        assert process.stderr.read().decode() == (
+            "unknown_contract: a line longer than 1024 bytes is not a contract id\n"
+        )
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def test_send_contracts_linger_ms_gathers_the_lines_that_come_within_it(cli):
     payloads = [contract_payload() for _ in range(3)]
     with _send_contracts_pipe(cli.env, "--batch-size", "2", "--linger-ms", "60000") as process:

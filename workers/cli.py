@@ -232,16 +232,19 @@ def status_json(report: ContractReport) -> dict[str, Any]:
     }
 
 
-#: ``contract-status -`` reads this many ids from stdin before asking the database for them.
+#: ``contract-status -`` asks the database for at most this many ids at a time.
 STATUS_IDS_PER_READ = 500
 
+#: The longest line ``contract-status -`` takes as an id, in bytes (an id has at most 128 characters).
+MAX_ID_LINE_BYTES = 1024
 
-def _unknown_status_json(contract_id: str) -> dict[str, Any]:
+
+def _unknown_status_json(contract_id: str | None, message: str) -> dict[str, Any]:
     """The ``--json`` object of an id no contract has: the same keys, the error filled in."""
     return {
         **dict.fromkeys(STATUS_JSON_KEYS),
         "contract_id": contract_id,
-        "error": {"code": "unknown_contract", "message": f"no contract has id {contract_id!r}"},
+        "error": {"code": "unknown_contract", "message": message},
         "emails": [],
     }
 
@@ -270,21 +273,44 @@ def status_text(report: ContractReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _asked_ids(args: argparse.Namespace) -> Iterator[list[str]]:
+def _stdin_ids() -> Iterator[list[str | None]]:
+    """Stdin's non-blank lines as ids, in groups; None for a line too long to be one.
+
+    A group waits for its first line, then takes those already arrived (up to
+    ``STATUS_IDS_PER_READ``): from a file groups fill at once, and a producer
+    writing one id at a time into a pipe gets each answer as soon as it writes.
+    """
+    from workers.cli_bulk import UTF8_BOM
+    from workers.line_feed import LineFeed
+
+    feed = LineFeed(sys.stdin.buffer, max_line_bytes=MAX_ID_LINE_BYTES)
+    while True:
+        group: list[str | None] = []
+        while len(group) < STATUS_IDS_PER_READ:
+            read = feed.next_line(timeout=0 if group else None)
+            if read is None:
+                break
+            number, raw = read
+            if raw is None:
+                group.append(None)
+            elif (
+                contract_id := raw.removeprefix(UTF8_BOM if number == 1 else b"")
+                .decode(errors="replace")
+                .strip()
+            ):
+                group.append(contract_id)
+        if not group:
+            return
+        yield group
+
+
+def _asked_ids(args: argparse.Namespace) -> Iterator[list[str | None]]:
     """The ids asked, in order and in groups: the arguments, with ``-`` standing for stdin's lines."""
     for argument in args.contract_ids:
-        if argument != "-":
+        if argument == "-":
+            yield from _stdin_ids()
+        else:
             yield [argument]
-            continue
-        group: list[str] = []
-        for line in sys.stdin:
-            if contract_id := line.strip():
-                group.append(contract_id)
-                if len(group) == STATUS_IDS_PER_READ:
-                    yield group
-                    group = []
-        if group:
-            yield group
 
 
 def cmd_contract_status(args: argparse.Namespace) -> int:
@@ -294,20 +320,27 @@ def cmd_contract_status(args: argparse.Namespace) -> int:
     one = args.contract_ids != ["-"] and len(args.contract_ids) == 1
     code = EXIT_OK
     for group in _asked_ids(args):
-        reports = contract_statuses(group)
+        reports = contract_statuses(contract_id for contract_id in group if contract_id is not None)
         for contract_id in group:
-            report = reports[contract_id]
+            report = reports.get(contract_id) if contract_id is not None else None
+            if report is None:
+                message = (
+                    f"no contract has id {contract_id!r}"
+                    if contract_id is not None
+                    else f"a line longer than {MAX_ID_LINE_BYTES} bytes is not a contract id"
+                )
+                sys.stderr.write(f"unknown_contract: {message}\n")
+                code = EXIT_NOT_FOUND
             if args.json:
-                data = status_json(report) if report else _unknown_status_json(contract_id)
+                data = status_json(report) if report else _unknown_status_json(contract_id, message)
                 if one:
                     _print_json(data)
                 else:
                     sys.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
             elif report is not None:
                 sys.stdout.write(status_text(report))
-            if report is None:
-                sys.stderr.write(f"unknown_contract: no contract has id {contract_id!r}\n")
-                code = EXIT_NOT_FOUND
+        # A producer writing ids into a pipe reads each group's answers before writing more.
+        sys.stdout.flush()
     return code
 
 
