@@ -72,7 +72,7 @@ class Cli:
         start costs a second of CPU), then asked of the command once.
         """
         from contract_dispatch import contract_status
-        from workers.cli import status_json
+        from workers.cli_contract_status import status_json
 
         def check() -> bool:
             report = contract_status(contract_id)
@@ -530,7 +530,7 @@ def test_contract_status_of_many_ids_answers_one_line_each_in_the_order_asked(cl
 
     # From stdin, read in groups of 500: the same answers on either side of a group's
     # edge, in order; blank lines skipped.
-    from workers.cli import STATUS_IDS_PER_READ
+    from workers.cli_contract_status import STATUS_IDS_PER_READ
 
     filler = [f"c-none-{number}" for number in range(STATUS_IDS_PER_READ)]
     lines = [*asked, "", *filler, "  ", *asked]

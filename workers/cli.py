@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +18,6 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from models.errors import ConfigurationError, DispatchError, Rejected, TransientError
-from models.status import ContractReport
 from workers.broker_errors import BROKER_ERRORS, broker_problem
 from workers.logs import configure_logging
 from workers.settings import configuration_problems, get_settings
@@ -34,7 +33,8 @@ EXIT_INTERRUPTED = 130
 DEFAULT_WORKER_THREADS = 8
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
+    """``value`` as indented JSON on stdout (times and other objects as their text)."""
     sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
@@ -79,7 +79,7 @@ def cmd_workspace_set(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"invalid_payload: {exc}\n")
         return EXIT_REFUSED
-    _print_json(_workspace_json(args.workspace_id, list(dict.fromkeys(args.resource_group))))
+    print_json(_workspace_json(args.workspace_id, list(dict.fromkeys(args.resource_group))))
     return EXIT_OK
 
 
@@ -92,7 +92,7 @@ def cmd_workspace_list(args: argparse.Namespace) -> int:
 
     registered = workspaces()
     if args.json:
-        _print_json([_workspace_json(workspace_id, groups) for workspace_id, groups in registered.items()])
+        print_json([_workspace_json(workspace_id, groups) for workspace_id, groups in registered.items()])
     else:
         for workspace_id, groups in registered.items():
             sys.stdout.write(f"{workspace_id}: {', '.join(groups)}\n")
@@ -107,7 +107,7 @@ def cmd_workspace_show(args: argparse.Namespace) -> int:
     if groups is None:
         sys.stderr.write(f"unknown_workspace: workspace {args.workspace_id!r} is not registered\n")
         return EXIT_NOT_FOUND
-    _print_json(_workspace_json(args.workspace_id, groups))
+    print_json(_workspace_json(args.workspace_id, groups))
     return EXIT_OK
 
 
@@ -178,7 +178,7 @@ def _aware_datetime(value: str) -> datetime:
 def cmd_reminders_run(args: argparse.Namespace) -> int:
     from contract_dispatch import run_reminders
 
-    _print_json(run_reminders(as_of=args.now).as_dict())
+    print_json(run_reminders(as_of=args.now).as_dict())
     return EXIT_OK
 
 
@@ -191,163 +191,10 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return run_scheduler()
 
 
-#: The keys of the ``contract-status --json`` object, in order (an unknown id has them too).
-STATUS_JSON_KEYS = (
-    "contract_id",
-    "status",
-    "error",
-    "lead_source",
-    "signed_at",
-    "cancelled_at",
-    "reminder_count",
-    "next_reminder_at",
-    "emails",
-)
-
-
-def status_json(report: ContractReport) -> dict[str, Any]:
-    """The ``contract-status --json`` object."""
-    return {
-        "contract_id": report.contract_id,
-        "status": report.status,
-        "error": report.error.model_dump() if report.error else None,
-        "lead_source": report.lead_source,
-        "signed_at": report.signed_at.isoformat() if report.signed_at else None,
-        "cancelled_at": report.cancelled_at.isoformat() if report.cancelled_at else None,
-        "reminder_count": report.reminder_count,
-        "next_reminder_at": report.next_reminder_at.isoformat() if report.next_reminder_at else None,
-        "emails": [
-            {
-                "kind": email.kind,
-                "to": email.to,
-                "step": email.step,
-                "status": email.status,
-                "attempts": email.attempts,
-                "provider_message_id": email.provider_message_id,
-                "last_error": email.last_error,
-                "sent_at": email.sent_at.isoformat() if email.sent_at else None,
-            }
-            for email in report.emails
-        ],
-    }
-
-
-#: ``contract-status -`` asks the database for at most this many ids at a time.
-STATUS_IDS_PER_READ = 500
-
-#: The longest line ``contract-status -`` takes as an id, in bytes (an id has at most 128 characters).
-MAX_ID_LINE_BYTES = 1024
-
-
-def _unknown_status_json(contract_id: str | None, message: str) -> dict[str, Any]:
-    """The ``--json`` object of an id no contract has: the same keys, the error filled in."""
-    return {
-        **dict.fromkeys(STATUS_JSON_KEYS),
-        "contract_id": contract_id,
-        "error": {"code": "unknown_contract", "message": message},
-        "emails": [],
-    }
-
-
-def status_text(report: ContractReport) -> str:
-    """``contract-status``'s lines for people."""
-    lines = [f"contract {report.contract_id}: {report.status}"]
-    if report.error:
-        lines.append(f"  error: {report.error.code}: {report.error.message}")
-    if report.signed_at:
-        lines.append(f"  signed at: {report.signed_at.isoformat()}")
-    if report.cancelled_at:
-        lines.append(f"  cancelled at: {report.cancelled_at.isoformat()}")
-    if report.next_reminder_at:
-        lines.append(
-            f"  reminders sent: {report.reminder_count}, next due: {report.next_reminder_at.isoformat()}"
-        )
-    for email in report.emails:
-        provider = f" id={email.provider_message_id}" if email.provider_message_id else ""
-        lines.append(
-            f"  {email.kind} #{email.step} to {email.to}: {email.status} "
-            f"(attempts {email.attempts}){provider}"
-        )
-        if email.last_error and email.status != "sent":
-            lines.append(f"    last error: {email.last_error}")
-    return "\n".join(lines) + "\n"
-
-
-def _stdin_ids() -> Iterator[list[str | None]]:
-    """Stdin's non-blank lines as ids, in groups; None for a line too long to be one.
-
-    A group waits for its first line, then takes those already arrived (up to
-    ``STATUS_IDS_PER_READ``): from a file groups fill at once, and a producer
-    writing one id at a time into a pipe gets each answer as soon as it writes.
-    """
-    from workers.cli_bulk import UTF8_BOM
-    from workers.line_feed import LineFeed
-
-    feed = LineFeed(sys.stdin.buffer, max_line_bytes=MAX_ID_LINE_BYTES)
-    while True:
-        group: list[str | None] = []
-        while len(group) < STATUS_IDS_PER_READ:
-            read = feed.next_line(timeout=0 if group else None)
-            if read is None:
-                break
-            number, raw = read
-            if raw is None:
-                group.append(None)
-            elif (
-                contract_id := raw.removeprefix(UTF8_BOM if number == 1 else b"")
-                .decode(errors="replace")
-                .strip()
-            ):
-                group.append(contract_id)
-        if not group:
-            return
-        yield group
-
-
-def _asked_ids(args: argparse.Namespace) -> Iterator[list[str | None]]:
-    """The ids asked, in order and in groups: the arguments, with ``-`` standing for stdin's lines."""
-    for argument in args.contract_ids:
-        if argument == "-":
-            yield from _stdin_ids()
-        else:
-            yield [argument]
-
-
-def cmd_contract_status(args: argparse.Namespace) -> int:
-    from contract_dispatch import contract_statuses
-
-    # One id as an argument: one indented object, as always; several, or stdin: one per line.
-    one = args.contract_ids != ["-"] and len(args.contract_ids) == 1
-    code = EXIT_OK
-    for group in _asked_ids(args):
-        reports = contract_statuses(contract_id for contract_id in group if contract_id is not None)
-        for contract_id in group:
-            report = reports.get(contract_id) if contract_id is not None else None
-            if report is None:
-                message = (
-                    f"no contract has id {contract_id!r}"
-                    if contract_id is not None
-                    else f"a line longer than {MAX_ID_LINE_BYTES} bytes is not a contract id"
-                )
-                sys.stderr.write(f"unknown_contract: {message}\n")
-                code = EXIT_NOT_FOUND
-            if args.json:
-                data = status_json(report) if report else _unknown_status_json(contract_id, message)
-                if one:
-                    _print_json(data)
-                else:
-                    sys.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
-            elif report is not None:
-                sys.stdout.write(status_text(report))
-        # A producer writing ids into a pipe reads each group's answers before writing more.
-        sys.stdout.flush()
-    return code
-
-
 def cmd_schema(args: argparse.Namespace) -> int:
     from models.messages import json_schemas
 
-    _print_json(json_schemas())
+    print_json(json_schemas())
     return EXIT_OK
 
 
@@ -372,11 +219,11 @@ def cmd_embedded_redis(args: argparse.Namespace) -> int:
     settings = get_settings()
     if args.action == "start":
         url, started = embedded_redis.ensure_running(settings.data_dir)
-        _print_json({"url": url, "started": started})
+        print_json({"url": url, "started": started})
     elif args.action == "stop":
-        _print_json({"stopped": embedded_redis.stop(settings.data_dir)})
+        print_json({"stopped": embedded_redis.stop(settings.data_dir)})
     else:
-        _print_json({"url": embedded_redis.url_for(settings.data_dir)})
+        print_json({"url": embedded_redis.url_for(settings.data_dir)})
     return EXIT_OK
 
 
@@ -493,17 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("--signer-name", metavar="TEXT", help="who signed for the company")
     notify.set_defaults(handler=cmd_notify_signatories)
 
-    status = commands.add_parser("contract-status", help="a contract's status and its emails")
-    status.add_argument(
-        "contract_ids",
-        nargs="+",
-        metavar="ID",
-        help="a contract's id; several, or - to read one per line from stdin",
-    )
-    status.add_argument(
-        "--json", action="store_true", help="one JSON object (with several ids, or -: one per line)"
-    )
-    status.set_defaults(handler=cmd_contract_status)
+    from workers.cli_contract_status import add_commands as add_contract_status_commands
+
+    add_contract_status_commands(commands)
 
     cancel = commands.add_parser("cancel-contract", help="cancel a contract not signed yet")
     cancel.add_argument("--contract-id", required=True, metavar="ID", help="the contract to cancel")

@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from models.dead_letter import DeadLetter, DeadLetterStatus, find_dead_letters
 from models.types import utc_now
-from workers.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_REFUSED, whole_number
+from workers.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_REFUSED, print_json, whole_number
 from workers.cli_progress import Progress
 from workers.database import require_database, session_scope
 from workers.settings import get_settings
@@ -119,13 +119,9 @@ def _unknown(args: argparse.Namespace) -> int:
     """No dead letter has ``args.id``: say so (on stdout too with ``--json``), exit 1."""
     message = f"no dead letter has id {args.id}"
     if getattr(args, "json", False):
-        _print_json({"id": args.id, "error": {"code": "unknown_dead_letter", "message": message}})
+        print_json({"id": args.id, "error": {"code": "unknown_dead_letter", "message": message}})
     sys.stderr.write(f"unknown_dead_letter: {message}\n")
     return EXIT_NOT_FOUND
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -135,7 +131,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             session, queue_name=args.queue, actor_name=args.actor, include_retried=args.include_retried
         )
     if args.json:
-        _print_json([as_json(record) for record in records])
+        print_json([as_json(record) for record in records])
         return EXIT_OK
     if not records:
         sys.stdout.write("no dead letters\n")
@@ -163,7 +159,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return _unknown(args)
     data = as_json(record, full=True)
     if args.json:
-        _print_json(data)
+        print_json(data)
         return EXIT_OK
     for key, value in data.items():
         if key in ("args", "kwargs"):
@@ -224,13 +220,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return _unknown(args)
     if args.id is not None and (problem := _not_retryable(records[0])) is not None:
         if args.json:
-            _print_json({"id": args.id, "error": {"code": NOT_RETRYABLE, "message": problem}})
+            print_json({"id": args.id, "error": {"code": NOT_RETRYABLE, "message": problem}})
         sys.stderr.write(f"{NOT_RETRYABLE}: {problem}\n")
         return EXIT_REFUSED
     retried = _with_progress(dead_letters.retry, records)
     result = {"retried": [r.id for r in retried], "count": len(retried)}
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         sys.stdout.write(f"retried {len(retried)} dead letter(s)\n")
     return EXIT_OK
@@ -247,7 +243,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         return _unknown(args)
     if not records:
         if args.json:
-            _print_json({"purged": 0})
+            print_json({"purged": 0})
         else:
             sys.stdout.write("nothing to purge\n")
         return EXIT_OK
@@ -266,7 +262,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
             return EXIT_REFUSED
     count = _with_progress(dead_letters.purge, records)
     if args.json:
-        _print_json({"purged": count})
+        print_json({"purged": count})
     else:
         sys.stdout.write(f"purged {count} dead letter(s)\n")
     return EXIT_OK

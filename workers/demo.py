@@ -136,7 +136,7 @@ def run_demo(*, timeout: float) -> int:
         _say(f"  {email.kind} to {email.to}: {email.status} -> {where}")
     _say("")
     _say("Final status:")
-    from workers.cli import status_json
+    from workers.cli_contract_status import status_json
 
     _say(json.dumps(status_json(report), ensure_ascii=False, indent=2))
     return 0 if report.status == "signed" else 1
