@@ -24,7 +24,8 @@ def lead_source_report(
     """Contracts sent from ``since`` to ``until`` (excluded) by lead source and status now,
     and those signed in that period; both ends timezone-aware, None for open.
 
-    Raises ``UnknownWorkspace`` for a workspace never registered, ``DatabaseMissing``
+    Raises ``UnknownWorkspace`` for a workspace never registered, ``InvalidLeadSource``
+    for a lead source that is none of bap, network and other, ``DatabaseMissing``
     when DATABASE_URL names a SQLite file that does not exist, pydantic's
     ``ValidationError`` for a naive time or ``since`` not before ``until``.
     """
@@ -48,7 +49,7 @@ def reported_contracts(
 ) -> Iterator[ReportedContract]:
     """The contracts sent (``measure="sent"``) or signed in the period, oldest first, streamed.
 
-    The checks (``UnknownWorkspace``, ``DatabaseMissing``) raise at the first item;
+    The checks (as ``lead_source_report``'s) raise at the first item;
     the database's transaction stays open while the iterator is consumed.
     """
     try:

@@ -21,7 +21,8 @@ from sqlalchemy import ColumnElement, literal, sql, union_all
 from sqlmodel import Session, col, func, select
 
 from models.contract import Contract, ContractStatus, LeadSource
-from models.errors import UnknownWorkspace
+from models.errors import InvalidLeadSource, UnknownWorkspace
+from models.messages import is_valid_identifier
 from models.workspace import Workspace
 
 #: Which contracts a listing holds: sent in the period, or signed in it.
@@ -99,11 +100,14 @@ def _filters(
 ) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
     if workspace_id is not None:
-        # A mistyped id would report zeros, as if the workspace had sent nothing.
-        if session.get(Workspace, workspace_id) is None:
+        # A mistyped id would report zeros, as if the workspace had sent nothing. One no
+        # workspace can have is not looked up (PostgreSQL refuses a NUL as a parameter).
+        if not is_valid_identifier(workspace_id) or session.get(Workspace, workspace_id) is None:
             raise UnknownWorkspace(f"workspace {workspace_id!r} is not registered")
         conditions.append(col(Contract.workspace_id) == workspace_id)
     if lead_source is not None:
+        if lead_source not in set(LeadSource):
+            raise InvalidLeadSource(f"{lead_source!r} is not a lead source ({', '.join(LeadSource)})")
         conditions.append(col(Contract.lead_source) == lead_source)
     return conditions
 

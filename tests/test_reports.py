@@ -27,7 +27,7 @@ from contract_dispatch import (
     set_workspace,
 )
 from models.contract import Contract
-from models.errors import UnknownWorkspace
+from models.errors import InvalidLeadSource, UnknownWorkspace
 from tests.conftest import database_of_its_own
 from tests.processes import describe, run_cli
 from tests.support import all_emails_sent, contract_payload, unique, wait_for_contract
@@ -185,11 +185,21 @@ def test_listing_streams_the_contracts_of_the_period_oldest_first(own_database, 
     assert list(reported_contracts(measure="sent", since=UNTIL)) == []
 
 
-def test_a_workspace_never_registered_is_refused_not_reported_as_zero(own_database):
+def test_an_unknown_workspace_or_lead_source_is_refused_not_reported_as_zero(own_database):
     with pytest.raises(UnknownWorkspace, match="'ws-typo' is not registered"):
         lead_source_report(workspace_id="ws-typo")
     with pytest.raises(UnknownWorkspace):
         next(reported_contracts(workspace_id="ws-typo"))
+    with pytest.raises(
+        InvalidLeadSource, match="'marketplace' is not a lead source \\(bap, network, other\\)"
+    ):
+        lead_source_report(lead_source="marketplace")
+    with pytest.raises(InvalidLeadSource):
+        next(reported_contracts(lead_source="bap\x00"))
+    # No workspace can have these; PostgreSQL would refuse the NUL as a query parameter.
+    for impossible in ("ws\x00main", "ws main", "w" * 200):
+        with pytest.raises(UnknownWorkspace):
+            lead_source_report(workspace_id=impossible)
 
 
 def test_a_naive_time_or_an_empty_period_is_refused(own_database):
